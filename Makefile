@@ -1,0 +1,33 @@
+# ftkit: `make demo` and `make test` set up .venv themselves on a fresh machine.
+#
+# PyTorch is installed first, on its own, so that no dependency pulls a different build.
+# The default is the CPU build pinned below. On a GPU machine, choose the CUDA build instead:
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+RECIPE ?= recipes/tiny/qlora_summarize.yaml
+
+.PHONY: demo test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/accelerate launch --num_processes 1 scripts/qlora_summarize.py --config $(RECIPE) --overwrite_output_dir true
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -x -q -rs
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -x -q -m "not slow"
+
+clean:
+	rm -rf outputs/ .pytest_cache

@@ -1,0 +1,237 @@
+"""Checkpoints: atomic save, rotation, resume (with the position inside the epoch), export.
+
+Layout: ``output_dir/checkpoints/step_<N>/`` holds ``accelerator.save_state`` (trainable weights,
+optimizer, scheduler, RNG states of every process) plus ``trainer_state.json`` and
+``rng_state_<rank>.safetensors``. A checkpoint is written to ``.tmp_step_<N>`` and renamed when
+complete, so a folder named ``step_<N>`` is always whole; ``trainer_state.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from ftkit.config import ConfigError, config_hash
+
+logger = logging.getLogger("ftkit")
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints_dir(config) -> str:
+    return os.path.join(config.output_dir, "checkpoints")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in ``output_dir`` as (step, path), oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def check_output_dir(config) -> None:
+    """Refuse an ``output_dir`` that holds another run's config (before anything is loaded).
+
+    With ``overwrite_output_dir`` the old run's checkpoints are set aside (renamed), not resumed.
+    """
+    saved = os.path.join(config.output_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        return
+    import yaml
+
+    from ftkit.config import build
+
+    try:
+        with open(saved, encoding="utf-8") as f:
+            previous = build(type(config), yaml.safe_load(f) or {}, where=saved)
+        same = config_hash(previous) == config_hash(config)
+    except (ConfigError, TypeError, ValueError, yaml.YAMLError):
+        same = False
+    if same or config.resume_from_checkpoint not in (None, "latest") and not list_checkpoints(config.output_dir):
+        return
+    if not config.overwrite_output_dir:
+        raise ConfigError(f"output_dir: {config.output_dir} holds a run with a different config "
+                          f"(see its config.yaml); choose another output_dir or pass --overwrite_output_dir true")
+
+
+def set_aside_old_checkpoints(config, accelerator) -> None:
+    """With ``overwrite_output_dir``, move an earlier run's checkpoints out of the way (kept, not deleted)."""
+    root = checkpoints_dir(config)
+    if accelerator.is_main_process and config.overwrite_output_dir and os.path.isdir(root):
+        n = 0
+        while os.path.exists(f"{root}.old{n}"):
+            n += 1
+        os.rename(root, f"{root}.old{n}")
+        logger.info("overwrite_output_dir: earlier checkpoints moved to %s.old%d", root, n)
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume_path(config) -> str | None:
+    """The checkpoint to resume from: explicit path, 'latest', or automatic when output_dir has one."""
+    requested = config.resume_from_checkpoint
+    if requested and requested != "latest":
+        if not os.path.isdir(requested):
+            raise ConfigError(f"resume_from_checkpoint: no such directory: {requested}")
+        if not os.path.isfile(os.path.join(requested, STATE_FILE)):
+            raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})")
+        return requested
+    found = list_checkpoints(config.output_dir)
+    if not found:
+        if requested == "latest":
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", config.output_dir)
+        return None
+    return found[-1][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Trainable-only model state (LoRA adapters, partly frozen models)
+# --------------------------------------------------------------------------------------------
+
+
+def register_trainable_only_hooks(accelerator) -> None:
+    """Store only trainable weights in checkpoints, and load them back strictly.
+
+    A 4-bit base model's state dict carries bitsandbytes quantization-state entries that a strict
+    load rejects, and a frozen base needs no copy in every checkpoint: the frozen weights come
+    from the base model at resume.
+    """
+    from safetensors.torch import load_file
+
+    def trainable_names(model):
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            if i < len(weights):
+                keep = trainable_names(model)
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(list(models)):
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            path = os.path.join(input_dir, name)
+            if not os.path.isfile(path):
+                raise ConfigError(f"resume_from_checkpoint: {input_dir} has no {name}")
+            state = load_file(path, device=str(accelerator.device))
+            expected = trainable_names(model)
+            if set(state) != expected:
+                missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+                raise ConfigError(f"resume_from_checkpoint: {path} does not match the model's trainable weights "
+                                  f"(missing {missing[:3]}, unexpected {extra[:3]}); was it saved by another config?")
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded here; accelerate must not load them again strictly
+
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state, restored *after* the dataloader iterator is created (creating it draws a seed)
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_file(path, rank):
+    return os.path.join(path, f"rng_state_{rank}.safetensors")
+
+
+def save_rng(path: str, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    py_version, py_state, py_gauss = random.getstate()
+    tensors["python"] = torch.tensor(py_state, dtype=torch.int64)
+    np_state = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {"python_version": str(py_version), "python_gauss": json.dumps(py_gauss),
+            "numpy_pos": str(np_state[2]), "numpy_has_gauss": str(np_state[3]), "numpy_gauss": repr(np_state[4])}
+    save_file(tensors, _rng_file(path, rank), metadata=meta)
+
+
+def restore_rng(path: str, rank: int) -> None:
+    from safetensors import safe_open
+
+    file = _rng_file(path, rank)
+    if not os.path.isfile(file):
+        return
+    with safe_open(file, framework="pt") as f:
+        meta = f.metadata()
+        torch.set_rng_state(f.get_tensor("torch"))
+        if torch.cuda.is_available():
+            states = [f.get_tensor(k) for k in sorted(k for k in f.keys() if k.startswith("cuda_"))]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+        random.setstate((int(meta["python_version"]), tuple(f.get_tensor("python").tolist()),
+                         json.loads(meta["python_gauss"])))
+        np.random.set_state(("MT19937", f.get_tensor("numpy").numpy().astype(np.uint32),
+                             int(meta["numpy_pos"]), int(meta["numpy_has_gauss"]), float(meta["numpy_gauss"])))
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+
+def save(accelerator, config, state: dict) -> str:
+    """Atomically write ``checkpoints/step_<global_step>`` and rotate old ones. All ranks call this."""
+    root = checkpoints_dir(config)
+    step = state["global_step"]
+    final = os.path.join(root, f"step_{step}")
+    tmp = os.path.join(root, f".tmp_step_{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    save_rng(tmp, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({**state, "config_hash": config_hash(config)}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _rotate(root, config.save_total_limit, keep=state.get("best_checkpoint"))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _rotate(root: str, limit: int | None, keep: str | None) -> None:
+    if not limit:
+        return
+    found = list_checkpoints(os.path.dirname(root))
+    removable = [p for _, p in found if not keep or os.path.abspath(p) != os.path.abspath(keep)]
+    for path in removable[: max(0, len(found) - limit)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load(accelerator, config, path: str) -> dict:
+    """Restore model/optimizer/scheduler state from ``path``; returns its trainer state."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    if state.get("config_hash") != config_hash(config) and not config.overwrite_output_dir:
+        raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config; "
+                          f"pass --overwrite_output_dir true to start over")
+    accelerator.load_state(path)
+    logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
+                state["batches_in_epoch"])
+    return state

@@ -1,0 +1,438 @@
+"""Recipe configuration: dataclasses, YAML recipes, ``--name value`` overrides, validation.
+
+A recipe's config is a dataclass assembled from the shared groups below (model, LoRA, data,
+training, tracking) plus the recipe's own fields. Every field has one name, one default and one
+help text (``metadata["help"]``), which is what ``--help`` prints. Constraints live in the field
+metadata (``choices``, ``min``, ``max``, ``min_exclusive``) and are checked in one place,
+:func:`validate`. Every problem is reported as a :class:`ConfigError`: one line, exit code 2,
+raised before any data or model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+EXIT_BAD_INPUT = 2
+
+
+class ConfigError(ValueError):
+    """A problem with the user's input; reported as one line and exit code 2."""
+
+
+def opt(default, help: str, **constraints):
+    """A config field with a help text and optional constraints (choices/min/max/min_exclusive)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **constraints})
+    return field(default=default, metadata={"help": help, **constraints})
+
+
+# --------------------------------------------------------------------------------------------
+# Shared groups. Names follow transformers.TrainingArguments where one exists.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = opt(None, "Hub id or local directory of the pretrained model.")
+    model_config: dict | None = opt(
+        None,
+        "Build the model from this config instead of loading weights (random init, e.g. "
+        "{model_type: phi, hidden_size: 64, ...}); used by the offline tiny recipes.",
+    )
+    tokenizer_name_or_path: str | None = opt(None, "Tokenizer hub id or directory (default: the model's).")
+    tokenizer_files: list | None = opt(
+        None, "Train a small byte-level BPE tokenizer on these text/json/csv files (offline recipes)."
+    )
+    tokenizer_vocab_size: int = opt(1024, "Vocabulary size of a tokenizer trained from tokenizer_files.", min=64)
+    trust_remote_code: bool = opt(False, "Allow model code from the hub to run (off unless the recipe sets it).")
+    torch_dtype: str = opt(
+        "auto", "Dtype to load the (non-quantized) weights in.", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    attn_implementation: str | None = opt(None, "Attention kernel: eager, sdpa, flash_attention_2 (default: model's).")
+    load_in_4bit: bool = opt(False, "Load the base model in 4-bit (QLoRA) with bitsandbytes.")
+    load_in_8bit: bool = opt(False, "Load the base model in 8-bit with bitsandbytes.")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit quantization type.", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = opt(True, "Quantize the quantization constants too (QLoRA).")
+    bnb_4bit_compute_dtype: str = opt(
+        "bfloat16", "Dtype of the 4-bit layers' matmuls.", choices=["bfloat16", "float16", "float32"]
+    )
+    bnb_4bit_quant_storage: str | None = opt(
+        None,
+        "Storage dtype of 4-bit weights (default uint8; set to the compute dtype automatically under ZeRO-3).",
+        choices=[None, "uint8", "bfloat16", "float16", "float32"],
+    )
+
+
+@dataclass
+class LoraArguments:
+    use_peft: bool = opt(True, "Train LoRA adapters instead of all weights.")
+    lora_r: int = opt(32, "LoRA rank.", min=1)
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator (scale = alpha / r).", min_exclusive=0)
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", min=0, max=1)
+    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "dense"], "Module name suffixes to adapt.")
+    lora_bias: str = opt("none", "Which biases LoRA trains.", choices=["none", "all", "lora_only"])
+    merge_adapter: bool = opt(False, "Also write a merged full model to output_dir/final_merged/.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = opt(None, "Hub dataset id (used when no local files are given).")
+    dataset_config_name: str | None = opt(None, "Hub dataset configuration name.")
+    train_file: str | None = opt(None, "Local training file (.json/.jsonl/.csv/.tsv/.parquet).")
+    validation_file: str | None = opt(None, "Local validation file.")
+    test_file: str | None = opt(None, "Local test file.")
+    train_split: str = opt("train", "Split name for training (hub datasets).")
+    validation_split: str = opt("validation", "Split name for validation (hub datasets).")
+    test_split: str = opt("test", "Split name for the final test (hub datasets).")
+    max_train_samples: int | None = opt(None, "Use only the first N training examples.", min=1)
+    max_eval_samples: int | None = opt(None, "Use only the first N validation examples.", min=1)
+    max_length: int | None = opt(
+        None, "Max tokens per example (default: from the model config, else 1024).", min=8
+    )
+    preprocessing_num_workers: int | None = opt(None, "Processes for Dataset.map tokenization.", min=1)
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = opt("outputs/run", "Where checkpoints, metrics and the final model go.")
+    overwrite_output_dir: bool = opt(False, "Allow reusing an output_dir that holds another run.")
+    seed: int = opt(42, "Seed for model init, data order and dropout.", min=0)
+    learning_rate: float = opt(2e-4, "Peak learning rate.", min_exclusive=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).", min=0)
+    adam_beta1: float = opt(0.9, "Adam beta1.", min=0, max=1)
+    adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.", min_exclusive=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables clipping).", min=0)
+    optim: str = opt(
+        "adamw_torch",
+        "Optimizer.",
+        choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"],
+    )
+    lr_scheduler_type: str = opt(
+        "linear", "Learning-rate schedule after warmup.", choices=["linear", "cosine", "constant", "constant_with_warmup"]
+    )
+    warmup_steps: int = opt(0, "Linear warmup steps (wins over warmup_ratio when > 0).", min=0)
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total optimizer steps.", min=0, max=1)
+    num_train_epochs: float = opt(1.0, "Epochs to train (ignored when max_steps > 0).", min_exclusive=0)
+    max_steps: int = opt(-1, "Total optimizer steps; -1 means use num_train_epochs.", min=-1)
+    per_device_train_batch_size: int = opt(1, "Micro-batch size per process for training.", min=1)
+    per_device_eval_batch_size: int = opt(4, "Batch size per process for evaluation and generation.", min=1)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
+    group_by_length: bool = opt(False, "Batch examples of similar length together (seeded) to cut padding.")
+    pad_to_multiple_of: int | None = opt(None, "Pad batch lengths to a multiple of this (8 helps tensor cores).", min=1)
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes.", min=0)
+    bf16: bool = opt(False, "bf16 mixed precision.")
+    logging_steps: int = opt(10, "Log train metrics every N optimizer steps.", min=1)
+    eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (default: only at the end).", min=1)
+    save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (default: only at the end).", min=1)
+    save_total_limit: int | None = opt(2, "Keep at most N step checkpoints (oldest removed first).", min=1)
+    resume_from_checkpoint: str | None = opt(
+        None, "'latest' or a checkpoint directory to resume from (output_dir's own are found automatically)."
+    )
+    debug: bool = opt(False, "Debug mode: few examples and steps, no trackers, full tracebacks.")
+
+
+@dataclass
+class TrackingArguments:
+    report_to: str = opt("none", "Experiment tracker.", choices=["none", "wandb", "tensorboard", "all"])
+    project_name: str = opt("ftkit", "Tracker project name.")
+    run_name: str | None = opt(None, "Tracker run name (default: output_dir's name).")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """(base type, optional?) of a hint like ``int | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return (non_none[0] if len(non_none) == 1 else str), True
+    return (typing.get_origin(tp) or tp), False
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    base, optional = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required (got null)")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)  # YAML 1.1 reads "2e-4" as a string; float() accepts it
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if base is list:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = _yaml_value(name, text)
+            else:
+                value = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return value
+    if base is dict:
+        if isinstance(value, str):
+            value = _yaml_value(name, value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _yaml_value(name, text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name}: cannot parse {text!r}: {e.__class__.__name__}") from None
+
+
+def load_yaml_recipe(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else " (see --help)"
+    return ConfigError(f"unknown option {name!r} in {where}{hint}")
+
+
+def help_text(cls, prog: str) -> str:
+    lines = [
+        f"usage: {prog} [--config RECIPE.yaml] [--OPTION VALUE ...] [--print_config] [--help]",
+        "",
+        (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+        "Options (YAML recipe keys; a command-line --OPTION VALUE overrides the recipe):",
+    ]
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        base, _ = _base_type(hints[f.name])
+        tname = getattr(base, "__name__", str(base))
+        extra = ""
+        if "choices" in f.metadata:
+            extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}"
+        lines.append(f"  --{f.name} {tname.upper()}{extra}")
+        lines.append(f"      {f.metadata.get('help', '')} (default: {default!r})")
+    return "\n".join(lines)
+
+
+def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
+    """Build ``cls`` from ``--config recipe.yaml`` plus ``--name value`` overrides, then validate.
+
+    On bad input prints one line ``error: ...`` to stderr and exits with code 2 (or raises
+    ConfigError when ``exit_on_error`` is False). ``--help`` and ``--print_config`` print and exit 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
+    try:
+        if "-h" in argv or "--help" in argv:
+            print(help_text(cls, prog))
+            sys.exit(0)
+        config_path, print_config, overrides = _split_argv(argv, cls)
+        values = load_yaml_recipe(config_path) if config_path else {}
+        config = build(cls, values, overrides, where=config_path or "the command line")
+        # which options the user set (recipe or command line), e.g. to layer them over a saved config
+        object.__setattr__(config, "explicit", {**values, **overrides})
+    except ConfigError as e:
+        if not exit_on_error:
+            raise
+        fail(e)
+    if print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        sys.exit(0)
+    return config
+
+
+def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
+    """Report a user error as one line and exit."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _split_argv(argv, cls):
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _field_types(cls)
+    config_path, print_config, overrides = None, False, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r} (options are written --name value)")
+        key, eq, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        has_value = bool(eq)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if not has_value and nxt is not None and not nxt.startswith("--"):
+            val, has_value = nxt, True
+            i += 1
+        i += 1
+        if key == "config":
+            if not has_value:
+                raise ConfigError("--config needs a path to a YAML recipe")
+            config_path = val
+        elif key == "print_config":
+            print_config = True if not has_value else _coerce("print_config", val, bool)
+        elif key in names:
+            if not has_value:
+                if _base_type(hints[key])[0] is not bool:
+                    raise ConfigError(f"--{key} needs a value")
+                val = True
+            overrides[key] = val
+        else:
+            raise _unknown(key, sorted(names | {"config", "print_config"}), "the command line")
+    return config_path, print_config, overrides
+
+
+def build(cls, values: dict, overrides: dict | None = None, where: str = "the recipe"):
+    """Merge recipe values and overrides into ``cls``, coercing types and validating."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise _unknown(str(key), names, where)
+    merged = {**values, **(overrides or {})}
+    hints = _field_types(cls)
+    kwargs = {k: _coerce(k, v, hints[k]) for k, v in merged.items()}
+    config = cls(**kwargs)
+    validate(config)
+    return config
+
+
+def validate(config) -> None:
+    """Check every field's constraints, then the config's own cross-field ``check()``."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        m = f.metadata
+        if "choices" in m and value not in m["choices"]:
+            choices = ", ".join(str(c) for c in m["choices"] if c is not None)
+            raise ConfigError(f"{f.name}: {value!r} is not one of: {choices}")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if "min" in m and value < m["min"]:
+            raise ConfigError(f"{f.name}: must be >= {m['min']}, got {value!r}")
+        if "max" in m and value > m["max"]:
+            raise ConfigError(f"{f.name}: must be <= {m['max']}, got {value!r}")
+        if "min_exclusive" in m and value <= m["min_exclusive"]:
+            raise ConfigError(f"{f.name}: must be > {m['min_exclusive']}, got {value!r}")
+    check = getattr(config, "check", None)
+    if callable(check):
+        check()
+
+
+def check_common(config) -> None:
+    """Cross-field rules shared by every recipe (called from each config's ``check``)."""
+    if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
+        raise ConfigError("load_in_4bit and load_in_8bit: choose one")
+    if getattr(config, "model_name_or_path", None) is None and getattr(config, "model_config", None) is None:
+        raise ConfigError("model_name_or_path: required (or model_config to build a model from a config)")
+    if getattr(config, "model_config", None) is not None and "model_type" not in config.model_config:
+        raise ConfigError("model_config: needs a 'model_type' key (e.g. phi, gpt2, bert, t5)")
+    if getattr(config, "model_config", None) is not None and not (
+        config.tokenizer_name_or_path or config.tokenizer_files
+    ):
+        raise ConfigError("model_config: a built model needs tokenizer_files or tokenizer_name_or_path")
+    data_keys = ("dataset_name", "train_file")
+    if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
+        raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
+    if config.lora_target_modules == [] and getattr(config, "use_peft", False):
+        raise ConfigError("lora_target_modules: empty list; name at least one module")
+
+
+def apply_debug(config) -> None:
+    """``--debug``: a few examples and steps, evaluation and a checkpoint inside the run, no trackers."""
+    config.max_train_samples = min(config.max_train_samples or 16, 16)
+    config.max_eval_samples = min(config.max_eval_samples or 8, 8)
+    config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
+    config.eval_steps, config.save_steps, config.logging_steps = 2, 2, 1
+    config.report_to = "none"
+    for name in ("num_eval_generate", "num_test_compare"):
+        if hasattr(config, name):
+            setattr(config, name, min(getattr(config, name), 2))
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# Options that change where/how a run is reported or resumed, not what it computes.
+NON_TRAINING_KEYS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "project_name",
+    "run_name", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "debug",
+    "preprocessing_num_workers", "predict", "adapter", "input_file", "text", "prediction_file",
+    "merge_adapter", "num_test_compare", "num_eval_generate",
+}
+
+
+def config_hash(config) -> str:
+    """Hash of the options that define the training computation (for resume matching)."""
+    data = {k: v for k, v in to_dict(config).items() if k not in NON_TRAINING_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save(config, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)

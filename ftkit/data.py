@@ -1,0 +1,260 @@
+"""Data: load hub or local datasets, tokenize, batch and pad.
+
+Shared by every recipe. What is recipe-specific (prompt text, which columns form the input)
+stays in the script; this module knows files, tokens and batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from ftkit.config import ConfigError
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _check_local_file(path: str, key: str) -> str:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in LOCAL_FORMATS:
+        raise ConfigError(f"{key}: unsupported file extension {ext!r} in {path} (use {', '.join(LOCAL_FORMATS)})")
+    return ext
+
+
+def _scan_text_file(path: str, ext: str) -> None:
+    """Find the exact place a text file is broken (encoding, JSON line) to report it in one line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    if ext == ".jsonl" or (ext == ".json" and not text.lstrip().startswith(("[", "{\"data\""))):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"{path}:{number}: each JSON line must be an object, got {type(obj).__name__}")
+
+
+def load_local_file(path: str, key: str = "train_file"):
+    """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled)."""
+    import datasets
+
+    ext = _check_local_file(path, key)
+    if ext in (".json", ".jsonl", ".csv", ".tsv"):
+        _scan_text_file(path, ext)
+    if ext != ".parquet":
+        with open(path, "rb") as f:
+            if not f.read(65536).strip():
+                raise ConfigError(f"{path}: holds no examples (empty file)")
+    kwargs = {}
+    if ext == ".tsv":
+        # Real TSV corpora (MRPC, SMS spam) contain stray quote characters: no quoting at all.
+        kwargs = {"sep": "\t", "quoting": csv.QUOTE_NONE}
+    try:
+        ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={"data": path}, split="data", **kwargs)
+    except Exception as e:  # datasets wraps parser errors in several types
+        raise ConfigError(f"{path}: cannot be read as {ext[1:]}: {str(e).splitlines()[0][:200]}") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{path}: holds no examples")
+    return ds
+
+
+def load_splits(config, splits=("train", "validation", "test")) -> dict:
+    """Return ``{"train": Dataset, "validation": Dataset, "test": Dataset}`` for the splits available.
+
+    Local files win over a hub dataset. Hub loading needs network access (or a warm cache).
+    """
+    files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
+    out = {}
+    if config.train_file:
+        for split in splits:
+            if files[split]:
+                out[split] = load_local_file(files[split], f"{split}_file" if split != "validation" else "validation_file")
+        return out
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
+    except Exception as e:
+        raise ConfigError(
+            f"dataset_name: cannot load {config.dataset_name!r} (not cached and the hub is unreachable?): "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
+    names = {"train": config.train_split, "validation": config.validation_split, "test": config.test_split}
+    for split in splits:
+        if names[split] in dd:
+            out[split] = dd[names[split]]
+    if "train" not in out:
+        raise ConfigError(f"train_split: {config.train_split!r} not in {config.dataset_name} (has {list(dd)})")
+    return out
+
+
+def require_columns(ds, columns: dict, source: str) -> None:
+    """``columns`` maps option name -> column name; a missing one is one clear error."""
+    for option, column in columns.items():
+        if column not in ds.column_names:
+            raise ConfigError(f"{option}: column {column!r} not in {source} (columns: {', '.join(ds.column_names)})")
+
+
+def take_first(ds, n: int | None):
+    return ds if n is None or n >= len(ds) else ds.select(range(n))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize_prompt_completion(tokenizer, prompts: list[str], completions: list[str], train_on_prompt: bool):
+    """Tokenize ``prompt + completion`` as one text and mask the prompt's tokens in the labels.
+
+    The text is tokenized whole (so tokens are exactly those generation will see) and a token
+    belongs to the prompt when it starts before the prompt's last character: the character
+    offsets of a fast tokenizer make the split exact.
+    """
+    texts = [p + c for p, c in zip(prompts, completions)]
+    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    eos = tokenizer.eos_token_id
+    input_ids, labels = [], []
+    for ids, offsets, prompt in zip(enc["input_ids"], enc["offset_mapping"], prompts):
+        ids = list(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)  # so generation learns to stop
+        if train_on_prompt:
+            lab = list(ids)
+        else:
+            # First token that starts at or after the prompt's end: from there on, everything is
+            # the completion (trailing special tokens included); a token straddling the boundary
+            # belongs to the prompt. Leading special tokens have (0, 0) offsets: prompt.
+            cut = len(prompt)
+            first = next((i for i, (s, e) in enumerate(offsets) if s >= cut and e > s), len(offsets))
+            lab = [-100] * first + ids[first:]
+        input_ids.append(ids)
+        labels.append(lab)
+    return {"input_ids": input_ids, "labels": labels, "length": [len(x) for x in input_ids]}
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+
+
+class TrainBatchSampler(Sampler):
+    """Seeded batches of example indices; optionally grouped by length.
+
+    The order is a pure function of ``(seed, epoch)`` so a resumed run sees exactly the batches the
+    uninterrupted run saw. With ``group_by_length`` the shuffled indices are cut into mega-batches
+    of ``mega_batch_mult`` batches, each sorted by length, so a batch holds similar lengths while
+    the data order stays random; the longest batch goes first so memory problems show at step 1.
+    """
+
+    def __init__(self, lengths, batch_size, seed, shuffle=True, group_by_length=False, drop_last=False,
+                 mega_batch_mult=50):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.drop_last = drop_last
+        self.mega = mega_batch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        n = len(self.lengths)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        if self.group_by_length:
+            size = self.batch_size * self.mega
+            order = [i for s in range(0, n, size)
+                     for i in sorted(order[s:s + size], key=lambda j: -self.lengths[j])]
+        batches = [order[s:s + self.batch_size] for s in range(0, n, self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        if self.group_by_length and len(batches) > 1:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+@dataclass
+class PadCollator:
+    """Pads each batch to its longest member (dynamic padding); labels are padded with -100.
+
+    Keys are padded by their own value: ``input_ids`` with ``pad_token_id``, ``labels`` with
+    -100, everything else (``attention_mask``, ``token_type_ids``) with 0.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict]) -> dict:
+        keys = [k for k in features[0] if isinstance(features[0][k], (list, tuple))]
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {}
+        for key in keys:
+            fill = {"input_ids": self.pad_token_id, "labels": -100}.get(key, 0)
+            rows = []
+            for f in features:
+                row = list(f[key])
+                pad = [fill] * (longest - len(row))
+                rows.append(pad + row if self.padding_side == "left" else row + pad)
+            batch[key] = torch.tensor(rows, dtype=torch.long)
+        if "attention_mask" not in batch:
+            mask = []
+            for f in features:
+                ones, zeros = [1] * len(f["input_ids"]), [0] * (longest - len(f["input_ids"]))
+                mask.append(zeros + ones if self.padding_side == "left" else ones + zeros)
+            batch["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+        for key in features[0]:
+            if key not in batch and isinstance(features[0][key], (int, float)):
+                batch[key] = torch.tensor([f[key] for f in features])
+        return batch
+
+
+def accumulation_windows(batches: Iterable, size: int) -> Iterator[list]:
+    """Group micro-batches into optimizer-step windows of exactly ``size``.
+
+    A trailing incomplete window is dropped (like ``drop_last``): every optimizer step then sees
+    the same number of micro-batches, which keeps the loss normalisation and DeepSpeed's
+    accumulation counter aligned.
+    """
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []

@@ -1,0 +1,81 @@
+"""Accelerator construction (CPU/gloo, mixed precision, accumulation), seeding, sharding and gathering."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("ftkit")
+
+
+def accelerator(config):
+    """The run's ``Accelerator``, configured from the recipe and the launcher's environment.
+
+    - No CUDA: the process group is created with gloo *before* the Accelerator, so that
+      multi-process CPU runs (and DeepSpeed on CPU) count every process.
+    - Gradient accumulation is driven by the script's accumulation windows (always complete), so
+      accelerate must not force a sync at the end of the dataloader.
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+
+    cpu = not torch.cuda.is_available()
+    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PartialState(cpu=True, backend="gloo")
+    trackers = [] if config.report_to == "none" or config.debug else (
+        ["wandb", "tensorboard"] if config.report_to == "all" else [config.report_to])
+    acc = Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16" if config.bf16 else "no",
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+        step_scheduler_with_optimizer=False,
+    )
+    level = logging.INFO if acc.is_main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    logger.setLevel(level)
+    return acc
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def reduce_sum(acc, value) -> torch.Tensor:
+    """Sum of a number or tensor over all processes."""
+    t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
+    t = t.to(acc.device)
+    return acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t
+
+
+def shard_indices(n: int, acc) -> list[int]:
+    """This process's share of ``range(n)`` for generation, padded to equal length with -1.
+
+    Every process runs the same number of generate calls (needed under ZeRO-3, where each call
+    is collective); the -1 slots are placeholders whose outputs are discarded.
+    """
+    mine = list(range(acc.process_index, n, acc.num_processes))
+    per_rank = -(-n // acc.num_processes)
+    return mine + [-1] * (per_rank - len(mine))
+
+
+def gather_by_index(acc, pairs: list[tuple[int, object]], n: int) -> list:
+    """Gather ``(index, value)`` pairs from all processes into one list ordered by index.
+
+    Each index appears exactly once in the result: no duplicates, none missing.
+    """
+    from accelerate.utils import gather_object
+
+    everything = gather_object(pairs) if acc.num_processes > 1 else pairs
+    by_index = {i: v for i, v in everything if i >= 0}
+    missing = [i for i in range(n) if i not in by_index]
+    if missing:
+        raise RuntimeError(f"gather lost examples {missing[:5]}")
+    return [by_index[i] for i in range(n)]

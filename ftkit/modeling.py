@@ -1,0 +1,300 @@
+"""Models and tokenizers: hub or local checkpoints, tiny models built from a config, 4/8-bit
+quantization, LoRA, freezing, gradient checkpointing, and the token-summed loss."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+import torch
+
+from ftkit.config import ConfigError
+
+logger = logging.getLogger("ftkit")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "seq_length")
+DEFAULT_MAX_LENGTH = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def _texts_of(path: str):
+    """Every string value of a text/json/jsonl/csv/tsv file (for training a tokenizer)."""
+    import csv
+
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8") as f:
+        if ext == ".jsonl":
+            for line in f:
+                if line.strip():
+                    yield from (v for v in json.loads(line).values() if isinstance(v, str))
+        elif ext in (".csv", ".tsv"):
+            reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",",
+                                quoting=csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL)
+            for row in reader:
+                yield from row
+        else:
+            yield f.read()
+
+
+def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tokens: dict | None = None):
+    """Train a byte-level BPE tokenizer on ``files`` and save it to ``out_dir`` (reused if present).
+
+    Byte-level BPE can encode any text, so a tokenizer trained on a few kilobytes still round-trips
+    unseen input. ``special_tokens`` maps roles (bos/eos/pad/unk/...) to token strings.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special_tokens = special_tokens or {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                                        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    for path in files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"tokenizer_files: file not found: {path}")
+    stamp = hashlib.sha256(json.dumps([sorted(special_tokens.items()), vocab_size] + [
+        [p, os.path.getsize(p)] for p in files]).encode()).hexdigest()[:16]
+    stamp_file = os.path.join(out_dir, "ftkit_tokenizer_stamp")
+    if os.path.isfile(stamp_file) and open(stamp_file).read() == stamp:
+        return PreTrainedTokenizerFast.from_pretrained(out_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    unique = list(dict.fromkeys(special_tokens.values()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=unique,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator((t for p in files for t in _texts_of(p)), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
+    fast.save_pretrained(out_dir)
+    with open(stamp_file, "w") as f:
+        f.write(stamp)
+    return fast
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer: cannot load {name_or_path!r} ({_offline_hint(e)})") from None
+    tok.padding_side = padding_side
+    if tok.pad_token is None and tok.eos_token is not None:
+        logger.info("tokenizer has no pad token: using the EOS token %r for padding", tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _offline_hint(error: Exception) -> str:
+    text = str(error).splitlines()[0][:200]
+    if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):
+        return f"not in the local cache and the hub is unreachable: {text}"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Model source: a hub id / directory, or a model built from a config
+# --------------------------------------------------------------------------------------------
+
+
+def auto_config(config):
+    """The model's ``PretrainedConfig`` without loading weights (for checks before loading)."""
+    from transformers import AutoConfig
+
+    if config.model_config is not None:
+        kwargs = dict(config.model_config)
+        model_type = kwargs.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model_config: {e}") from None
+    try:
+        return AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_name_or_path: cannot load {config.model_name_or_path!r} ({_offline_hint(e)})") from None
+
+
+def max_positions(model_config) -> int:
+    """First of n_positions / max_position_embeddings / seq_length in the config, else 1024 (S001)."""
+    for key in POSITION_KEYS:
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_LENGTH
+
+
+def prepare_source(config, accelerator, auto_model_cls, tokenizer_special_tokens: dict | None = None) -> str:
+    """Return a directory or hub id holding the base model *and* its tokenizer.
+
+    For ``model_config`` recipes the model is built with random weights (seeded), saved with its
+    tokenizer to ``output_dir/base_model/`` and then loaded like any pretrained checkpoint, so
+    the offline runs follow exactly the code path of real ones.
+    """
+    if config.model_config is None:
+        return config.model_name_or_path
+    path = os.path.abspath(os.path.join(config.output_dir, "base_model"))
+    stamp = hashlib.sha256(json.dumps([config.model_config, config.seed, config.tokenizer_files,
+                                       config.tokenizer_vocab_size, config.tokenizer_name_or_path],
+                                      sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stamp_file = os.path.join(path, "ftkit_model_stamp")
+    if accelerator.is_main_process and not (os.path.isfile(stamp_file) and open(stamp_file).read() == stamp):
+        os.makedirs(path, exist_ok=True)
+        if config.tokenizer_files:
+            tok = build_tokenizer(config.tokenizer_files, config.tokenizer_vocab_size, path, tokenizer_special_tokens)
+        else:
+            tok = load_tokenizer(config.tokenizer_name_or_path)
+            tok.save_pretrained(path)
+        model_cfg = auto_config(config)
+        model_cfg.vocab_size = len(tok)
+        for role in ("pad", "bos", "eos"):
+            token_id = getattr(tok, f"{role}_token_id")
+            if token_id is not None:
+                setattr(model_cfg, f"{role}_token_id", token_id)
+        torch.manual_seed(config.seed)
+        model = auto_model_cls.from_config(model_cfg)
+        model.save_pretrained(path)
+        with open(stamp_file, "w") as f:
+            f.write(stamp)
+    accelerator.wait_for_everyone()
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct name suffixes of the linear layers (LoRA candidates), lm_head excluded."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in ("lm_head",):
+                names.add(leaf)
+    return sorted(names)
+
+
+def check_lora_targets(model_cfg, auto_model_cls, targets: list[str]) -> None:
+    """Every LoRA target must match a module; checked on the meta device before loading weights."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = auto_model_cls.from_config(model_cfg)
+    module_names = [n for n, _ in skeleton.named_modules()]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in module_names):
+            raise ConfigError(f"lora_target_modules: {target!r} matches no module of this model "
+                              f"(linear layers: {', '.join(linear_module_names(skeleton))})")
+
+
+def quantization_config(config):
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_4bit:
+        storage = config.bnb_4bit_quant_storage
+        from accelerate.utils import is_deepspeed_available
+        if storage is None and is_deepspeed_available():
+            from transformers.integrations import is_deepspeed_zero3_enabled
+            # ZeRO-3 shards parameters by dtype; 4-bit weights must be stored in the compute dtype.
+            if is_deepspeed_zero3_enabled():
+                storage = config.bnb_4bit_compute_dtype
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=DTYPES[config.bnb_4bit_compute_dtype],
+            bnb_4bit_quant_storage=DTYPES.get(storage, torch.uint8),
+        )
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quantize: bool = True, **kwargs):
+    """``from_pretrained`` with the recipe's dtype, quantization and attention options."""
+    qconfig = quantization_config(config) if quantize else None
+    dtype = config.torch_dtype if config.torch_dtype == "auto" else DTYPES[config.torch_dtype]
+    if qconfig is not None and config.torch_dtype == "auto":
+        dtype = DTYPES[config.bnb_4bit_compute_dtype] if config.load_in_4bit else torch.float32
+    load_kwargs = dict(dtype=dtype, trust_remote_code=config.trust_remote_code, **kwargs)
+    if config.attn_implementation:
+        load_kwargs["attn_implementation"] = config.attn_implementation
+    if qconfig is not None:
+        load_kwargs["quantization_config"] = qconfig
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        if not is_deepspeed_zero3_enabled():
+            # quantized weights are created on their final device; one copy per process
+            device = accelerator.device if accelerator is not None else "cpu"
+            load_kwargs["device_map"] = {"": device}
+    try:
+        return auto_model_cls.from_pretrained(source, **load_kwargs)
+    except OSError as e:
+        raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e)})") from None
+
+
+def add_lora(model, config, task_type: str):
+    """Gradient checkpointing, k-bit preparation and LoRA adapters, as QLoRA prescribes."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if config.load_in_4bit or config.load_in_8bit:
+        # casts norms to fp32 and enables input grads; gradient checkpointing set up here too
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if not config.use_peft:
+        return model
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      bias=config.lora_bias, target_modules=list(config.lora_target_modules), task_type=task_type)
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values are packed per byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def describe_parameters(model) -> str:
+    trainable, total = parameter_counts(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over labelled tokens, and their count (per example).
+
+    Returns two tensors of shape [batch]: the loss sum and the number of target tokens, so callers
+    can normalise by the tokens of a whole accumulation window, across processes.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    mask = shift_labels.ne(-100)
+    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens that contribute to the causal-LM loss (labels shifted by one)."""
+    return labels[:, 1:].ne(-100).sum()

@@ -1,0 +1,76 @@
+"""Tracking: accelerate trackers (W&B, TensorBoard), an always-on metrics.jsonl, throughput."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def without_secrets(values: dict) -> dict:
+    """Drop every entry whose name looks like a credential (recursively)."""
+    clean = {}
+    for k, v in values.items():
+        if SECRET.search(str(k)):
+            continue
+        clean[k] = without_secrets(v) if isinstance(v, dict) else v
+    return clean
+
+
+def start(accelerator, config) -> None:
+    """Initialise the configured trackers; their files go under output_dir."""
+    if not accelerator.log_with:
+        return
+    from ftkit.config import to_dict
+
+    run_name = config.run_name or os.path.basename(os.path.normpath(config.output_dir))
+    init_kwargs = {"wandb": {"name": run_name, "dir": config.output_dir}}
+    safe = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
+            for k, v in without_secrets(to_dict(config)).items()}
+    accelerator.init_trackers(config.project_name, config=safe, init_kwargs=init_kwargs)
+
+
+class MetricsLog:
+    """Writes each log event to ``output_dir/metrics.jsonl`` (main process) and to the trackers."""
+
+    def __init__(self, accelerator, output_dir: str):
+        self.accelerator = accelerator
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+
+    def log(self, metrics: dict, step: int) -> None:
+        metrics = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log(metrics, step=step)
+
+
+class Throughput:
+    """Counts real (non-pad) tokens and samples between log events."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self.samples = 0
+        self.padded = 0
+        self.start = time.perf_counter()
+
+    def add(self, batch) -> None:
+        mask = batch["attention_mask"]
+        self.tokens += int(mask.sum())
+        self.padded += mask.numel()
+        self.samples += mask.shape[0]
+
+    def report(self, num_processes: int = 1) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"perf/tokens_per_s": self.tokens * num_processes / elapsed,
+               "perf/samples_per_s": self.samples * num_processes / elapsed,
+               "perf/padding_efficiency": self.tokens / max(self.padded, 1)}
+        self.reset()
+        return out

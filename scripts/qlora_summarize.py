@@ -1,0 +1,414 @@
+"""QLoRA dialogue summarization: Phi-2 on DialogSum (source S001), a hand-written accelerate loop.
+
+Features: 4-bit NF4 base model with double quantization (QLoRA) or 8-bit / bf16 / fp32, LoRA
+adapters (or a full fine-tune), one prompt template for training and generation, loss on the
+summary only (``train_on_prompt: false``), over-long examples dropped or truncated and counted,
+dynamic padding, length grouping, gradient accumulation with the loss normalised by the target
+tokens of the whole accumulation window on all processes, gradient checkpointing, 8-bit paged
+AdamW, atomic checkpoints with exact mid-epoch resume, eval loss + ROUGE during training, and a
+base-vs-fine-tuned ROUGE table on test dialogues at the end; ``--predict`` summarizes new text.
+
+    # tiny model, CPU, offline (seconds)
+    accelerate launch scripts/qlora_summarize.py --config recipes/tiny/qlora_summarize.yaml
+    # Phi-2 on one GPU
+    accelerate launch scripts/qlora_summarize.py --config recipes/phi2_qlora_dialogsum.yaml
+    # predictions from a trained adapter
+    python scripts/qlora_summarize.py --predict --adapter outputs/phi2_dialogsum/final --text "#Person1#: ..."
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch
+from tqdm.auto import tqdm
+
+from ftkit import checkpoint, config as cfg, data, distributed, metrics, modeling, optim, tracking
+from ftkit.config import ConfigError, opt
+
+logger = logging.getLogger("ftkit")
+
+
+@dataclass
+class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, cfg.TrainingArguments,
+                      cfg.TrackingArguments):
+    """Fine-tune a causal LM (QLoRA by default) to summarize dialogues."""
+
+    dialogue_column: str = opt("dialogue", "Column holding the dialogue.")
+    summary_column: str = opt("summary", "Column holding the reference summary.")
+    prompt_intro: str = opt("Below is an instruction that describes a task. Write a response that "
+                            "appropriately completes the request.", "First paragraph of the prompt.")
+    instruction_key: str = opt("### Instruct: Summarize the below conversation.", "Instruction paragraph.")
+    response_key: str = opt("### Output:", "Line after which the summary starts.")
+    end_key: str = opt("### End", "Marker after the summary; generation is cut at its first '###'.")
+    train_on_prompt: bool = opt(False, "Also learn the prompt tokens (S001 did; off: only the summary).")
+    overlong: str = opt("drop", "Examples longer than max_length: drop them, or truncate the dialogue.",
+                        choices=["drop", "truncate"])
+    num_eval_generate: int = opt(16, "Validation examples summarized for ROUGE at each evaluation (0: none).", min=0)
+    num_test_compare: int = opt(50, "Test examples for the final base-vs-fine-tuned ROUGE table.", min=1)
+    max_new_tokens: int = opt(100, "Generation limit for summaries.", min=1)
+    predict: bool = opt(False, "Summarize --text or --input_file with a trained --adapter instead of training.")
+    adapter: str | None = opt(None, "Directory of a trained adapter (output_dir/final) for --predict.")
+    input_file: str | None = opt(None, "File of dialogues (dialogue_column) to summarize with --predict.")
+    text: str | None = opt(None, "One dialogue to summarize with --predict.")
+    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
+
+    def check(self):
+        if self.predict:
+            if not self.adapter:
+                raise ConfigError("adapter: --predict needs --adapter DIR (a trained output_dir/final)")
+            if not (self.text or self.input_file):
+                raise ConfigError("input_file: --predict needs --text TEXT or --input_file FILE")
+            return
+        cfg.check_common(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt format: one template for training and generation (S001 used two different ones)
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_of(config, dialogue: str) -> str:
+    return f"{config.prompt_intro}\n\n{config.instruction_key}\n\n{dialogue}\n\n{config.response_key}\n"
+
+
+def completion_of(config, summary: str) -> str:
+    return f"{summary}\n\n{config.end_key}"
+
+
+def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
+    """Prompt + summary tokens with the prompt masked; over-long examples dropped or truncated."""
+
+    def encode(batch):
+        dialogues = batch[config.dialogue_column]
+        if config.overlong == "truncate":
+            dialogues = [fit_dialogue(tokenizer, config, d, s, max_length)
+                         for d, s in zip(dialogues, batch[config.summary_column])]
+        prompts = [prompt_of(config, d) for d in dialogues]
+        completions = [completion_of(config, s) for s in batch[config.summary_column]]
+        return data.tokenize_prompt_completion(tokenizer, prompts, completions, config.train_on_prompt)
+
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+    kept = tokenized.filter(lambda n: n < max_length, input_columns="length")  # S001 drops len >= max
+    dropped = len(tokenized) - len(kept)
+    if dropped:
+        logger.warning("%s: dropped %d of %d examples with >= %d tokens (overlong=truncate keeps them)",
+                       name, dropped, len(tokenized), max_length)
+    if len(kept) == 0:
+        raise ConfigError(f"{name}: no examples left: all {dropped} have >= max_length={max_length} tokens")
+    return kept, dropped
+
+
+def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int) -> str:
+    """Cut the dialogue's tail until prompt + summary fit in max_length tokens."""
+    def length(d):
+        return len(tokenizer(prompt_of(config, d) + completion_of(config, summary))["input_ids"]) + 1
+
+    ids = tokenizer(dialogue, add_special_tokens=False)["input_ids"]
+    while ids and length(dialogue) >= max_length:
+        ids = ids[: max(0, len(ids) - max(1, length(dialogue) - max_length + 1))]
+        dialogue = tokenizer.decode(ids)
+    return dialogue
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def eval_loss(acc, model, eval_dl) -> float:
+    """Token-weighted loss over the validation set (each example counted once, across processes)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in eval_dl:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, count = modeling.causal_lm_loss_sum(logits, batch["labels"])
+        loss_sum, count = acc.gather_for_metrics((loss_sum, count))
+        total, tokens = total + loss_sum.sum().item(), tokens + count.sum().item()
+    model.train()
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:
+    """Greedy summaries of ``dialogues``, sharded over processes and gathered in order."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    mine = distributed.shard_indices(len(dialogues), acc)
+    results = []
+    for start in range(0, len(mine), config.per_device_eval_batch_size):
+        chunk = mine[start:start + config.per_device_eval_batch_size]
+        prompts = [prompt_of(config, dialogues[max(i, 0)]) for i in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(acc.device)
+        out = net.generate(**enc, max_new_tokens=config.max_new_tokens, do_sample=False, use_cache=True,
+                           pad_token_id=tokenizer.pad_token_id, synced_gpus=is_deepspeed_zero3_enabled())
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        results += [(i, t.split("###")[0].strip()) for i, t in zip(chunk, texts)]
+    tokenizer.padding_side = "right"
+    net.train(was_training)
+    return distributed.gather_by_index(acc, results, len(dialogues))
+
+
+def rouge_on(acc, model, tokenizer, config, ds, n: int) -> tuple[dict, list[str]]:
+    ds = data.take_first(ds, n)
+    predictions = summarize(acc, model, tokenizer, config, ds[config.dialogue_column])
+    return metrics.rouge(predictions, ds[config.summary_column]), predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint.check_output_dir(config)
+    splits = data.load_splits(config)
+    for name, ds in splits.items():
+        data.require_columns(ds, {"dialogue_column": config.dialogue_column, "summary_column": config.summary_column},
+                             f"the {name} data")
+    if "validation" not in splits:
+        raise ConfigError("validation_file: a validation set is needed for evaluation")
+    raw_train = data.take_first(splits["train"], config.max_train_samples)
+    raw_eval = data.take_first(splits["validation"], config.max_eval_samples)
+    raw_test = splits.get("test", splits["validation"])
+
+    acc = distributed.accelerator(config)
+    distributed.seed_everything(config.seed)
+    checkpoint.set_aside_old_checkpoints(config, acc)
+    source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
+    model_cfg = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    limit = modeling.max_positions(model_cfg)
+    if config.max_length and config.max_length > limit:
+        raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")
+    max_length = config.max_length or limit
+    if config.use_peft:
+        modeling.check_lora_targets(model_cfg, AutoModelForCausalLM, config.lora_target_modules)
+    tokenizer = modeling.load_tokenizer(source, config.trust_remote_code)
+    with acc.main_process_first():
+        train_ds, dropped = tokenize_split(raw_train, tokenizer, config, max_length, "train")
+        eval_ds, _ = tokenize_split(raw_eval, tokenizer, config, max_length, "validation")
+
+    collate = data.PadCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
+    sampler = data.TrainBatchSampler(train_ds["length"], config.per_device_train_batch_size, config.seed,
+                                     group_by_length=config.group_by_length)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=config.dataloader_num_workers)
+    eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
+    windows_per_epoch = math.ceil(len(train_dl) / acc.num_processes) // config.gradient_accumulation_steps
+    if windows_per_epoch == 0:
+        raise ConfigError(f"gradient_accumulation_steps: {config.gradient_accumulation_steps} x batch "
+                          f"{config.per_device_train_batch_size} x {acc.num_processes} processes needs more than "
+                          f"the {len(train_ds)} training examples")
+    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+
+    model = modeling.load_pretrained(AutoModelForCausalLM, source, config, acc)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    model = modeling.add_lora(model, config, task_type="CAUSAL_LM")
+    logger.info(modeling.describe_parameters(model))
+
+    base_file = os.path.join(config.output_dir, "base_eval.json")
+    if os.path.isfile(base_file):  # resumed run: the base model was scored before training began
+        base_scores = json.load(open(base_file))
+    else:
+        base_scores, _ = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
+        if acc.is_main_process:
+            json.dump(base_scores, open(base_file, "w"))
+
+    optimizer = optim.build_optimizer(model, config)
+    scheduler = optim.build_scheduler(optimizer, config, total_steps)
+    model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
+    acc.register_for_checkpointing(scheduler)
+    checkpoint.register_trainable_only_hooks(acc)
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0,
+             "dropped_overlong": dropped}
+    resume_path = checkpoint.resolve_resume_path(config)
+    if resume_path:
+        state.update(checkpoint.load(acc, config, resume_path))
+    if acc.is_main_process:
+        cfg.save(config, os.path.join(config.output_dir, "config.yaml"))
+    tracking.start(acc, config)
+    log = tracking.MetricsLog(acc, config.output_dir)
+    speed = tracking.Throughput()
+    ga = config.gradient_accumulation_steps
+    running_loss, running_tokens, grad_norm = torch.zeros((), device=acc.device), 0, None
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
+
+    model.train()
+    while state["global_step"] < total_steps:
+        sampler.set_epoch(state["epoch"])
+        batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
+        batches = iter(batches)
+        if resume_path:  # creating the iterator drew from the RNG; restore it as it was at the save
+            checkpoint.restore_rng(resume_path, acc.process_index)
+            resume_path = None
+        for window in data.accumulation_windows(batches, ga):
+            # the loss is a mean over every target token of this optimizer step, on all processes
+            window_tokens = distributed.reduce_sum(acc, sum(modeling.count_target_tokens(b["labels"]) for b in window))
+            for batch in window:
+                speed.add(batch)
+                with acc.accumulate(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss_sum, _ = modeling.causal_lm_loss_sum(logits, batch["labels"])
+                    running_loss += loss_sum.sum().detach()
+                    # DDP averages gradients over processes and accelerate divides by `ga`: undo both
+                    acc.backward(loss_sum.sum() * acc.num_processes * ga / window_tokens)
+                    if acc.sync_gradients and config.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            scheduler.step()
+            running_tokens += window_tokens
+            state["global_step"] += 1
+            state["batches_in_epoch"] += ga
+            state["samples_seen"] += sum(len(b["input_ids"]) for b in window) * acc.num_processes
+            step = state["global_step"]
+            progress.update(1)
+
+            if step % config.logging_steps == 0 or step == total_steps:
+                loss = (distributed.reduce_sum(acc, running_loss) / running_tokens).item()
+                entry = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                         "train/epoch": state["epoch"] + state["batches_in_epoch"] / max(len(train_dl), 1),
+                         **speed.report(acc.num_processes)}
+                if grad_norm is not None:
+                    entry["train/grad_norm"] = float(grad_norm)
+                log.log(entry, step)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                running_loss.zero_()
+                running_tokens = 0
+            if config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
+                entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
+                if config.num_eval_generate:
+                    scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
+                    entry.update({f"eval/{k}": v for k, v in scores.items()})
+                log.log(entry, step)
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                checkpoint.save(acc, config, state)
+            if step >= total_steps:
+                break
+        else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    progress.close()
+
+    # -------- final evaluation, the S001 comparison table, export --------
+    checkpoint.save(acc, config, state)
+    final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
+    tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
+    final_eval.update({f"eval/{k}": v for k, v in tuned.items()})
+    log.log(final_eval, state["global_step"])
+    export(acc, model, tokenizer, config)
+    if acc.is_main_process:
+        table = metrics.comparison_table(base_scores, tuned)
+        print(f"\nROUGE on {min(len(raw_test), config.num_test_compare)} test dialogues, base vs fine-tuned:\n{table}")
+        result = {"eval_loss": final_eval["eval/loss"], "base": base_scores, "tuned": tuned,
+                  "delta": {k: tuned[k] - base_scores[k] for k in tuned},
+                  "num_test_examples": min(len(raw_test), config.num_test_compare), **state}
+        json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
+        with open(os.path.join(config.output_dir, "predictions_test.jsonl"), "w") as f:
+            for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions):
+                f.write(json.dumps({"id": row.get("id"), "prediction": pred,
+                                    "reference": row[config.summary_column]}) + "\n")
+    acc.end_training()
+
+
+def export(acc, model, tokenizer, config) -> None:
+    """``output_dir/final``: adapter (or full model) + tokenizer + config, written atomically."""
+    acc.wait_for_everyone()
+    final, tmp = os.path.join(config.output_dir, "final"), os.path.join(config.output_dir, ".tmp_final")
+    state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        cfg.save(config, os.path.join(tmp, "ftkit_config.yaml"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        if config.merge_adapter and config.use_peft:
+            merge(config, final, os.path.join(config.output_dir, "final_merged"))
+    acc.wait_for_everyone()
+
+
+def merge(config, adapter_dir: str, out_dir: str) -> None:
+    """Reload the base model unquantized, fold the adapter into its weights, save the full model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = modeling.load_pretrained(AutoModelForCausalLM, _base_of(adapter_dir), config, quantize=False)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    modeling.load_tokenizer(adapter_dir).save_pretrained(out_dir)
+    logger.info("merged model written to %s", out_dir)
+
+
+def _base_of(adapter_dir: str) -> str:
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction with a trained adapter
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(config):
+    """Summarize new dialogues with ``--adapter``, loading the base as the training run did."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(config.adapter, "adapter_config.json")):
+        raise ConfigError(f"adapter: {config.adapter} holds no adapter_config.json (expected output_dir/final)")
+    saved = os.path.join(config.adapter, "ftkit_config.yaml")
+    if os.path.isfile(saved):  # the training run's model options, under what the user set now
+        config = cfg.build(SummarizeConfig, {**cfg.load_yaml_recipe(saved), **getattr(config, "explicit", {})},
+                           where=saved)
+    if config.input_file:
+        inputs = data.load_local_file(config.input_file, "input_file")
+        data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file)
+        dialogues = inputs[config.dialogue_column]
+    else:
+        dialogues = [config.text]
+    config.report_to = "none"
+    acc = distributed.accelerator(config)
+    tokenizer = modeling.load_tokenizer(config.adapter)
+    base = modeling.load_pretrained(AutoModelForCausalLM, _base_of(config.adapter), config, acc)
+    model = PeftModel.from_pretrained(base, config.adapter).to(acc.device)
+    summaries = summarize(acc, model, tokenizer, config, dialogues)
+    if not acc.is_main_process:
+        return
+    if config.prediction_file:
+        with open(config.prediction_file, "w") as f:
+            for dialogue, summary in zip(dialogues, summaries):
+                f.write(json.dumps({"dialogue": dialogue, "summary": summary}) + "\n")
+        print(f"wrote {len(summaries)} summaries to {config.prediction_file}")
+    else:
+        for summary in summaries:
+            print(summary)
+
+
+if __name__ == "__main__":
+    config = cfg.parse(SummarizeConfig)
+    if config.debug:
+        cfg.apply_debug(config)
+        torch.autograd.set_detect_anomaly(True)
+    try:
+        predict(config) if config.predict else main(config)
+    except ConfigError as error:
+        if config.debug:
+            raise
+        cfg.fail(error)

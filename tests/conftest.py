@@ -1,0 +1,63 @@
+"""Shared test helpers: run the real scripts as subprocesses (accelerate launch), import them."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+TINY_SUMMARIZE = os.path.join(ROOT, "recipes", "tiny", "qlora_summarize.yaml")
+
+
+def script_env():
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": ROOT, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return env
+
+
+def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True):
+    """``accelerate launch`` a script from scripts/ as users do; returns the CompletedProcess."""
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + os.getpid() % 1000),
+           os.path.join(ROOT, "scripts", script), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_python(script: str, args: list[str], timeout: int = 300):
+    """Plain ``python scripts/<script>`` (for error paths and --predict)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module (its config class and helpers)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The byte-level BPE tokenizer the tiny recipes train on the sample dialogues."""
+    from ftkit.modeling import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    return build_tokenizer([os.path.join(ROOT, "data", "dialogsum_sample_train.jsonl")], 600, str(out))

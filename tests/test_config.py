@@ -1,0 +1,115 @@
+"""Recipes + command-line overrides, types, --help/--print_config, and every error path."""
+
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY_SUMMARIZE, load_script, run_python
+from ftkit import config as cfg
+from ftkit.config import ConfigError
+
+qs = load_script("qlora_summarize")
+
+
+def parse(*argv):
+    return cfg.parse(qs.SummarizeConfig, list(argv), exit_on_error=False)
+
+
+def test_recipe_values_are_loaded_and_typed():
+    c = parse("--config", TINY_SUMMARIZE)
+    assert c.load_in_4bit is True and c.optim == "paged_adamw_8bit"
+    assert isinstance(c.learning_rate, float) and c.learning_rate == 1e-2
+    assert c.model_config["model_type"] == "phi"
+
+
+def test_command_line_overrides_the_recipe_and_converts_types():
+    c = parse("--config", TINY_SUMMARIZE, "--learning_rate", "3e-4", "--max_steps=7", "--bf16", "true",
+              "--lora_target_modules", "q_proj,v_proj", "--max_eval_samples", "none")
+    assert (c.learning_rate, c.max_steps, c.bf16) == (3e-4, 7, True)
+    assert c.lora_target_modules == ["q_proj", "v_proj"]
+    assert c.max_eval_samples is None
+
+
+def test_bare_flag_sets_a_boolean_and_yaml_lists_parse():
+    c = parse("--config", TINY_SUMMARIZE, "--gradient_checkpointing", "--lora_target_modules", "[dense, fc1]")
+    assert c.gradient_checkpointing is True and c.lora_target_modules == ["dense", "fc1"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rat", "1e-4"], "unknown option 'learning_rat' in the command line (did you mean 'learning_rate'?)"),
+    (["--learning_rate", "fast"], "learning_rate: expected a number, got 'fast'"),
+    (["--learning_rate", "-1"], "learning_rate: must be > 0, got -1.0"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size: must be >= 1, got 0"),
+    (["--save_steps", "-5"], "save_steps: must be >= 1, got -5"),
+    (["--warmup_ratio", "1.5"], "warmup_ratio: must be <= 1, got 1.5"),
+    (["--optim", "adam"], "optim: 'adam' is not one of"),
+    (["--bf16", "maybe"], "bf16: expected true or false, got 'maybe'"),
+    (["--max_steps", "1.5"], "max_steps: expected an integer, got '1.5'"),
+    (["--load_in_8bit", "true"], "load_in_4bit and load_in_8bit: choose one"),
+    (["--train_file", "none", "--dataset_name", "none"], "train_file: required"),
+    (["--lora_target_modules", "[]"], "lora_target_modules: empty list"),
+])
+def test_bad_values_name_the_key(argv, message):
+    with pytest.raises(ConfigError) as e:
+        parse("--config", TINY_SUMMARIZE, *argv)
+    assert message in str(e.value)
+
+
+def test_unknown_key_in_recipe_names_the_file_and_suggests(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(open(TINY_SUMMARIZE).read() + "\nlora_rank: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown option 'lora_rank' in .*r.yaml \(did you mean 'lora_r'\?\)"):
+        parse("--config", str(recipe))
+
+
+def test_invalid_yaml_reports_file_and_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("learning_rate: 1e-4\nmax_steps: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: invalid YAML"):
+        parse("--config", str(recipe))
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        parse("--config", "nope.yaml")
+
+
+def test_help_lists_every_option_with_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("learning_rate", "per_device_train_batch_size", "lora_target_modules", "train_on_prompt",
+                 "resume_from_checkpoint", "report_to"):
+        assert f"--{name}" in out
+    assert "(default: 0.0002)" in out and "Peak learning rate." in out
+
+
+def test_print_config_prints_the_resolved_config_and_exits(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--config", TINY_SUMMARIZE, "--seed", "7", "--print_config")
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed"] == 7 and printed["load_in_4bit"] is True
+
+
+def test_config_hash_ignores_reporting_options_only():
+    a = parse("--config", TINY_SUMMARIZE)
+    b = parse("--config", TINY_SUMMARIZE, "--logging_steps", "3", "--output_dir", "/tmp/elsewhere")
+    c = parse("--config", TINY_SUMMARIZE, "--learning_rate", "1e-3")
+    assert cfg.config_hash(a) == cfg.config_hash(b) != cfg.config_hash(c)
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--learning_rate", "fast"], "learning_rate"),
+    (["--lora_alpha", "0"], "lora_alpha"),
+    (["--nonsense", "1"], "nonsense"),
+])
+def test_script_exits_2_with_one_line_before_anything_is_written(tmp_path, argv, key):
+    out = tmp_path / "run"
+    proc = run_python("qlora_summarize.py", ["--config", TINY_SUMMARIZE, "--output_dir", str(out), *argv])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0]
+    assert not out.exists()

@@ -1,0 +1,161 @@
+"""Loading with clear errors, exact prompt masking, over-long dropping, padding, batching."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_SUMMARIZE, load_script
+from ftkit import config as cfg, data
+from ftkit.config import ConfigError
+
+qs = load_script("qlora_summarize")
+TRAIN = os.path.join(ROOT, "data", "dialogsum_sample_train.jsonl")
+
+
+def tiny_config(**overrides):
+    return cfg.build(qs.SummarizeConfig, cfg.load_yaml_recipe(TINY_SUMMARIZE), overrides)
+
+
+def test_sample_data_has_dialogsum_fields_and_is_what_the_generator_writes(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen", os.path.join(ROOT, "data", "make_dialogsum_sample.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    gen.main(str(tmp_path))
+    total = 0
+    for split in ("train", "validation", "test"):
+        committed = open(os.path.join(ROOT, "data", f"dialogsum_sample_{split}.jsonl")).read()
+        assert committed == (tmp_path / f"dialogsum_sample_{split}.jsonl").read_text()
+        rows = [json.loads(line) for line in committed.splitlines()]
+        total += len(rows)
+        for row in rows:
+            assert set(row) == {"id", "dialogue", "summary", "topic"}
+            assert row["dialogue"].startswith("#Person1#: ") and "\n#Person2#: " in row["dialogue"]
+    assert total == 60
+
+
+def test_prompt_tokens_are_masked_and_summary_tokens_are_not(tiny_tokenizer):
+    config = tiny_config()
+    prompt = qs.prompt_of(config, "#Person1#: Hi there.\n#Person2#: Hello.")
+    completion = qs.completion_of(config, "#Person1# greets #Person2#.")
+    enc = data.tokenize_prompt_completion(tiny_tokenizer, [prompt], [completion], train_on_prompt=False)
+    ids, labels = enc["input_ids"][0], enc["labels"][0]
+    n_prompt = len(tiny_tokenizer(prompt)["input_ids"])
+    assert ids[:n_prompt] == tiny_tokenizer(prompt)["input_ids"]  # tokenized whole = prompt tokens first
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tiny_tokenizer.eos_token_id  # the model learns to stop
+    assert tiny_tokenizer.decode(ids[n_prompt:-1]) == completion
+
+
+def test_train_on_prompt_learns_every_token(tiny_tokenizer):
+    enc = data.tokenize_prompt_completion(tiny_tokenizer, ["a prompt\n"], ["the answer"], train_on_prompt=True)
+    assert enc["labels"][0] == enc["input_ids"][0]
+
+
+def test_overlong_examples_are_dropped_and_counted(tiny_tokenizer):
+    config = tiny_config()
+    ds = data.load_local_file(TRAIN)
+    full, _ = qs.tokenize_split(ds, tiny_tokenizer, config, 10_000, "train")
+    limit = sorted(full["length"])[len(full) // 2]
+    kept, dropped = qs.tokenize_split(ds, tiny_tokenizer, config, limit, "train")
+    expected_dropped = sum(1 for n in full["length"] if n >= limit)
+    assert dropped == expected_dropped > 0
+    assert len(kept) == len(ds) - dropped and max(kept["length"]) < limit
+
+
+def test_overlong_truncate_keeps_every_example_within_the_limit(tiny_tokenizer):
+    config = tiny_config(overlong="truncate")
+    ds = data.load_local_file(TRAIN)
+    full, _ = qs.tokenize_split(ds, tiny_tokenizer, config, 10_000, "train")
+    limit = sorted(full["length"])[len(full) // 2]
+    kept, dropped = qs.tokenize_split(ds, tiny_tokenizer, config, limit, "train")
+    assert dropped == 0 and len(kept) == len(ds) and max(kept["length"]) < limit
+    # the summary survives intact: its tokens are still all labelled
+    assert all(sum(1 for t in lab if t != -100) > 5 for lab in kept["labels"])
+
+
+def test_everything_too_long_is_one_clear_error(tiny_tokenizer):
+    ds = data.load_local_file(TRAIN)
+    with pytest.raises(ConfigError, match=r"train: no examples left: all 36 have >= max_length=20 tokens"):
+        qs.tokenize_split(ds, tiny_tokenizer, tiny_config(), 20, "train")
+
+
+def test_dynamic_padding_pads_to_the_longest_in_the_batch():
+    collate = data.PadCollator(pad_token_id=0)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = data.PadCollator(pad_token_id=0, pad_to_multiple_of=4, padding_side="left")
+    assert left([{"input_ids": [5, 6, 7]}])["input_ids"].tolist() == [[0, 5, 6, 7]]
+
+
+def test_batch_sampler_is_a_function_of_seed_and_epoch():
+    lengths = list(range(100))
+    a = data.TrainBatchSampler(lengths, 4, seed=1)
+    b = data.TrainBatchSampler(lengths, 4, seed=1)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert sorted(i for batch in first for i in batch) == list(range(100))
+
+
+def test_length_grouping_cuts_padding():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(400)]
+
+    def padding_efficiency(sampler):
+        real = padded = 0
+        for batch in sampler:
+            real += sum(lengths[i] for i in batch)
+            padded += max(lengths[i] for i in batch) * len(batch)
+        return real / padded
+
+    plain = padding_efficiency(data.TrainBatchSampler(lengths, 8, seed=0))
+    grouped = data.TrainBatchSampler(lengths, 8, seed=0, group_by_length=True)
+    assert padding_efficiency(grouped) > 0.9 > plain
+    first = list(grouped)[0]
+    assert max(lengths[i] for i in first) == max(lengths)  # longest batch first
+
+
+def test_accumulation_windows_are_complete():
+    assert list(data.accumulation_windows(range(7), 3)) == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_missing_column_lists_the_columns_that_exist():
+    ds = data.load_local_file(TRAIN)
+    with pytest.raises(ConfigError, match=r"dialogue_column: column 'text' not in train.jsonl \(columns: id, dialogue, summary, topic\)"):
+        data.require_columns(ds, {"dialogue_column": "text"}, "train.jsonl")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.txt", "hello", r"train_file: unsupported file extension '.txt'"),
+    ("b.jsonl", '{"a": 1}\n{"a": 2\n', r"b.jsonl:2: malformed JSON line"),
+    ("c.jsonl", '{"a": 1}\n[1, 2]\n', r"c.jsonl:2: each JSON line must be an object"),
+    ("d.csv", b"text,label\nok,1\nbad \xff\xfe,0\n", r"d.csv:3: not UTF-8 \(byte offset 20"),
+    ("e.jsonl", "", r"e.jsonl: holds no examples"),
+])
+def test_bad_files_give_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=message):
+        data.load_local_file(str(path), "train_file")
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match="validation_file: file not found: nope.jsonl"):
+        data.load_local_file("nope.jsonl", "validation_file")
+
+
+def test_tsv_with_stray_quotes_loads_verbatim(tmp_path):
+    path = tmp_path / "spam.tsv"
+    path.write_text('label\ttext\nham\t"Hi" she said\nspam\tWIN "free prize\n')
+    ds = data.load_local_file(str(path))
+    assert ds["text"] == ['"Hi" she said', 'WIN "free prize']
