@@ -184,6 +184,24 @@ def restore_rng(path: str, rank: int) -> None:
                              int(meta["numpy_pos"]), int(meta["numpy_has_gauss"]), float(meta["numpy_gauss"])))
 
 
+def restore_rng_once_started(batches, path: str, rank: int):
+    """Iterate ``batches``, restoring the checkpoint's RNG state right after the first batch.
+
+    Starting a DataLoader iterator draws a seed from the global RNG, and accelerate's dataloader
+    only starts its inner iterator at the first ``next()``. The uninterrupted run drew that seed
+    at the start of the epoch, so the saved RNG state must be put back after it, or dropout
+    masks (e.g. LoRA dropout) differ from the uninterrupted run.
+    """
+    iterator = iter(batches)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return
+    restore_rng(path, rank)
+    yield first
+    yield from iterator
+
+
 # --------------------------------------------------------------------------------------------
 # Save / load
 # --------------------------------------------------------------------------------------------

@@ -253,9 +253,9 @@ def main(config):
     while state["global_step"] < total_steps:
         sampler.set_epoch(state["epoch"])
         batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
-        batches = iter(batches)
-        if resume_path:  # creating the iterator drew from the RNG; restore it as it was at the save
-            checkpoint.restore_rng(resume_path, acc.process_index)
+        batches.set_epoch(state["epoch"])  # accelerate re-sets the sampler's epoch from its own counter
+        if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
+            batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
             resume_path = None
         for window in data.accumulation_windows(batches, ga):
             # the loss is a mean over every target token of this optimizer step, on all processes
@@ -334,7 +334,10 @@ def export(acc, model, tokenizer, config) -> None:
     state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        acc.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        net = acc.unwrap_model(model)
+        # the vocabulary is never resized, so the base's embeddings need no copy in the adapter
+        extra = {"save_embedding_layers": False} if config.use_peft else {}
+        net.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
         cfg.save(config, os.path.join(tmp, "ftkit_config.yaml"))
         shutil.rmtree(final, ignore_errors=True)

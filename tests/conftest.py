@@ -22,8 +22,11 @@ def script_env():
 
 def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True):
     """``accelerate launch`` a script from scripts/ as users do; returns the CompletedProcess."""
-    cmd = [os.path.join(BIN, "accelerate"), "launch", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    if num_processes > 1:  # one process per rank, DDP over gloo (see the config's comment)
+        how = ["--config_file", os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml")]
+    else:
+        how = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [os.path.join(BIN, "accelerate"), "launch", *how, "--num_processes", str(num_processes),
            "--main_process_port", str(29500 + os.getpid() % 1000),
            os.path.join(ROOT, "scripts", script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)

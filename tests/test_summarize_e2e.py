@@ -1,0 +1,166 @@
+"""End to end: `accelerate launch scripts/qlora_summarize.py` on the tiny recipe, as users run it."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_SUMMARIZE, launch, read_jsonl, run_python
+
+pytestmark = pytest.mark.slow
+TRAIN = os.path.join(ROOT, "data", "dialogsum_sample_train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """Train on 8 dialogues and score ROUGE on the same 8: a memorisation run."""
+    out = tmp_path_factory.mktemp("memorise") / "run"
+    launch("qlora_summarize.py", [
+        "--config", TINY_SUMMARIZE, "--output_dir", str(out), "--train_file", TRAIN, "--test_file", TRAIN,
+        "--max_train_samples", "8", "--num_test_compare", "8", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--max_steps", "60", "--logging_steps", "1",
+        "--eval_steps", "30", "--save_steps", "30", "--num_eval_generate", "2", "--merge_adapter", "true"])
+    return out
+
+
+def test_run_writes_config_metrics_checkpoints_and_final_adapter(memorised):
+    assert os.path.isfile(memorised / "config.yaml")
+    result = json.load(open(memorised / "metrics.json"))
+    assert result["global_step"] == 60 and result["num_test_examples"] == 8
+    assert set(result["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    final = memorised / "final"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "ftkit_config.yaml"):
+        assert os.path.isfile(final / name), name
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert sorted(os.listdir(memorised / "checkpoints")) == ["step_30", "step_60"]
+    log = read_jsonl(memorised / "metrics.jsonl")
+    assert [r["step"] for r in log if "train/loss" in r] == list(range(1, 61))
+    assert [r["step"] for r in log if "eval/loss" in r] == [30, 60]
+    assert all("eval/rougeL" in r for r in log if "eval/loss" in r)
+
+
+def test_training_loss_falls_by_half_and_tuned_rouge_beats_base(memorised):
+    losses = [r["train/loss"] for r in read_jsonl(memorised / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    result = json.load(open(memorised / "metrics.json"))
+    assert result["tuned"]["rougeL"] > result["base"]["rougeL"] + 10, result
+
+
+def test_saved_adapter_reloads_and_generates_what_training_generated(memorised, tmp_path):
+    prediction_file = tmp_path / "pred.jsonl"
+    rows = read_jsonl(TRAIN)[:8]
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps({"dialogue": r["dialogue"]}) + "\n" for r in rows))
+    proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"),
+                                             "--input_file", str(inputs), "--prediction_file", str(prediction_file)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reloaded = [r["summary"] for r in read_jsonl(prediction_file)]
+    in_process = [r["prediction"] for r in read_jsonl(memorised / "predictions_test.jsonl")]
+    assert reloaded == in_process
+    assert any(len(s) > 10 for s in reloaded)
+
+
+def test_merged_model_equals_base_plus_adapter(memorised):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(memorised / "final_merged").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(memorised / "base_model")
+    with_adapter = PeftModel.from_pretrained(base, memorised / "final").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        a, b = merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    # ... and the adapter really changed the model
+    with torch.no_grad(), with_adapter.disable_adapter():
+        plain = with_adapter(input_ids=ids).logits
+    assert (plain - b).abs().max() > 1e-2
+
+
+def test_predict_with_text_prints_a_summary(memorised):
+    dialogue = read_jsonl(TRAIN)[0]["dialogue"]
+    proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"), "--text", dialogue])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = read_jsonl(memorised / "predictions_test.jsonl")[0]["prediction"]
+    assert proc.stdout.strip() == expected.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation: loss normalised by the target tokens of the whole window
+# ---------------------------------------------------------------------------------------------
+
+ONE_SGD_STEP = [
+    "--config", TINY_SUMMARIZE, "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
+    "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0", "--lora_dropout", "0",
+    "--group_by_length", "false", "--num_test_compare", "1", "--num_eval_generate", "0", "--max_new_tokens", "2",
+]
+
+
+def _update(out):
+    """LoRA B matrices start at zero, so after one SGD step they *are* the update."""
+    weights = load_file(os.path.join(out, "final", "adapter_model.safetensors"))
+    return {k: v for k, v in weights.items() if "lora_B" in k or "lora_embedding_B" in k}
+
+
+def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tmp_path):
+    launch("qlora_summarize.py", ONE_SGD_STEP + ["--output_dir", str(tmp_path / "b4"),
+                                                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1"])
+    launch("qlora_summarize.py", ONE_SGD_STEP + ["--output_dir", str(tmp_path / "ga4"),
+                                                 "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4"])
+    launch("qlora_summarize.py", ONE_SGD_STEP + ["--output_dir", str(tmp_path / "2x_ga2"),
+                                                 "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"],
+           num_processes=2)
+    reference = _update(tmp_path / "b4")
+    scale = max(v.abs().max().item() for v in reference.values())
+    assert scale > 0
+    for other in ("ga4", "2x_ga2"):
+        update = _update(tmp_path / other)
+        assert update.keys() == reference.keys()
+        worst = max((update[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst <= 1e-5 * scale, (other, worst, scale)
+    # the examples differ in length, so a per-micro-batch mean would have given another update
+    lengths = {len(r["summary"]) for r in read_jsonl(TRAIN)}
+    assert len(lengths) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume in the middle of an epoch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path):
+    # 36 examples / batch 4 = 9 micro-batches = 4 windows of 2 per epoch: step 3 is mid-epoch.
+    # The recipe's paged 8-bit AdamW and LoRA dropout (0.05) stay on: optimizer state, RNG state and
+    # the data order of the next epoch (steps 5-6) must all come back exactly.
+    args = ["--config", TINY_SUMMARIZE, "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1",
+            "--num_test_compare", "1", "--num_eval_generate", "0", "--max_new_tokens", "2", "--eval_steps", "1000"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch("qlora_summarize.py", args + ["--output_dir", str(straight), "--save_total_limit", "5"])
+    state = json.load(open(straight / "checkpoints" / "step_3" / "trainer_state.json"))
+    assert (state["epoch"], state["batches_in_epoch"]) == (0, 6)
+    # a run that stopped after its step-3 checkpoint: its output_dir holds just that checkpoint
+    shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    launch("qlora_summarize.py", args + ["--output_dir", str(resumed)])
+    losses = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl") if "train/loss" in r}
+    resumed_losses = {r["step"]: r["train/loss"] for r in read_jsonl(resumed / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(resumed_losses) == [4, 5, 6]
+    assert all(resumed_losses[s] == losses[s] for s in (4, 5, 6)), (losses, resumed_losses)
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_output_dir_of_another_config_is_refused_and_left_intact(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(open(TINY_SUMMARIZE).read().replace("seed: 42", "seed: 1"))
+    (out / "keep.txt").write_text("precious")
+    proc = run_python("qlora_summarize.py", ["--config", TINY_SUMMARIZE, "--output_dir", str(out)])
+    assert proc.returncode == 2
+    assert "holds a run with a different config" in proc.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(out)) == ["config.yaml", "keep.txt"]
