@@ -33,7 +33,8 @@ def accelerator(config):
             num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=os.path.join(config.output_dir, "tensorboard")),
         step_scheduler_with_optimizer=False,
     )
     level = logging.INFO if acc.is_main_process else logging.WARNING
