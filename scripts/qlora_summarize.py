@@ -235,7 +235,7 @@ def main(config):
     acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0,
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0,
              "dropped_overlong": dropped}
     resume_path = checkpoint.resolve_resume_path(config)
     if resume_path:
@@ -251,9 +251,11 @@ def main(config):
 
     model.train()
     while state["global_step"] < total_steps:
+        # Both: one process, accelerate overwrites the sampler's epoch with its loader's counter (and
+        # a resume's skip-loader has its own); several, its shard wrapper never passes it on.
         sampler.set_epoch(state["epoch"])
         batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
-        batches.set_epoch(state["epoch"])  # accelerate re-sets the sampler's epoch from its own counter
+        batches.set_epoch(state["epoch"])
         if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
             batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
             resume_path = None

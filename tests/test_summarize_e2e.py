@@ -123,9 +123,6 @@ def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tmp_path):
         assert update.keys() == reference.keys()
         worst = max((update[k] - reference[k]).abs().max().item() for k in reference)
         assert worst <= 1e-5 * scale, (other, worst, scale)
-    # the examples differ in length, so a per-micro-batch mean would have given another update
-    lengths = {len(r["summary"]) for r in read_jsonl(TRAIN)}
-    assert len(lengths) > 1
 
 
 # ---------------------------------------------------------------------------------------------
