@@ -111,14 +111,14 @@ def register_trainable_only_hooks(accelerator) -> None:
     """
     from safetensors.torch import load_file
 
-    def trainable_names(model):
-        return {n for n, p in model.named_parameters() if p.requires_grad}
+    def trainable_names(model):  # names as in the unwrapped model's state dict (no DDP "module.")
+        return {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
     def save_hook(models, weights, output_dir):
         for i, model in enumerate(models):
             if i < len(weights):
                 keep = trainable_names(model)
-                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+                weights[i] = {k: v for k, v in weights[i].items() if k.removeprefix("module.") in keep}
 
     def load_hook(models, input_dir):
         for i, model in enumerate(list(models)):
@@ -126,13 +126,13 @@ def register_trainable_only_hooks(accelerator) -> None:
             path = os.path.join(input_dir, name)
             if not os.path.isfile(path):
                 raise ConfigError(f"resume_from_checkpoint: {input_dir} has no {name}")
-            state = load_file(path, device=str(accelerator.device))
+            state = load_file(path)  # to CPU; load_state_dict copies onto the parameters' devices
             expected = trainable_names(model)
             if set(state) != expected:
                 missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
                 raise ConfigError(f"resume_from_checkpoint: {path} does not match the model's trainable weights "
                                   f"(missing {missing[:3]}, unexpected {extra[:3]}); was it saved by another config?")
-            model.load_state_dict(state, strict=False)
+            accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         models.clear()  # loaded here; accelerate must not load them again strictly
 
     if accelerator.distributed_type.value != "DEEPSPEED":
@@ -195,7 +195,8 @@ def restore_rng_once_started(batches, path: str, rank: int):
     iterator = iter(batches)
     try:
         first = next(iterator)
-    except StopIteration:
+    except StopIteration:  # saved at the very end of an epoch: the next epoch must see the saved state
+        restore_rng(path, rank)
         return
     restore_rng(path, rank)
     yield first
@@ -207,11 +208,36 @@ def restore_rng_once_started(batches, path: str, rank: int):
 # --------------------------------------------------------------------------------------------
 
 
+def step_path(config, step: int) -> str:
+    return os.path.join(checkpoints_dir(config), f"step_{step}")
+
+
+def record_eval(state: dict, metrics: dict, config) -> bool:
+    """Note an evaluation's ``metric_for_best_model`` in ``state``; True when it is a new best.
+
+    ``metrics`` holds ``eval/<name>`` keys. The caller then saves a checkpoint at this step, which
+    :func:`save`'s rotation always keeps (``state["best_checkpoint"]``).
+    """
+    from ftkit.config import greater_is_better
+
+    key = f"eval/{config.metric_for_best_model}"
+    if key not in metrics:
+        names = ", ".join(k.split("/", 1)[1] for k in metrics)
+        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not computed (metrics: {names})")
+    value, best = float(metrics[key]), state.get("best_metric")
+    better = best is None or (value > best if greater_is_better(config) else value < best)
+    if better:
+        state["best_metric"] = value
+        state["best_step"] = state["global_step"]
+        state["best_checkpoint"] = step_path(config, state["global_step"])
+    return better
+
+
 def save(accelerator, config, state: dict) -> str:
     """Atomically write ``checkpoints/step_<global_step>`` and rotate old ones. All ranks call this."""
     root = checkpoints_dir(config)
     step = state["global_step"]
-    final = os.path.join(root, f"step_{step}")
+    final = step_path(config, step)
     tmp = os.path.join(root, f".tmp_step_{step}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
@@ -237,9 +263,9 @@ def _rotate(root: str, limit: int | None, keep: str | None) -> None:
     if not limit:
         return
     found = list_checkpoints(os.path.dirname(root))
-    removable = [p for _, p in found if not keep or os.path.abspath(p) != os.path.abspath(keep)]
-    for path in removable[: max(0, len(found) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
+    for _, path in found[:-limit]:  # the last `limit` stay, and so does the best one
+        if not keep or os.path.abspath(path) != os.path.abspath(keep):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load(accelerator, config, path: str) -> dict:
@@ -253,3 +279,44 @@ def load(accelerator, config, path: str) -> dict:
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])
     return state
+
+
+def load_best(accelerator, config, state: dict) -> None:
+    """Load the best checkpoint's weights back (``load_best_model_at_end``); no-op if the last is best."""
+    best = state.get("best_checkpoint")
+    if not best or state.get("best_step") == state["global_step"]:
+        return
+    if not os.path.isfile(os.path.join(best, STATE_FILE)):
+        logger.warning("best checkpoint %s is missing: keeping the last weights", best)
+        return
+    accelerator.load_state(best)
+    logger.info("loaded the best checkpoint %s (%s = %.4f)", best, config.metric_for_best_model, state["best_metric"])
+
+
+# --------------------------------------------------------------------------------------------
+# Export: output_dir/final
+# --------------------------------------------------------------------------------------------
+
+
+def export(accelerator, model, tokenizer, config, name: str = "final", **save_kwargs) -> str:
+    """Write ``output_dir/<name>``: model (or adapter) + tokenizer + the run's config, atomically.
+
+    Every rank calls it (gathering the state dict is collective under ZeRO-3); rank 0 writes to a
+    temporary folder and renames it, so ``final/`` is never half written.
+    """
+    from ftkit.config import save as save_config
+
+    accelerator.wait_for_everyone()
+    final = os.path.join(config.output_dir, name)
+    tmp = os.path.join(config.output_dir, f".tmp_{name}")
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True,
+                                                        **save_kwargs)
+        tokenizer.save_pretrained(tmp)
+        save_config(config, os.path.join(tmp, "ftkit_config.yaml"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    accelerator.wait_for_everyone()
+    return final

@@ -94,9 +94,14 @@ class DataArguments:
     test_file: str | None = opt(None, "Local test file.")
     train_split: str = opt("train", "Split name for training (hub datasets).")
     validation_split: str = opt("validation", "Split name for validation (hub datasets).")
-    test_split: str = opt("test", "Split name for the final test (hub datasets).")
+    test_split: str | None = opt("test", "Split name for the final test (hub datasets; null: none, e.g. GLUE's "
+                                         "unlabelled test sets).")
     max_train_samples: int | None = opt(None, "Use only the first N training examples.", min=1)
     max_eval_samples: int | None = opt(None, "Use only the first N validation examples.", min=1)
+    subset_seed: int | None = opt(None, "Draw the max_*_samples subsets at random with this seed (default: first N).")
+    column_names: list | None = opt(None, "Column names of csv/tsv files that have no header row.")
+    file_format: str | None = opt(None, "Read local files as this format whatever their extension.",
+                                  choices=[None, "json", "jsonl", "csv", "tsv", "parquet"])
     max_length: int | None = opt(
         None, "Max tokens per example (default: from the model config, else 1024).", min=8
     )
@@ -133,6 +138,7 @@ class TrainingArguments:
     group_by_length: bool = opt(False, "Batch examples of similar length together (seeded) to cut padding.")
     pad_to_multiple_of: int | None = opt(None, "Pad batch lengths to a multiple of this (8 helps tensor cores).", min=1)
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.", min=0)
+    dataloader_drop_last: bool = opt(False, "Drop the last incomplete training batch of each epoch (S003 does).")
     bf16: bool = opt(False, "bf16 mixed precision.")
     logging_steps: int = opt(10, "Log train metrics every N optimizer steps.", min=1)
     eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (default: only at the end).", min=1)
@@ -149,6 +155,23 @@ class TrackingArguments:
     report_to: str = opt("none", "Experiment tracker.", choices=["none", "wandb", "tensorboard", "all"])
     project_name: str = opt("ftkit", "Tracker project name.")
     run_name: str | None = opt(None, "Tracker run name (default: output_dir's name).")
+
+
+@dataclass
+class EvaluationArguments:
+    """When to evaluate and which checkpoint counts as the best (recipes that pick a best model)."""
+
+    eval_strategy: str = opt("steps", "Evaluate every eval_steps optimizer steps, or at the end of every epoch.",
+                             choices=["steps", "epoch"])
+    metric_for_best_model: str = opt("loss", "Eval metric that ranks checkpoints (e.g. loss, accuracy, f1).")
+    greater_is_better: bool | None = opt(None, "Whether a larger metric is better (default: false for *loss, else true).")
+    load_best_model_at_end: bool = opt(True, "Load the best checkpoint before the final evaluation and export.")
+
+
+def greater_is_better(config) -> bool:
+    if config.greater_is_better is not None:
+        return config.greater_is_better
+    return not config.metric_for_best_model.endswith("loss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,7 +418,7 @@ def check_common(config) -> None:
     data_keys = ("dataset_name", "train_file")
     if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
-    if config.lora_target_modules == [] and getattr(config, "use_peft", False):
+    if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
 
 
@@ -420,7 +443,7 @@ NON_TRAINING_KEYS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "project_name",
     "run_name", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "debug",
     "preprocessing_num_workers", "predict", "adapter", "input_file", "text", "prediction_file",
-    "merge_adapter", "num_test_compare", "num_eval_generate",
+    "merge_adapter", "num_test_compare", "num_eval_generate", "model", "text_pair", "eval_on_train",
 }
 
 

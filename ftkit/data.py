@@ -26,12 +26,15 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"
 # --------------------------------------------------------------------------------------------
 
 
-def _check_local_file(path: str, key: str) -> str:
+def _check_local_file(path: str, key: str, file_format: str | None = None) -> str:
     if not os.path.isfile(path):
         raise ConfigError(f"{key}: file not found: {path}")
+    if file_format:
+        return "." + file_format
     ext = os.path.splitext(path)[1].lower()
     if ext not in LOCAL_FORMATS:
-        raise ConfigError(f"{key}: unsupported file extension {ext!r} in {path} (use {', '.join(LOCAL_FORMATS)})")
+        raise ConfigError(f"{key}: unsupported file extension {ext!r} in {path} (use {', '.join(LOCAL_FORMATS)}, "
+                          f"or set file_format)")
     return ext
 
 
@@ -56,21 +59,29 @@ def _scan_text_file(path: str, ext: str) -> None:
                 raise ConfigError(f"{path}:{number}: each JSON line must be an object, got {type(obj).__name__}")
 
 
-def load_local_file(path: str, key: str = "train_file"):
-    """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled)."""
+def load_local_file(path: str, key: str = "train_file", column_names: list | None = None,
+                    file_format: str | None = None):
+    """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled).
+
+    ``column_names`` names the columns of a csv/tsv file that has no header row (the UCI SMS
+    Spam Collection is ``label<TAB>text`` with none). ``file_format`` reads a file whose name has no
+    telling extension (``SMSSpamCollection``) as that format.
+    """
     import datasets
 
-    ext = _check_local_file(path, key)
+    ext = _check_local_file(path, key, file_format)
     if ext in (".json", ".jsonl", ".csv", ".tsv"):
         _scan_text_file(path, ext)
     if ext != ".parquet":
         with open(path, "rb") as f:
             if not f.read(65536).strip():
                 raise ConfigError(f"{path}: holds no examples (empty file)")
-    kwargs = {}
+    kwargs = {"encoding": "utf-8-sig"} if ext in (".csv", ".tsv") else {}  # a byte-order mark is not a column name
     if ext == ".tsv":
         # Real TSV corpora (MRPC, SMS spam) contain stray quote characters: no quoting at all.
-        kwargs = {"sep": "\t", "quoting": csv.QUOTE_NONE}
+        kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
+    if column_names and ext in (".csv", ".tsv"):
+        kwargs["column_names"] = list(column_names)
     try:
         ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={"data": path}, split="data", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
@@ -90,7 +101,7 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
     if config.train_file:
         for split in splits:
             if files[split]:
-                out[split] = load_local_file(files[split], f"{split}_file" if split != "validation" else "validation_file")
+                out[split] = load_local_file(files[split], f"{split}_file", config.column_names, config.file_format)
         return out
     import datasets
 
@@ -103,7 +114,7 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
         ) from None
     names = {"train": config.train_split, "validation": config.validation_split, "test": config.test_split}
     for split in splits:
-        if names[split] in dd:
+        if names[split] is not None and names[split] in dd:
             out[split] = dd[names[split]]
     if "train" not in out:
         raise ConfigError(f"train_split: {config.train_split!r} not in {config.dataset_name} (has {list(dd)})")
@@ -117,8 +128,51 @@ def require_columns(ds, columns: dict, source: str) -> None:
             raise ConfigError(f"{option}: column {column!r} not in {source} (columns: {', '.join(ds.column_names)})")
 
 
-def take_first(ds, n: int | None):
-    return ds if n is None or n >= len(ds) else ds.select(range(n))
+def take_first(ds, n: int | None, seed: int | None = None):
+    """The first ``n`` examples, or ``n`` drawn at random with ``seed`` (S002: shuffle(42), select)."""
+    if n is None or n >= len(ds):
+        return ds
+    return (ds if seed is None else ds.shuffle(seed=seed)).select(range(n))
+
+
+def undersample(ds, label_column: str, seed: int):
+    """Balance classes by drawing, for every class, as many examples as the rarest class has (S003).
+
+    Deterministic for a seed; the result keeps the original row order.
+    """
+    import numpy as np
+
+    labels = np.asarray(ds[label_column], dtype=object)
+    classes = sorted(set(labels.tolist()), key=str)
+    count = min(int((labels == c).sum()) for c in classes)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in classes:
+        rows = np.flatnonzero(labels == c)
+        keep.extend(rng.choice(rows, size=count, replace=False).tolist())
+    return ds.select(sorted(keep))
+
+
+def split_by_ratios(ds, ratios: list[float], seed: int) -> dict:
+    """Shuffle once with ``seed`` and cut into train/validation[/test] by ``ratios`` (S003: 70/10/20).
+
+    Sizes are ``floor(ratio * n)`` for all but the last part, which takes the rest, so no example is
+    lost or shared between parts.
+    """
+    import numpy as np
+
+    names = ["train", "validation", "test"][: len(ratios)]
+    order = np.random.default_rng(seed).permutation(len(ds)).tolist()
+    total = sum(ratios)
+    out, start = {}, 0
+    for i, (name, ratio) in enumerate(zip(names, ratios)):
+        end = len(ds) if i == len(ratios) - 1 else start + int(len(ds) * ratio / total)
+        out[name] = ds.select(order[start:end])
+        start = end
+    for name, part in out.items():
+        if len(part) == 0:
+            raise ConfigError(f"split_ratios: {ratios} leaves the {name} split of {len(ds)} examples empty")
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +297,16 @@ class PadCollator:
             if key not in batch and isinstance(features[0][key], (int, float)):
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch
+
+
+def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:
+    """Optimizer steps in one epoch of ``num_batches`` micro-batches (all processes); 0 is an error."""
+    windows = math.ceil(num_batches / num_processes) // config.gradient_accumulation_steps
+    if windows == 0:
+        raise ConfigError(f"gradient_accumulation_steps: {config.gradient_accumulation_steps} x batch "
+                          f"{config.per_device_train_batch_size} x {num_processes} processes needs more than "
+                          f"the {num_examples} training examples")
+    return windows
 
 
 def accumulation_windows(batches: Iterable, size: int) -> Iterator[list]:

@@ -29,3 +29,33 @@ def comparison_table(base: dict[str, float], tuned: dict[str, float], keys=ROUGE
     for k in keys:
         lines.append(f"{k:<10} {base[k]:8.2f} {tuned[k]:8.2f} {tuned[k] - base[k]:+8.2f}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------
+
+
+def classification(predictions, labels, num_labels: int) -> dict:
+    """Accuracy, F1 (binary: of class 1; more classes: macro over classes) and the confusion matrix.
+
+    ``confusion[i][j]`` counts examples of true class ``i`` predicted as ``j``. A class with no
+    predicted and no true examples contributes F1 0 to the macro mean (as scikit-learn does with
+    ``zero_division=0``).
+    """
+    predictions, labels = [int(p) for p in predictions], [int(y) for y in labels]
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    confusion = [[0] * num_labels for _ in range(num_labels)]
+    for p, y in zip(predictions, labels):
+        confusion[y][p] += 1
+
+    def f1_of(c: int) -> float:
+        tp = confusion[c][c]
+        predicted = sum(confusion[r][c] for r in range(num_labels))
+        actual = sum(confusion[c])
+        return 2 * tp / (predicted + actual) if predicted + actual else 0.0
+
+    f1 = f1_of(1) if num_labels == 2 else sum(f1_of(c) for c in range(num_labels)) / num_labels
+    correct = sum(confusion[c][c] for c in range(num_labels))
+    return {"accuracy": correct / max(len(labels), 1), "f1": f1, "examples": len(labels), "confusion": confusion}

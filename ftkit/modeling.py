@@ -43,6 +43,16 @@ def _texts_of(path: str):
             yield f.read()
 
 
+BERT_SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                       "mask_token": "[MASK]"}
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2")
+
+
+def special_tokens_for(model_type: str) -> dict | None:
+    """Special tokens of a tokenizer built offline for ``model_type`` (None: GPT-style, one EOS token)."""
+    return BERT_SPECIAL_TOKENS if model_type in ENCODER_TYPES else None
+
+
 def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tokens: dict | None = None):
     """Train a byte-level BPE tokenizer on ``files`` and save it to ``out_dir`` (reused if present).
 
@@ -70,6 +80,11 @@ def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tok
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=unique,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator((t for p in files for t in _texts_of(p)), trainer=trainer)
+    if "cls_token" in special_tokens:  # BERT-style: [CLS] a [SEP] b [SEP], token type ids 0 then 1
+        cls_, sep = special_tokens["cls_token"], special_tokens["sep_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls_} $A {sep}", pair=f"{cls_} $A:0 {sep}:0 $B:1 {sep}:1",
+            special_tokens=[(cls_, tok.token_to_id(cls_)), (sep, tok.token_to_id(sep))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
     fast.save_pretrained(out_dir)
     with open(stamp_file, "w") as f:
@@ -129,7 +144,7 @@ def max_positions(model_config) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def prepare_source(config, accelerator, auto_model_cls, tokenizer_special_tokens: dict | None = None) -> str:
+def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
     """Return a directory or hub id holding the base model *and* its tokenizer.
 
     For ``model_config`` recipes the model is built with random weights (seeded), saved with its
@@ -140,18 +155,21 @@ def prepare_source(config, accelerator, auto_model_cls, tokenizer_special_tokens
         return config.model_name_or_path
     path = os.path.abspath(os.path.join(config.output_dir, "base_model"))
     stamp = hashlib.sha256(json.dumps([config.model_config, config.seed, config.tokenizer_files,
-                                       config.tokenizer_vocab_size, config.tokenizer_name_or_path],
+                                       config.tokenizer_vocab_size, config.tokenizer_name_or_path, model_kwargs],
                                       sort_keys=True, default=str).encode()).hexdigest()[:16]
     stamp_file = os.path.join(path, "ftkit_model_stamp")
     if accelerator.is_main_process and not (os.path.isfile(stamp_file) and open(stamp_file).read() == stamp):
         os.makedirs(path, exist_ok=True)
         if config.tokenizer_files:
-            tok = build_tokenizer(config.tokenizer_files, config.tokenizer_vocab_size, path, tokenizer_special_tokens)
+            tok = build_tokenizer(config.tokenizer_files, config.tokenizer_vocab_size, path,
+                                  special_tokens_for(config.model_config["model_type"]))
         else:
             tok = load_tokenizer(config.tokenizer_name_or_path)
             tok.save_pretrained(path)
         model_cfg = auto_config(config)
         model_cfg.vocab_size = len(tok)
+        for key, value in model_kwargs.items():  # e.g. num_labels, id2label for a classifier
+            setattr(model_cfg, key, value)
         for role in ("pad", "bos", "eos"):
             token_id = getattr(tok, f"{role}_token_id")
             if token_id is not None:
@@ -192,6 +210,47 @@ def check_lora_targets(model_cfg, auto_model_cls, targets: list[str]) -> None:
         if not any(n == target or n.endswith("." + target) for n in module_names):
             raise ConfigError(f"lora_target_modules: {target!r} matches no module of this model "
                               f"(linear layers: {', '.join(linear_module_names(skeleton))})")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    import fnmatch
+
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def module_overview(model) -> str:
+    """Module names two levels deep, numbered blocks folded (``transformer.h.0-11``), for error messages."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or name.count(".") > 1:
+            continue
+        children = [c for c, _ in module.named_children()]
+        if children and all(c.isdigit() for c in children):
+            names.append(f"{name}.0-{len(children) - 1}")
+        elif not name.split(".")[-1].isdigit():
+            names.append(name)
+    return ", ".join(names)
+
+
+def check_trainable_modules(model_cfg, auto_model_cls, patterns: list[str]) -> None:
+    """Every ``trainable_modules`` pattern must match a parameter; checked on the meta device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = auto_model_cls.from_config(model_cfg)
+    names = [n for n, _ in skeleton.named_parameters()]
+    for pattern in patterns:
+        if not any(_matches(n, pattern) for n in names):
+            raise ConfigError(f"trainable_modules: {pattern!r} matches no parameter of this model "
+                              f"(modules: {module_overview(skeleton)})")
+
+
+def freeze_except(model, patterns: list[str] | None) -> None:
+    """Train only parameters under a module matched by ``patterns`` (name, prefix or glob); None: all."""
+    if patterns is None:
+        return
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(_matches(name, pat) for pat in patterns))
 
 
 def quantization_config(config):

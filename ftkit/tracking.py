@@ -49,6 +49,17 @@ class MetricsLog:
             self.accelerator.log(metrics, step=step)
 
 
+def train_entry(loss: float, scheduler, state: dict, batches_per_epoch: int, speed, grad_norm,
+                num_processes: int) -> dict:
+    """The ``train/*`` and ``perf/*`` values of one log event."""
+    entry = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+             "train/epoch": state["epoch"] + state["batches_in_epoch"] / max(batches_per_epoch, 1),
+             **speed.report(num_processes)}
+    if grad_norm is not None:
+        entry["train/grad_norm"] = float(grad_norm)
+    return entry
+
+
 class Throughput:
     """Counts real (non-pad) tokens and samples between log events."""
 

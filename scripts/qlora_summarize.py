@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -205,15 +203,11 @@ def main(config):
 
     collate = data.PadCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
     sampler = data.TrainBatchSampler(train_ds["length"], config.per_device_train_batch_size, config.seed,
-                                     group_by_length=config.group_by_length)
+                                     group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
     train_dl = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
                                            num_workers=config.dataloader_num_workers)
     eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
-    windows_per_epoch = math.ceil(len(train_dl) / acc.num_processes) // config.gradient_accumulation_steps
-    if windows_per_epoch == 0:
-        raise ConfigError(f"gradient_accumulation_steps: {config.gradient_accumulation_steps} x batch "
-                          f"{config.per_device_train_batch_size} x {acc.num_processes} processes needs more than "
-                          f"the {len(train_ds)} training examples")
+    windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
     model = modeling.load_pretrained(AutoModelForCausalLM, source, config, acc)
@@ -284,12 +278,8 @@ def main(config):
 
             if step % config.logging_steps == 0 or step == total_steps:
                 loss = (distributed.reduce_sum(acc, running_loss) / running_tokens).item()
-                entry = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-                         "train/epoch": state["epoch"] + state["batches_in_epoch"] / max(len(train_dl), 1),
-                         **speed.report(acc.num_processes)}
-                if grad_norm is not None:
-                    entry["train/grad_norm"] = float(grad_norm)
-                log.log(entry, step)
+                log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
+                                             acc.num_processes), step)
                 progress.set_postfix(loss=f"{loss:.4f}")
                 running_loss.zero_()
                 running_tokens = 0
@@ -314,7 +304,10 @@ def main(config):
     tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
     final_eval.update({f"eval/{k}": v for k, v in tuned.items()})
     log.log(final_eval, state["global_step"])
-    export(acc, model, tokenizer, config)
+    # the vocabulary is never resized, so the base's embeddings need no copy in the adapter
+    final = checkpoint.export(acc, model, tokenizer, config, **({"save_embedding_layers": False} if config.use_peft else {}))
+    if acc.is_main_process and config.merge_adapter and config.use_peft:
+        merge(config, final, os.path.join(config.output_dir, "final_merged"))
     if acc.is_main_process:
         table = metrics.comparison_table(base_scores, tuned)
         print(f"\nROUGE on {min(len(raw_test), config.num_test_compare)} test dialogues, base vs fine-tuned:\n{table}")
@@ -327,26 +320,6 @@ def main(config):
                 f.write(json.dumps({"id": row.get("id"), "prediction": pred,
                                     "reference": row[config.summary_column]}) + "\n")
     acc.end_training()
-
-
-def export(acc, model, tokenizer, config) -> None:
-    """``output_dir/final``: adapter (or full model) + tokenizer + config, written atomically."""
-    acc.wait_for_everyone()
-    final, tmp = os.path.join(config.output_dir, "final"), os.path.join(config.output_dir, ".tmp_final")
-    state_dict = acc.get_state_dict(model)  # collective under ZeRO-3
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        net = acc.unwrap_model(model)
-        # the vocabulary is never resized, so the base's embeddings need no copy in the adapter
-        extra = {"save_embedding_layers": False} if config.use_peft else {}
-        net.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
-        tokenizer.save_pretrained(tmp)
-        cfg.save(config, os.path.join(tmp, "ftkit_config.yaml"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        if config.merge_adapter and config.use_peft:
-            merge(config, final, os.path.join(config.output_dir, "final_merged"))
-    acc.wait_for_everyone()
 
 
 def merge(config, adapter_dir: str, out_dir: str) -> None:

@@ -1,0 +1,432 @@
+"""Sequence classification: BERT on MRPC pairs (S000), BERT on IMDB (S002), GPT-2 SMS spam (S003).
+
+One hand-written accelerate loop for any ``AutoModelForSequenceClassification`` (encoders with
+token type ids, decoders read at their last non-pad token). Features: hub datasets or local
+csv/tsv/jsonl/parquet (TSV read without quoting), single texts or pairs, labels as ints, strings
+(``label_map``, or inferred and saved) or hub ClassLabels, class balancing by undersampling,
+train/validation/test split of one file (``split_ratios``), seeded subsets, dynamic padding and
+length grouping, freezing all but ``trainable_modules``, gradient accumulation (loss averaged over
+the examples of the whole window, on all processes), clipping, atomic checkpoints with exact
+resume, evaluation every ``eval_steps`` or epoch with accuracy / F1 / confusion matrix gathered
+without duplicates, the best checkpoint kept and reloaded at the end, metrics on every split,
+test predictions, and ``--predict`` for new texts.
+
+    # tiny model, CPU, offline (seconds)
+    accelerate launch scripts/classify.py --config recipes/tiny/spam.yaml
+    # BERT on MRPC, one GPU
+    accelerate launch scripts/classify.py --config recipes/bert_mrpc.yaml
+    # 8 GPUs with DeepSpeed ZeRO-2
+    accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml scripts/classify.py --config recipes/bert_imdb.yaml
+    # label a new text with a trained model
+    python scripts/classify.py --predict --model outputs/gpt2_spam/final --text "WIN a FREE prize, call now"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch
+from tqdm.auto import tqdm
+
+from ftkit import checkpoint, config as cfg, data, distributed, metrics, modeling, optim, tracking
+from ftkit.config import ConfigError, opt
+
+logger = logging.getLogger("ftkit")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+EVAL_METRICS = ("loss", "accuracy", "f1")
+
+
+@dataclass
+class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg.EvaluationArguments,
+                     cfg.TrackingArguments):
+    """Fine-tune a sequence classifier (BERT, GPT-2, ...) on single texts or text pairs."""
+
+    text_column: str = opt("text", "Column holding the text (the first sentence of a pair).")
+    text_pair_column: str | None = opt(None, "Column holding the second sentence of a pair (e.g. MRPC).")
+    label_column: str = opt("label", "Column holding the label (int, string or hub ClassLabel).")
+    label_map: dict | None = opt(None, "Map from the data's label values to class ids, e.g. {ham: 0, spam: 1}.")
+    num_labels: int | None = opt(None, "Number of classes (default: from label_map, the data or ClassLabel).", min=2)
+    split_ratios: list | None = opt(None, "Split train_file into train/validation[/test], e.g. [0.7, 0.1, 0.2].")
+    balance: str = opt("none", "Balance the classes before splitting (undersample: as many as the rarest).",
+                       choices=["none", "undersample"])
+    split_seed: int = opt(123, "Seed for balancing and split_ratios (S003: 123).", min=0)
+    trainable_modules: list | None = opt(None, "Train only these modules (names, prefixes or globs); default: all.")
+    eval_on_train: bool = opt(False, "Also report final metrics on the training split (S003 does).")
+    predict: bool = opt(False, "Label --text or --input_file with a trained --model instead of training.")
+    model: str | None = opt(None, "Directory of a trained model (output_dir/final) for --predict.")
+    text: str | None = opt(None, "One text to label with --predict.")
+    text_pair: str | None = opt(None, "Second sentence of the pair to label with --predict.")
+    input_file: str | None = opt(None, "File of texts (text_column[, text_pair_column]) to label with --predict.")
+    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
+
+    def check(self):
+        if self.predict:
+            if not self.model:
+                raise ConfigError("model: --predict needs --model DIR (a trained output_dir/final)")
+            if not (self.text or self.input_file):
+                raise ConfigError("input_file: --predict needs --text TEXT or --input_file FILE")
+            return
+        cfg.check_common(self)
+        if self.metric_for_best_model not in EVAL_METRICS:
+            raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of "
+                              f"{', '.join(EVAL_METRICS)}")
+        if self.load_in_4bit or self.load_in_8bit:
+            raise ConfigError("load_in_4bit/load_in_8bit: quantized weights cannot be fine-tuned without "
+                              "adapters; classification trains full weights or trainable_modules")
+        if self.split_ratios is not None:
+            if len(self.split_ratios) not in (2, 3) or not all(isinstance(r, (int, float)) and r > 0
+                                                               for r in self.split_ratios):
+                raise ConfigError(f"split_ratios: give 2 or 3 positive fractions (train, validation[, test]), "
+                                  f"got {self.split_ratios}")
+            if self.validation_file:
+                raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
+        if self.label_map is not None:
+            ids = sorted(set(self.label_map.values()))
+            if not all(isinstance(i, int) for i in ids) or ids != list(range(len(ids))):
+                raise ConfigError(f"label_map: class ids must be 0..N-1 integers, got {self.label_map}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: splits, labels, tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def load_classification_splits(config) -> dict:
+    splits = data.load_splits(config)
+    if config.balance == "undersample":  # S003 balances the one file, then splits it
+        data.require_columns(splits["train"], {"label_column": config.label_column}, "the train data")
+        splits["train"] = data.undersample(splits["train"], config.label_column, config.split_seed)
+    if config.split_ratios:
+        splits.update(data.split_by_ratios(splits["train"], config.split_ratios, config.split_seed))
+    columns = {"text_column": config.text_column, "label_column": config.label_column}
+    if config.text_pair_column:
+        columns["text_pair_column"] = config.text_pair_column
+    for name, ds in splits.items():
+        data.require_columns(ds, columns, f"the {name} data")
+    if "validation" not in splits:
+        raise ConfigError("validation_file: a validation set is needed (or split_ratios to cut one from train_file)")
+    splits["train"] = data.take_first(splits["train"], config.max_train_samples, config.subset_seed)
+    splits["validation"] = data.take_first(splits["validation"], config.max_eval_samples, config.subset_seed)
+    return splits
+
+
+def label_names(config, train_ds) -> list[str]:
+    """Class names in id order: from label_map, a hub ClassLabel, or the training labels."""
+    feature = train_ds.features[config.label_column]
+    if config.label_map:
+        names = [None] * len(set(config.label_map.values()))
+        for value, i in config.label_map.items():
+            names[i] = names[i] or str(value)
+    elif hasattr(feature, "names"):
+        names = list(feature.names)
+    else:
+        values = set(train_ds[config.label_column])
+        if all(isinstance(v, int) for v in values):
+            names = [str(i) for i in range(max(values) + 1)]
+        else:  # strings: sorted, and saved with the model (id2label) so predictions are named
+            names = sorted(str(v) for v in values)
+            logger.info("label_map inferred from the training labels: %s", {n: i for i, n in enumerate(names)})
+    if config.num_labels and config.num_labels < len(names):
+        raise ConfigError(f"num_labels: {config.num_labels}, but the labels name {len(names)} classes ({names})")
+    return names + [str(i) for i in range(len(names), config.num_labels or len(names))]
+
+
+def label_ids(config, ds, names: list[str], split: str) -> list[int]:
+    """The class id of every example; an unknown or out-of-range label is an error naming its row."""
+    lookup = {str(k): v for k, v in config.label_map.items()} if config.label_map else {n: i for i, n in enumerate(names)}
+    ids = []
+    for row, value in enumerate(ds[config.label_column]):
+        if isinstance(value, int) and not isinstance(value, bool) and not config.label_map:
+            if not 0 <= value < len(names):
+                raise ConfigError(f"label_column: label {value} in the {split} data (row {row + 1}) is outside "
+                                  f"0..{len(names) - 1} (num_labels {len(names)})")
+            ids.append(value)
+        elif str(value) in lookup:
+            ids.append(lookup[str(value)])
+        else:
+            known = ", ".join(lookup) if config.label_map else ", ".join(names)
+            hint = "label_map" if config.label_map else "the training labels (set label_map to name them all)"
+            raise ConfigError(f"label_column: label {value!r} in the {split} data (row {row + 1}) is not in {hint}: {known}")
+    return ids
+
+
+def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, token_types: bool, name: str):
+    """Batched tokenization (Arrow-backed, S000); truncation to max_length, padding left to the collator."""
+
+    def encode(batch, indices):
+        texts = [t if t is not None else "" for t in batch[config.text_column]]
+        pairs = [t if t is not None else "" for t in batch[config.text_pair_column]] if config.text_pair_column else None
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=token_types)
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+               "labels": [labels[i] for i in indices], "length": [len(x) for x in enc["input_ids"]]}
+        if token_types:
+            out["token_type_ids"] = enc["token_type_ids"]
+        return out
+
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def model_inputs(batch) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+@torch.no_grad()
+def evaluate(acc, model, dl, num_labels: int) -> tuple[dict, list[int], list[float]]:
+    """Loss, accuracy, F1 and confusion matrix over ``dl`` (every example once, across processes),
+    plus the predicted class and its probability for each example, in the data's order."""
+    model.eval()
+    preds, labels, probs, loss_sum = [], [], [], 0.0
+    for batch in dl:
+        logits = model(**model_inputs(batch)).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+        p = logits.softmax(-1).max(-1)
+        # gather_for_metrics drops the samples a prepared loader repeats to even out the last batch
+        pred, prob, label, loss = acc.gather_for_metrics((p.indices, p.values, batch["labels"], loss))
+        preds += pred.tolist()
+        probs += prob.tolist()
+        labels += label.tolist()
+        loss_sum += loss.sum().item()
+    model.train()
+    result = metrics.classification(preds, labels, num_labels)
+    result["loss"] = loss_sum / max(len(labels), 1)
+    return result, preds, probs
+
+
+def eval_entry(result: dict, prefix: str = "eval") -> dict:
+    return {f"{prefix}/{k}": v for k, v in result.items() if k in EVAL_METRICS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(config):
+    from transformers import AutoConfig, AutoModelForSequenceClassification as AutoModel
+
+    checkpoint.check_output_dir(config)
+    splits = load_classification_splits(config)
+    names = label_names(config, splits["train"])
+    labels = {name: label_ids(config, ds, names, name) for name, ds in splits.items()}
+    if len(set(labels["train"])) < 2:
+        logger.warning("the training set holds a single class (%s): the model can only learn to predict it",
+                       names[labels["train"][0]])
+    model_kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                    "label2id": {n: i for i, n in enumerate(names)}}
+
+    acc = distributed.accelerator(config)
+    distributed.seed_everything(config.seed)
+    checkpoint.set_aside_old_checkpoints(config, acc)
+    source = modeling.prepare_source(config, acc, AutoModel, **model_kwargs)
+    model_cfg = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **model_kwargs)
+    limit = modeling.max_positions(model_cfg)
+    if config.max_length and config.max_length > limit:
+        raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")
+    if config.trainable_modules is not None:
+        modeling.check_trainable_modules(model_cfg, AutoModel, config.trainable_modules)
+    tokenizer = modeling.load_tokenizer(source, config.trust_remote_code)
+    token_types = getattr(model_cfg, "type_vocab_size", 0) > 1  # GPT-2 would add them as extra embeddings
+    with acc.main_process_first():
+        tokenized = {name: tokenize_split(ds, labels[name], tokenizer, config, config.max_length or limit,
+                                          token_types, name) for name, ds in splits.items()}
+
+    collate = data.PadCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
+    sampler = data.TrainBatchSampler(tokenized["train"]["length"], config.per_device_train_batch_size, config.seed,
+                                     group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
+    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=config.dataloader_num_workers)
+    eval_dls = {name: torch.utils.data.DataLoader(ds, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
+                for name, ds in tokenized.items()}
+    windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
+    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+
+    model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id  # decoders pool at the last token that is not padding
+    modeling.freeze_except(model, config.trainable_modules)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logger.info(modeling.describe_parameters(model))
+
+    optimizer = optim.build_optimizer(model, config)
+    scheduler = optim.build_scheduler(optimizer, config, total_steps)
+    model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
+    eval_dls = {name: acc.prepare(dl) for name, dl in eval_dls.items()}
+    acc.register_for_checkpointing(scheduler)
+    checkpoint.register_trainable_only_hooks(acc)
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
+    resume_path = checkpoint.resolve_resume_path(config)
+    if resume_path:
+        state.update(checkpoint.load(acc, config, resume_path))
+    if acc.is_main_process:
+        cfg.save(config, os.path.join(config.output_dir, "config.yaml"))
+    tracking.start(acc, config)
+    log = tracking.MetricsLog(acc, config.output_dir)
+    speed = tracking.Throughput()
+    ga = config.gradient_accumulation_steps
+    running_loss, running_examples, grad_norm = torch.zeros((), device=acc.device), 0, None
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
+
+    model.train()
+    while state["global_step"] < total_steps:
+        # both: see scripts/qlora_summarize.py (one process: accelerate's own epoch counter; several: none)
+        sampler.set_epoch(state["epoch"])
+        batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
+        batches.set_epoch(state["epoch"])
+        if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
+            batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
+            resume_path = None
+        for window in data.accumulation_windows(batches, ga):
+            # the loss is a mean over every example of this optimizer step, on all processes
+            window_examples = distributed.reduce_sum(acc, sum(len(b["labels"]) for b in window))
+            for batch in window:
+                speed.add(batch)
+                with acc.accumulate(model):
+                    logits = model(**model_inputs(batch)).logits.float()
+                    loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                    running_loss += loss_sum.detach()
+                    # DDP averages gradients over processes and accelerate divides by `ga`: undo both
+                    acc.backward(loss_sum * acc.num_processes * ga / window_examples)
+                    if acc.sync_gradients and config.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            scheduler.step()
+            running_examples += window_examples
+            state["global_step"] += 1
+            state["batches_in_epoch"] += ga
+            state["samples_seen"] += int(window_examples)
+            step = state["global_step"]
+            progress.update(1)
+
+            if step % config.logging_steps == 0 or step == total_steps:
+                loss = (distributed.reduce_sum(acc, running_loss) / running_examples).item()
+                log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
+                                             acc.num_processes), step)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                running_loss.zero_()
+                running_examples = 0
+            save_now = bool(config.save_steps) and step % config.save_steps == 0
+            epoch_done = state["batches_in_epoch"] >= windows_per_epoch * ga
+            if step < total_steps and (epoch_done if config.eval_strategy == "epoch" else
+                                       config.eval_steps and step % config.eval_steps == 0):
+                result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
+                log.log(eval_entry(result), step)
+                save_now |= checkpoint.record_eval(state, eval_entry(result), config)  # keep every new best
+            if save_now and step < total_steps:
+                checkpoint.save(acc, config, state)
+            if step >= total_steps:
+                break
+        else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    progress.close()
+
+    # -------- last evaluation, best model, metrics on every split, export --------
+    result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
+    log.log(eval_entry(result), state["global_step"])
+    checkpoint.record_eval(state, eval_entry(result), config)
+    checkpoint.save(acc, config, state)
+    if config.load_best_model_at_end:
+        checkpoint.load_best(acc, config, state)
+    report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **state}
+    shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]
+    for name in shown:
+        report[name], preds, probs = evaluate(acc, model, eval_dls[name], len(names))
+        log.log(eval_entry(report[name], f"final_{name}"), state["global_step"])
+        if name == "test" or (name == "validation" and "test" not in eval_dls):
+            predictions = (name, preds, probs)
+    checkpoint.export(acc, model, tokenizer, config)
+    if acc.is_main_process:
+        print("\n" + "\n".join(f"{n:<10} accuracy {report[n]['accuracy']:.4f}  f1 {report[n]['f1']:.4f}  "
+                               f"loss {report[n]['loss']:.4f}  ({report[n]['examples']} examples)" for n in shown))
+        json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
+        split, preds, probs = predictions
+        write_predictions(os.path.join(config.output_dir, f"predictions_{split}.jsonl"), splits[split], config,
+                          names, preds, probs, gold=labels[split])
+    acc.end_training()
+
+
+def write_predictions(path, ds, config, names, preds, probs, gold=None) -> None:
+    with open(path, "w") as f:
+        for i, (pred, prob) in enumerate(zip(preds, probs)):
+            row = {"text": ds[i][config.text_column]}
+            if config.text_pair_column:
+                row["text_pair"] = ds[i][config.text_pair_column]
+            row.update({"prediction": names[pred], "probability": prob})
+            if gold is not None:
+                row["label"] = names[gold[i]]
+            f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction with a trained model (S003's classify-new-text)
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(config):
+    from transformers import AutoModelForSequenceClassification
+
+    if not os.path.isfile(os.path.join(config.model, "config.json")):
+        raise ConfigError(f"model: {config.model} holds no config.json (expected a trained output_dir/final)")
+    saved = os.path.join(config.model, "ftkit_config.yaml")
+    if os.path.isfile(saved):  # the training run's data options, under what the user set now
+        config = cfg.build(ClassifyConfig, {**cfg.load_yaml_recipe(saved), **getattr(config, "explicit", {})},
+                           where=saved)
+    if config.input_file:
+        ds = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
+        columns = {"text_column": config.text_column}
+        if config.text_pair_column:
+            columns["text_pair_column"] = config.text_pair_column
+        data.require_columns(ds, columns, config.input_file)
+    else:
+        import datasets
+
+        rows = {config.text_column: [config.text]}
+        if config.text_pair_column or config.text_pair:
+            config.text_pair_column = config.text_pair_column or "text_pair"
+            rows[config.text_pair_column] = [config.text_pair]
+        ds = datasets.Dataset.from_dict(rows)
+    config.report_to = "none"
+    acc = distributed.accelerator(config)
+    tokenizer = modeling.load_tokenizer(config.model)
+    model = AutoModelForSequenceClassification.from_pretrained(config.model).to(acc.device)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    limit = config.max_length or modeling.max_positions(model.config)
+    token_types = getattr(model.config, "type_vocab_size", 0) > 1
+    tokenized = tokenize_split(ds, [0] * len(ds), tokenizer, config, limit, token_types, "input")
+    dl = acc.prepare(torch.utils.data.DataLoader(tokenized, batch_size=config.per_device_eval_batch_size,
+                                                 collate_fn=data.PadCollator(tokenizer.pad_token_id)))
+    _, preds, probs = evaluate(acc, model, dl, len(names))
+    if not acc.is_main_process:
+        return
+    if config.prediction_file:
+        write_predictions(config.prediction_file, ds, config, names, preds, probs)
+        print(f"wrote {len(preds)} predictions to {config.prediction_file}")
+    else:
+        for pred, prob in zip(preds, probs):
+            print(f"{names[pred]}\t{prob:.4f}")
+
+
+if __name__ == "__main__":
+    config = cfg.parse(ClassifyConfig)
+    if config.debug:
+        cfg.apply_debug(config)
+        torch.autograd.set_detect_anomaly(True)
+    try:
+        predict(config) if config.predict else main(config)
+    except ConfigError as error:
+        if config.debug:
+            raise
+        cfg.fail(error)

@@ -1,0 +1,111 @@
+"""End to end: `accelerate launch scripts/classify.py` on the three tiny recipes, as users run them."""
+
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, launch, read_jsonl, run_python
+
+pytestmark = pytest.mark.slow
+TINY = {name: os.path.join(ROOT, "recipes", "tiny", f"{name}.yaml") for name in ("spam", "mrpc", "imdb")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each tiny recipe, trained once for the tests below."""
+    out = {}
+    for name in TINY:
+        out[name] = tmp_path_factory.mktemp(name) / "run"
+        launch("classify.py", ["--config", TINY[name], "--output_dir", str(out[name])])
+    return out
+
+
+@pytest.mark.parametrize("name,split", [("spam", "test"), ("imdb", "test"), ("mrpc", "validation")])
+def test_tiny_recipe_learns_its_separable_set(runs, name, split):
+    result = json.load(open(runs[name] / "metrics.json"))
+    assert result[split]["accuracy"] >= 0.9, result[split]
+    assert result[split]["examples"] == sum(map(sum, result[split]["confusion"]))
+    for file in ("config.json", "model.safetensors", "tokenizer.json", "ftkit_config.yaml"):
+        assert os.path.isfile(runs[name] / "final" / file), file
+
+
+def test_spam_reports_all_three_splits_with_s003_sizes(runs):
+    result = json.load(open(runs["spam"] / "metrics.json"))
+    assert {k: result[k]["examples"] for k in ("train", "validation", "test")} == {"train": 42, "validation": 6, "test": 12}
+    assert result["label_names"] == ["ham", "spam"]
+    config = json.load(open(runs["spam"] / "final" / "config.json"))
+    assert config["id2label"] == {"0": "ham", "1": "spam"}
+
+
+def test_only_the_last_block_final_norm_and_head_were_trained(runs):
+    from safetensors.torch import load_file
+
+    base = load_file(runs["spam"] / "base_model" / "model.safetensors")
+    final = load_file(runs["spam"] / "final" / "model.safetensors")
+    changed = {k for k in base if k in final and not (base[k] == final[k]).all()}
+    assert changed and all(k.startswith(("transformer.h.1.", "transformer.ln_f.", "score.")) for k in changed), changed
+    assert any(k.startswith("transformer.h.1.") for k in changed)
+
+
+def _texts_file(path, rows, pair=False):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps({"text": r["text"], **({"text_pair": r["text_pair"]} if pair else {})}) + "\n")
+
+
+def test_predict_mode_reproduces_the_saved_test_predictions(runs, tmp_path):
+    saved = read_jsonl(runs["spam"] / "predictions_test.jsonl")
+    _texts_file(tmp_path / "in.jsonl", saved)
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"] / "final"),
+                                      "--input_file", str(tmp_path / "in.jsonl"),
+                                      "--prediction_file", str(tmp_path / "out.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = read_jsonl(tmp_path / "out.jsonl")
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in saved]
+    assert all(abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(again, saved))
+
+
+def test_predict_one_text_pair_prints_label_and_probability(runs):
+    row = read_jsonl(runs["mrpc"] / "predictions_validation.jsonl")[0]
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["mrpc"] / "final"),
+                                      "--text", row["text"], "--text_pair", row["text_pair"]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    label, probability = proc.stdout.strip().split("\t")
+    assert label == row["prediction"] and abs(float(probability) - row["probability"]) < 1e-4
+
+
+def test_the_best_checkpoint_is_reloaded_with_the_metrics_it_was_chosen_for(tmp_path):
+    # Ranking by *lowest* accuracy picks an early, poor checkpoint: the final metrics must be its.
+    out = tmp_path / "run"
+    launch("classify.py", ["--config", TINY["spam"], "--output_dir", str(out), "--eval_strategy", "steps",
+                           "--eval_steps", "2", "--greater_is_better", "false", "--save_total_limit", "1"])
+    result = json.load(open(out / "metrics.json"))
+    assert result["best_step"] < result["global_step"]
+    logged = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r}
+    best = logged[result["best_step"]]
+    assert result["validation"]["accuracy"] == best["eval/accuracy"] == result["best_metric"]
+    assert abs(result["validation"]["loss"] - best["eval/loss"]) <= 1e-6 * max(1.0, best["eval/loss"])
+    # rotation kept the best next to the latest
+    kept = sorted(os.listdir(out / "checkpoints"))
+    assert kept == sorted({f"step_{result['best_step']}", f"step_{result['global_step']}"})
+
+
+def test_two_processes_score_every_example_exactly_once(tmp_path):
+    # 60 balanced examples split 70/15/15: validation and test hold 9 each, odd for 2 processes.
+    out = tmp_path / "run"
+    launch("classify.py", ["--config", TINY["spam"], "--output_dir", str(out), "--split_ratios", "[0.7, 0.15, 0.15]",
+                           "--per_device_train_batch_size", "4"], num_processes=2)
+    result = json.load(open(out / "metrics.json"))
+    assert result["validation"]["examples"] == 9 and result["test"]["examples"] == 9
+    saved = read_jsonl(out / "predictions_test.jsonl")
+    assert len(saved) == 9
+    # the same model scored in one process gives the same predictions, hence the same metrics
+    _texts_file(tmp_path / "in.jsonl", saved)
+    proc = run_python("classify.py", ["--predict", "--model", str(out / "final"), "--input_file",
+                                      str(tmp_path / "in.jsonl"), "--prediction_file", str(tmp_path / "one.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = read_jsonl(tmp_path / "one.jsonl")
+    assert [r["prediction"] for r in single] == [r["prediction"] for r in saved]
+    accuracy = sum(r["prediction"] == s["label"] for r, s in zip(single, saved)) / len(saved)
+    assert accuracy == result["test"]["accuracy"]
