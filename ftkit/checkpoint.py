@@ -215,8 +215,8 @@ def step_path(config, step: int) -> str:
 def record_eval(state: dict, metrics: dict, config) -> bool:
     """Note an evaluation's ``metric_for_best_model`` in ``state``; True when it is a new best.
 
-    ``metrics`` holds ``eval/<name>`` keys. The caller then saves a checkpoint at this step, which
-    :func:`save`'s rotation always keeps (``state["best_checkpoint"]``).
+    ``metrics`` holds ``eval/<name>`` keys. Every score is kept in ``state["scores"]``, so that
+    :func:`save`'s rotation keeps the best checkpoints; the caller saves one at each new best.
     """
     from ftkit.config import greater_is_better
 
@@ -226,6 +226,8 @@ def record_eval(state: dict, metrics: dict, config) -> bool:
         raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not computed (metrics: {names})")
     value, best = float(metrics[key]), state.get("best_metric")
     better = best is None or (value > best if greater_is_better(config) else value < best)
+    state.setdefault("scores", {})[str(state["global_step"])] = value
+    state["greater_is_better"] = greater_is_better(config)
     if better:
         state["best_metric"] = value
         state["best_step"] = state["global_step"]
@@ -254,17 +256,23 @@ def save(accelerator, config, state: dict) -> str:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _rotate(root, config.save_total_limit, keep=state.get("best_checkpoint"))
+        _rotate(root, config.save_total_limit, state.get("scores"), state.get("greater_is_better", True))
     accelerator.wait_for_everyone()
     return final
 
 
-def _rotate(root: str, limit: int | None, keep: str | None) -> None:
+def _rotate(root: str, limit: int | None, scores: dict | None = None, greater: bool = True) -> None:
+    """Keep the last ``limit`` checkpoints and, among those scored by an evaluation, the best ``limit``.
+
+    ``scores`` maps a step (as a string, from trainer_state.json) to its ``metric_for_best_model``.
+    """
     if not limit:
         return
     found = list_checkpoints(os.path.dirname(root))
-    for _, path in found[:-limit]:  # the last `limit` stay, and so does the best one
-        if not keep or os.path.abspath(path) != os.path.abspath(keep):
+    scored = [(scores[str(step)], step) for step, _ in found if scores and str(step) in scores]
+    best = {step for _, step in sorted(scored, key=lambda t: -t[0] if greater else t[0])[:limit]}
+    for step, path in found[:-limit]:
+        if step not in best:
             shutil.rmtree(path, ignore_errors=True)
 
 

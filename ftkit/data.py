@@ -59,6 +59,54 @@ def _scan_text_file(path: str, ext: str) -> None:
                 raise ConfigError(f"{path}:{number}: each JSON line must be an object, got {type(obj).__name__}")
 
 
+def load_squad_json(path: str):
+    """The official SQuAD layout (``data -> paragraphs -> qas -> answers``) as one row per question:
+    ``id, title, context, question, answers`` (list of answer texts) and ``answer_start``."""
+    import datasets
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    rows = {k: [] for k in ("id", "title", "context", "question", "answers", "answer_start")}
+
+    def need(obj, key, where, kind):
+        if not isinstance(obj, dict) or key not in obj or not isinstance(obj[key], kind):
+            raise ConfigError(f"{path}: not SQuAD JSON: {where} has no {key!r} {kind.__name__}")
+        return obj[key]
+
+    for a, article in enumerate(need(doc, "data", "the top level", list)):
+        for p, paragraph in enumerate(need(article, "paragraphs", f"data[{a}]", list)):
+            where = f"data[{a}].paragraphs[{p}]"
+            context = need(paragraph, "context", where, str)
+            for q, qa in enumerate(need(paragraph, "qas", where, list)):
+                at = f"{where}.qas[{q}]"
+                answers = need(qa, "answers", at, list)
+                rows["id"].append(str(qa.get("id", f"{a}-{p}-{q}")))
+                rows["title"].append(str(article.get("title", "")))
+                rows["context"].append(context)
+                rows["question"].append(need(qa, "question", at, str))
+                rows["answers"].append([need(x, "text", f"{at}.answers[{i}]", str) for i, x in enumerate(answers)])
+                rows["answer_start"].append([int(x.get("answer_start", -1)) for x in answers])
+    if not rows["id"]:
+        raise ConfigError(f"{path}: holds no questions")
+    return datasets.Dataset.from_dict(rows)
+
+
+def _is_squad_json(path: str) -> bool:
+    """A .json file holding one object with a ``data`` list (JSON lines fail to parse as one document)."""
+    with open(path, "rb") as f:
+        if not f.read(64).lstrip().startswith(b"{"):
+            return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and "data" in doc
+
+
 def load_local_file(path: str, key: str = "train_file", column_names: list | None = None,
                     file_format: str | None = None):
     """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled).
@@ -70,6 +118,8 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
     import datasets
 
     ext = _check_local_file(path, key, file_format)
+    if ext == ".json" and _is_squad_json(path):
+        return load_squad_json(path)
     if ext in (".json", ".jsonl", ".csv", ".tsv"):
         _scan_text_file(path, ext)
     if ext != ".parquet":
@@ -263,7 +313,7 @@ class TrainBatchSampler(Sampler):
 
 @dataclass
 class PadCollator:
-    """Pads each batch to its longest member (dynamic padding); labels are padded with -100.
+    """Pads each batch to its longest member (dynamic padding), key by key; labels are padded with -100.
 
     Keys are padded by their own value: ``input_ids`` with ``pad_token_id``, ``labels`` with
     -100, everything else (``attention_mask``, ``token_type_ids``) with 0.
@@ -275,11 +325,9 @@ class PadCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         keys = [k for k in features[0] if isinstance(features[0][k], (list, tuple))]
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {}
-        for key in keys:
+        for key in keys:  # each key to its own longest: seq2seq labels are shorter than the inputs
+            longest = self._padded_length(max(len(f[key]) for f in features))
             fill = {"input_ids": self.pad_token_id, "labels": -100}.get(key, 0)
             rows = []
             for f in features:
@@ -288,6 +336,7 @@ class PadCollator:
                 rows.append(pad + row if self.padding_side == "left" else row + pad)
             batch[key] = torch.tensor(rows, dtype=torch.long)
         if "attention_mask" not in batch:
+            longest = batch["input_ids"].shape[1]
             mask = []
             for f in features:
                 ones, zeros = [1] * len(f["input_ids"]), [0] * (longest - len(f["input_ids"]))
@@ -297,6 +346,10 @@ class PadCollator:
             if key not in batch and isinstance(features[0][key], (int, float)):
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch
+
+    def _padded_length(self, n: int) -> int:
+        m = self.pad_to_multiple_of
+        return math.ceil(n / m) * m if m else n
 
 
 def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:

@@ -59,3 +59,47 @@ def classification(predictions, labels, num_labels: int) -> dict:
     f1 = f1_of(1) if num_labels == 2 else sum(f1_of(c) for c in range(num_labels)) / num_labels
     correct = sum(confusion[c][c] for c in range(num_labels))
     return {"accuracy": correct / max(len(labels), 1), "f1": f1, "examples": len(labels), "confusion": confusion}
+
+
+# --------------------------------------------------------------------------------------------
+# SQuAD exact match and F1 (the official answer normalisation)
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    import re
+    import string
+
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """F1 of the bag of normalised words; two empty answers agree (1.0), one empty answer scores 0."""
+    from collections import Counter
+
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad(predictions: list[str], answers: list[list[str]]) -> dict:
+    """Mean exact match and F1 (x100), each the max over an example's gold answers."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answer lists")
+    em = [max(exact_match(p, g) for g in golds) if golds else 0.0 for p, golds in zip(predictions, answers)]
+    f1 = [max(token_f1(p, g) for g in golds) if golds else 0.0 for p, golds in zip(predictions, answers)]
+    n = max(len(predictions), 1)
+    return {"exact_match": 100.0 * sum(em) / n, "f1": 100.0 * sum(f1) / n, "examples": len(predictions),
+            "per_example": list(zip(em, f1))}

@@ -45,12 +45,17 @@ def _texts_of(path: str):
 
 BERT_SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
                        "mask_token": "[MASK]"}
+# T5 expects pad = 0 (also the decoder start token) and eos = 1; every sequence ends with </s>
+T5_SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2")
+SEQ2SEQ_TYPES = ("t5", "mt5", "umt5", "longt5")
 
 
 def special_tokens_for(model_type: str) -> dict | None:
     """Special tokens of a tokenizer built offline for ``model_type`` (None: GPT-style, one EOS token)."""
-    return BERT_SPECIAL_TOKENS if model_type in ENCODER_TYPES else None
+    if model_type in ENCODER_TYPES:
+        return BERT_SPECIAL_TOKENS
+    return T5_SPECIAL_TOKENS if model_type in SEQ2SEQ_TYPES else None
 
 
 def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tokens: dict | None = None):
@@ -85,6 +90,10 @@ def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tok
         tok.post_processor = processors.TemplateProcessing(
             single=f"{cls_} $A {sep}", pair=f"{cls_} $A:0 {sep}:0 $B:1 {sep}:1",
             special_tokens=[(cls_, tok.token_to_id(cls_)), (sep, tok.token_to_id(sep))])
+    elif "bos_token" not in special_tokens:  # T5-style: text </s>, and a pair as a </s> b </s>
+        eos = special_tokens["eos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
     fast.save_pretrained(out_dir)
     with open(stamp_file, "w") as f:
@@ -339,21 +348,31 @@ def describe_parameters(model) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over labelled tokens, and their count (per example).
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over labelled tokens, and their count (per example).
 
     Returns two tensors of shape [batch]: the loss sum and the number of target tokens, so callers
-    can normalise by the tokens of a whole accumulation window, across processes.
+    can normalise by the tokens of a whole accumulation window, across processes. ``shift``: a
+    causal LM predicts token t+1 at position t; a seq2seq decoder's logits already line up with
+    its labels (``shift=False``).
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    if shift:
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(shift_labels.shape)
-    mask = shift_labels.ne(-100)
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    mask = labels.ne(-100)
     return (per_token * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens that contribute to the causal-LM loss (labels shifted by one)."""
-    return labels[:, 1:].ne(-100).sum()
+def count_target_tokens(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
+    """Tokens that contribute to the loss (for a causal LM, the labels shifted by one)."""
+    return (labels[:, 1:] if shift else labels).ne(-100).sum()
+
+
+def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Decoder inputs of an encoder-decoder model: the labels moved right by one, the start token first."""
+    decoder_input_ids = labels.new_full(labels.shape, pad_token_id)
+    decoder_input_ids[:, 1:] = labels[:, :-1]
+    decoder_input_ids[:, 0] = decoder_start_token_id
+    return decoder_input_ids.masked_fill(decoder_input_ids.eq(-100), pad_token_id)

@@ -15,13 +15,15 @@ def _fake_checkpoints(root, steps):
         (root / "checkpoints" / f"step_{step}" / checkpoint.STATE_FILE).write_text("{}")
 
 
-def test_rotation_keeps_the_last_n_and_the_best(tmp_path):
-    _fake_checkpoints(tmp_path, [10, 20, 30, 40])
-    best = str(tmp_path / "checkpoints" / "step_10")
-    checkpoint._rotate(str(tmp_path / "checkpoints"), 2, keep=best)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [10, 30, 40]
-    checkpoint._rotate(str(tmp_path / "checkpoints"), 1, keep=None)
-    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [40]
+def test_rotation_keeps_the_last_n_and_the_best_n_by_metric(tmp_path):
+    _fake_checkpoints(tmp_path, [10, 20, 30, 40, 50])
+    losses = {"10": 0.3, "20": 0.9, "30": 0.2, "50": 0.8}  # step 40 was a plain save, never scored
+    checkpoint._rotate(str(tmp_path / "checkpoints"), 2, losses, greater=False)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [10, 30, 40, 50]
+    checkpoint._rotate(str(tmp_path / "checkpoints"), 1, {"10": 0.3, "30": 0.2}, greater=True)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [10, 50]
+    checkpoint._rotate(str(tmp_path / "checkpoints"), 1)
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [50]
 
 
 def test_half_written_checkpoints_are_never_listed(tmp_path):

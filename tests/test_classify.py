@@ -210,3 +210,30 @@ def test_built_bert_tokenizer_encodes_pairs_with_token_types(tmp_path):
     assert tokens[0] == "[CLS]" and tokens.count("[SEP]") == 2 and tokens[-1] == "[SEP]"
     first_sep = tokens.index("[SEP]")
     assert enc["token_type_ids"] == [0] * (first_sep + 1) + [1] * (len(tokens) - first_sep - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real corpora (../shared/realdata, when present): every row loads as the recipes read them
+# ---------------------------------------------------------------------------------------------
+
+REALDATA = os.path.join(ROOT, "..", "shared", "realdata")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REALDATA, "sms_spam")), reason="../shared/realdata absent")
+def test_real_sms_spam_collection_loads_balances_and_splits_as_s003():
+    path = os.path.join(REALDATA, "sms_spam", "SMSSpamCollection")
+    lines = open(path, encoding="utf-8").read().splitlines()
+    config = cfg.build(cl.ClassifyConfig, cfg.load_yaml_recipe(os.path.join(ROOT, "recipes", "gpt2_spam.yaml")),
+                       {"train_file": path})
+    raw = data.load_local_file(path, column_names=config.column_names, file_format=config.file_format)
+    assert len(raw) == len(lines) and raw["label"].count("spam") == 747
+    splits = cl.load_classification_splits(config)
+    assert {n: len(ds) for n, ds in splits.items()} == {"train": 1045, "validation": 149, "test": 300}
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REALDATA, "mrpc")), reason="../shared/realdata absent")
+def test_real_mrpc_tsv_with_bom_and_unbalanced_quotes_loads_every_pair():
+    path = os.path.join(REALDATA, "mrpc", "dev.tsv")
+    ds = data.load_local_file(path, "validation_file")
+    assert len(ds) == 408 and ds.column_names[0] == "Quality"
+    assert sorted(set(ds["Quality"])) == [0, 1]

@@ -1,0 +1,465 @@
+"""Generative question answering with T5 (source S004), a hand-written accelerate loop.
+
+Features: SQuAD JSON (official nested layout), flat jsonl/csv/tsv tables (S004's ``context``,
+``question``, ``text``) or hub datasets with ``answers: {text, answer_start}``, all mapped to
+(context, question, answers); S004's cleaning (missing values -> "none", whitespace collapsed) and
+80/20 split with seed 101 when one file is given; ``question: ... context: ...`` inputs (or S004's
+pair encoding) where only the context is ever truncated and cut-away answers are counted; dynamic
+padding with -100 labels; gradient accumulation normalised by target tokens over the whole window
+on all processes; eval loss, beam-search answers (4 beams, no repeated bigrams) and SQuAD exact
+match / F1 gathered without duplicates (``synced_gpus`` under ZeRO-3); the best checkpoints kept by
+``metric_for_best_model``; ``predictions.jsonl`` and ``--predict`` for new questions.
+
+    # tiny T5, CPU, offline (seconds)
+    accelerate launch scripts/t5_qa.py --config recipes/tiny/t5_qa.yaml
+    # t5-base on SQuAD v1.1, one GPU
+    accelerate launch scripts/t5_qa.py --config recipes/t5_base_squad.yaml
+    # 8 GPUs with DeepSpeed ZeRO-3
+    accelerate launch --config_file launch/accelerate/deepspeed_zero3.yaml scripts/t5_qa.py --config recipes/t5_base_squad.yaml
+    # answer a question with a trained model
+    python scripts/t5_qa.py --predict --model outputs/t5_base_squad/final --context "..." --question "..."
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import torch
+from tqdm.auto import tqdm
+
+from ftkit import checkpoint, config as cfg, data, distributed, metrics, modeling, optim, tracking
+from ftkit.config import ConfigError, opt
+
+logger = logging.getLogger("ftkit")
+EVAL_METRICS = ("loss", "exact_match", "f1")
+
+
+@dataclass
+class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg.EvaluationArguments,
+               cfg.TrackingArguments):
+    """Fine-tune T5 (or any seq2seq LM) to answer questions about a context."""
+
+    context_column: str = opt("context", "Column holding the context passage.")
+    question_column: str = opt("question", "Column holding the question.")
+    answer_column: str = opt("answers", "Column holding the answer: a string, a list of strings, or "
+                                        "{text: [...], answer_start: [...]} (S004's table calls it 'text').")
+    id_column: str = opt("id", "Column holding an example id (row numbers when absent).")
+    missing_value: str = opt("none", "Replaces missing contexts, questions and answers (S004).")
+    val_split: float | None = opt(None, "Fraction of train_file held out for validation when no "
+                                        "validation_file is given (S004: 0.2).", min_exclusive=0, max=0.9)
+    split_seed: int = opt(101, "Seed of the val_split shuffle (S004: 101).", min=0)
+    input_format: str = opt("t5", "'question: Q context: C' (t5), or the tokenizer's pair encoding of (context, "
+                                  "question) as S004 (pair).", choices=["t5", "pair"])
+    max_target_length: int = opt(128, "Max answer tokens in training labels (S004: 128).", min=1)
+    generation_max_length: int | None = opt(None, "Max generated answer tokens (default: max_target_length).", min=1)
+    generation_num_beams: int = opt(4, "Beams for answer generation (S004: 4).", min=1)
+    no_repeat_ngram_size: int = opt(2, "Forbid repeating n-grams in generated answers (S004: 2; 0 off).", min=0)
+    early_stopping: bool = opt(True, "Stop beam search when every beam has finished (S004).")
+    predict: bool = opt(False, "Answer --question/--context or --input_file with a trained --model.")
+    model: str | None = opt(None, "Directory of a trained model (output_dir/final) for --predict.")
+    context: str | None = opt(None, "Context passage for --predict.")
+    question: str | None = opt(None, "Question for --predict.")
+    input_file: str | None = opt(None, "File of questions (question/context columns; answers optional) for --predict.")
+    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
+
+    def check(self):
+        if self.predict:
+            if not self.model:
+                raise ConfigError("model: --predict needs --model DIR (a trained output_dir/final)")
+            if not (self.input_file or (self.question and self.context)):
+                raise ConfigError("input_file: --predict needs --question and --context, or --input_file FILE")
+            return
+        cfg.check_common(self)
+        if self.metric_for_best_model not in EVAL_METRICS:
+            raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of "
+                              f"{', '.join(EVAL_METRICS)}")
+        if self.load_in_4bit or self.load_in_8bit:
+            raise ConfigError("load_in_4bit/load_in_8bit: this recipe fine-tunes full weights")
+        if self.val_split and self.validation_file:
+            raise ConfigError("val_split: splits train_file; remove it or validation_file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: three shapes -> (id, context, question, answers); inputs that truncate only the context
+# ---------------------------------------------------------------------------------------------
+
+
+def clean(config, text) -> str:
+    """S004: missing -> "none", whitespace (newlines, runs of spaces) collapsed."""
+    if text is None or (isinstance(text, float) and text != text):  # NaN from a csv
+        return config.missing_value
+    return " ".join(str(text).split()) or config.missing_value
+
+
+def answers_of(config, value) -> list[str]:
+    if isinstance(value, dict):  # hub SQuAD: {"text": [...], "answer_start": [...]}
+        value = value.get("text")
+    if isinstance(value, (list, tuple)):
+        answers = [clean(config, v) for v in value if v is not None and str(v).strip()]
+        return answers or [config.missing_value]
+    return [clean(config, value)]
+
+
+def standardize(config, ds, name: str):
+    """Rows of ``id, context, question, answers`` from any of the accepted shapes."""
+    data.require_columns(ds, {"context_column": config.context_column, "question_column": config.question_column,
+                              "answer_column": config.answer_column}, f"the {name} data")
+    has_id = config.id_column in ds.column_names
+
+    def convert(row, index):
+        return {"id": str(row[config.id_column]) if has_id else f"{name}-{index}",
+                "context": clean(config, row[config.context_column]),
+                "question": clean(config, row[config.question_column]),
+                "answers": answers_of(config, row[config.answer_column])}
+
+    return ds.map(convert, with_indices=True, remove_columns=ds.column_names, desc=f"clean {name}")
+
+
+def load_qa_splits(config) -> dict:
+    splits = data.load_splits(config)
+    if "validation" not in splits:
+        if not config.val_split:
+            raise ConfigError("validation_file: a validation set is needed (or val_split to hold out part of train_file)")
+        splits.update(data.split_by_ratios(splits["train"], [1 - config.val_split, config.val_split], config.split_seed))
+    splits["train"] = data.take_first(splits["train"], config.max_train_samples, config.subset_seed)
+    return {name: standardize(config, ds, name) for name, ds in splits.items()}
+
+
+def encode_source(tokenizer, config, question: str, context: str, max_length: int) -> tuple[list[int], bool, str]:
+    """Input ids with the context cut to fit ``max_length`` (the question never is).
+
+    Returns (ids, truncated, kept_context). The context is cut at a token boundary of its own
+    tokenization, then the input is built from the kept text.
+    """
+    def build(ctx):
+        if config.input_format == "t5":
+            return tokenizer(f"question: {question} context: {ctx}", add_special_tokens=True)["input_ids"]
+        return tokenizer(ctx, question, add_special_tokens=True)["input_ids"]
+
+    ids = build(context)
+    if len(ids) <= max_length:
+        return ids, False, context
+    budget = max_length - len(build(""))
+    if budget <= 0:
+        return ids, True, ""  # the question alone is too long: the caller drops the example
+    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    while budget > 0:
+        kept = context[: offsets[min(budget, len(offsets)) - 1][1]]
+        ids = build(kept)
+        if len(ids) <= max_length:  # re-tokenizing the cut text can add a token at the seam: retry shorter
+            return ids, True, kept
+        budget -= 1
+    return build(""), True, ""
+
+
+def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
+    """Model inputs and labels, plus counts of truncated contexts and of answers cut away by it."""
+
+    def encode(batch):
+        out = {"input_ids": [], "labels": [], "length": [], "truncated": [], "answer_cut": [], "too_long": []}
+        for question, context, answers in zip(batch["question"], batch["context"], batch["answers"]):
+            ids, truncated, kept = encode_source(tokenizer, config, question, context, max_length)
+            target = tokenizer(answers[0], truncation=True, max_length=config.max_target_length)["input_ids"]
+            out["input_ids"].append(ids)
+            out["labels"].append(target)
+            out["length"].append(len(ids))
+            out["truncated"].append(truncated)
+            out["answer_cut"].append(truncated and any(a in context for a in answers)
+                                     and not any(a in kept for a in answers))
+            out["too_long"].append(len(ids) > max_length)
+        return out
+
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+    counts = {"truncated": sum(tokenized["truncated"]), "answer_cut": sum(tokenized["answer_cut"])}
+    kept = tokenized.filter(lambda long: not long, input_columns="too_long")
+    counts["dropped_long_question"] = len(tokenized) - len(kept)
+    if counts["truncated"]:
+        logger.warning("%s: %d of %d contexts truncated to %d tokens; %d answers cut away; %d questions alone too "
+                       "long (dropped)", name, counts["truncated"], len(tokenized), max_length, counts["answer_cut"],
+                       counts["dropped_long_question"])
+    if len(kept) == 0:
+        raise ConfigError(f"{name}: no examples left: every question is longer than max_length={max_length} tokens")
+    return kept.remove_columns(["truncated", "answer_cut", "too_long"]), counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def seq2seq_loss(model, batch, decoder_start: int, pad: int):
+    decoder_input_ids = modeling.shift_right(batch["labels"], decoder_start, pad)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   decoder_input_ids=decoder_input_ids).logits
+    return modeling.causal_lm_loss_sum(logits, batch["labels"], shift=False)
+
+
+@torch.no_grad()
+def eval_loss(acc, model, eval_dl, decoder_start: int, pad: int) -> float:
+    """Token-weighted loss over the validation set (each example counted once, across processes)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in eval_dl:
+        loss_sum, count = seq2seq_loss(model, batch, decoder_start, pad)
+        loss_sum, count = acc.gather_for_metrics((loss_sum, count))
+        total, tokens = total + loss_sum.sum().item(), tokens + count.sum().item()
+    model.train()
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
+def answer(acc, model, tokenizer, config, questions: list[str], contexts: list[str], max_length: int) -> list[str]:
+    """Beam-search answers, sharded over processes and gathered in order (each example once)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    collate = data.PadCollator(tokenizer.pad_token_id)
+    mine = distributed.shard_indices(len(questions), acc)
+    results = []
+    for start in range(0, len(mine), config.per_device_eval_batch_size):
+        chunk = mine[start:start + config.per_device_eval_batch_size]
+        batch = collate([{"input_ids": encode_source(tokenizer, config, questions[max(i, 0)], contexts[max(i, 0)],
+                                                     max_length)[0]} for i in chunk])
+        out = net.generate(input_ids=batch["input_ids"].to(acc.device),
+                           attention_mask=batch["attention_mask"].to(acc.device),
+                           num_beams=config.generation_num_beams, no_repeat_ngram_size=config.no_repeat_ngram_size,
+                           early_stopping=config.early_stopping, do_sample=False,
+                           max_new_tokens=config.generation_max_length or config.max_target_length,
+                           synced_gpus=is_deepspeed_zero3_enabled())  # ranks with fewer examples keep stepping
+        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+        results += [(i, t.strip()) for i, t in zip(chunk, texts)]
+    net.train(was_training)
+    return distributed.gather_by_index(acc, results, len(questions))
+
+
+def score(acc, model, tokenizer, config, ds, max_length: int, n: int | None = None) -> tuple[dict, list[str]]:
+    ds = data.take_first(ds, n)
+    predictions = answer(acc, model, tokenizer, config, ds["question"], ds["context"], max_length)
+    return metrics.squad(predictions, ds["answers"]), predictions
+
+
+def eval_entry(loss: float, scores: dict | None) -> dict:
+    entry = {"eval/loss": loss}
+    if scores:
+        entry.update({"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]})
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(config):
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    checkpoint.check_output_dir(config)
+    splits = load_qa_splits(config)
+    acc = distributed.accelerator(config)
+    distributed.seed_everything(config.seed)
+    checkpoint.set_aside_old_checkpoints(config, acc)
+    source = modeling.prepare_source(config, acc, AutoModelForSeq2SeqLM)
+    model_cfg = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    max_length = config.max_length or 512  # T5's relative positions have no hard limit; S004 uses 512
+    limit = modeling.max_positions(model_cfg) if hasattr(model_cfg, "max_position_embeddings") else None
+    if limit and max_length > limit:
+        raise ConfigError(f"max_length: {max_length} exceeds the model's position limit {limit}")
+    tokenizer = modeling.load_tokenizer(source, config.trust_remote_code)
+    with acc.main_process_first():
+        tokenized = {name: tokenize_split(ds, tokenizer, config, max_length, name) for name, ds in splits.items()}
+    counts = {name: c for name, (_, c) in tokenized.items()}
+    tokenized = {name: ds for name, (ds, _) in tokenized.items()}
+    eval_name = "test" if "test" in splits else "validation"
+
+    collate = data.PadCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
+    sampler = data.TrainBatchSampler(tokenized["train"]["length"], config.per_device_train_batch_size, config.seed,
+                                     group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
+    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=config.dataloader_num_workers)
+    eval_dl = torch.utils.data.DataLoader(tokenized["validation"], batch_size=config.per_device_eval_batch_size,
+                                          collate_fn=collate)
+    windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
+    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+
+    model = modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    decoder_start = model.config.decoder_start_token_id
+    pad = model.config.pad_token_id
+    logger.info(modeling.describe_parameters(model))
+
+    optimizer = optim.build_optimizer(model, config)
+    scheduler = optim.build_scheduler(optimizer, config, total_steps)
+    model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
+    acc.register_for_checkpointing(scheduler)
+    checkpoint.register_trainable_only_hooks(acc)
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
+    resume_path = checkpoint.resolve_resume_path(config)
+    if resume_path:
+        state.update(checkpoint.load(acc, config, resume_path))
+    if acc.is_main_process:
+        cfg.save(config, os.path.join(config.output_dir, "config.yaml"))
+    tracking.start(acc, config)
+    log = tracking.MetricsLog(acc, config.output_dir)
+    speed = tracking.Throughput()
+    ga = config.gradient_accumulation_steps
+    running_loss, running_tokens, grad_norm = torch.zeros((), device=acc.device), 0, None
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
+
+    def evaluate() -> dict:
+        scores = None
+        if config.max_eval_samples != 0:
+            scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length, config.max_eval_samples)
+        return eval_entry(eval_loss(acc, model, eval_dl, decoder_start, pad), scores)
+
+    model.train()
+    while state["global_step"] < total_steps:
+        # both: see scripts/qlora_summarize.py (one process: accelerate's own epoch counter; several: none)
+        sampler.set_epoch(state["epoch"])
+        batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
+        batches.set_epoch(state["epoch"])
+        if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
+            batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
+            resume_path = None
+        for window in data.accumulation_windows(batches, ga):
+            # the loss is a mean over every answer token of this optimizer step, on all processes
+            window_tokens = distributed.reduce_sum(acc, sum(modeling.count_target_tokens(b["labels"], shift=False)
+                                                            for b in window))
+            for batch in window:
+                speed.add(batch)
+                with acc.accumulate(model):
+                    loss_sum, _ = seq2seq_loss(model, batch, decoder_start, pad)
+                    running_loss += loss_sum.sum().detach()
+                    # DDP averages gradients over processes and accelerate divides by `ga`: undo both
+                    acc.backward(loss_sum.sum() * acc.num_processes * ga / window_tokens)
+                    if acc.sync_gradients and config.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            scheduler.step()
+            running_tokens += window_tokens
+            state["global_step"] += 1
+            state["batches_in_epoch"] += ga
+            state["samples_seen"] += sum(len(b["labels"]) for b in window) * acc.num_processes
+            step = state["global_step"]
+            progress.update(1)
+
+            if step % config.logging_steps == 0 or step == total_steps:
+                loss = (distributed.reduce_sum(acc, running_loss) / running_tokens).item()
+                log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
+                                             acc.num_processes), step)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                running_loss.zero_()
+                running_tokens = 0
+            save_now = bool(config.save_steps) and step % config.save_steps == 0
+            epoch_done = state["batches_in_epoch"] >= windows_per_epoch * ga
+            if step < total_steps and (epoch_done if config.eval_strategy == "epoch" else
+                                       config.eval_steps and step % config.eval_steps == 0):
+                entry = evaluate()
+                log.log(entry, step)
+                save_now |= checkpoint.record_eval(state, entry, config)  # keep every new best
+            if save_now and step < total_steps:
+                checkpoint.save(acc, config, state)
+            if step >= total_steps:
+                break
+        else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    progress.close()
+
+    # -------- last evaluation, best model, answers for every eval example, export --------
+    entry = evaluate()
+    log.log(entry, state["global_step"])
+    checkpoint.record_eval(state, entry, config)
+    checkpoint.save(acc, config, state)
+    if config.load_best_model_at_end:
+        checkpoint.load_best(acc, config, state)
+    scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)
+    final_loss = eval_loss(acc, model, eval_dl, decoder_start, pad)
+    log.log({f"final_{eval_name}/exact_match": scores["exact_match"], f"final_{eval_name}/f1": scores["f1"],
+             "final_validation/loss": final_loss}, state["global_step"])
+    checkpoint.export(acc, model, tokenizer, config)
+    if acc.is_main_process:
+        print(f"\n{eval_name}: exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  "
+              f"({scores['examples']} questions)  validation loss {final_loss:.4f}")
+        per_example = scores.pop("per_example")
+        report = {"split": eval_name, **scores, "eval_loss": final_loss, "truncation": counts, **state}
+        json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
+        write_predictions(os.path.join(config.output_dir, "predictions.jsonl"), splits[eval_name], predictions,
+                          per_example)
+    acc.end_training()
+
+
+def write_predictions(path, ds, predictions, per_example=None) -> None:
+    with open(path, "w") as f:
+        for i, prediction in enumerate(predictions):
+            row = {"id": ds[i]["id"], "question": ds[i]["question"], "prediction": prediction,
+                   "answers": ds[i]["answers"]}
+            if per_example is not None:
+                row["em"], row["f1"] = per_example[i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction with a trained model
+# ---------------------------------------------------------------------------------------------
+
+
+def predict(config):
+    import datasets
+    from transformers import AutoModelForSeq2SeqLM
+
+    if not os.path.isfile(os.path.join(config.model, "config.json")):
+        raise ConfigError(f"model: {config.model} holds no config.json (expected a trained output_dir/final)")
+    saved = os.path.join(config.model, "ftkit_config.yaml")
+    if os.path.isfile(saved):  # the training run's input options, under what the user set now
+        config = cfg.build(QAConfig, {**cfg.load_yaml_recipe(saved), **getattr(config, "explicit", {})}, where=saved)
+    if config.input_file:
+        raw = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
+        if config.answer_column not in raw.column_names:  # answers are optional when predicting
+            raw = raw.add_column(config.answer_column, [None] * len(raw))
+        ds = standardize(config, raw, "input")
+        scored = any(v is not None for v in raw[config.answer_column])
+    else:
+        ds = standardize(config, datasets.Dataset.from_dict({
+            config.context_column: [config.context], config.question_column: [config.question],
+            config.answer_column: [None]}), "input")
+        scored = False
+    config.report_to = "none"
+    acc = distributed.accelerator(config)
+    tokenizer = modeling.load_tokenizer(config.model)
+    model = AutoModelForSeq2SeqLM.from_pretrained(config.model).to(acc.device)
+    scores, predictions = score(acc, model, tokenizer, config, ds, config.max_length or 512)
+    if not acc.is_main_process:
+        return
+    if scored:
+        print(f"exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['examples']} questions)")
+    if config.prediction_file:
+        write_predictions(config.prediction_file, ds, predictions, scores["per_example"] if scored else None)
+        print(f"wrote {len(predictions)} answers to {config.prediction_file}")
+    else:
+        for prediction in predictions:
+            print(prediction)
+
+
+if __name__ == "__main__":
+    config = cfg.parse(QAConfig)
+    if config.debug:
+        cfg.apply_debug(config)
+        torch.autograd.set_detect_anomaly(True)
+    try:
+        predict(config) if config.predict else main(config)
+    except ConfigError as error:
+        if config.debug:
+            raise
+        cfg.fail(error)
