@@ -185,6 +185,8 @@ def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
                 setattr(model_cfg, f"{role}_token_id", token_id)
         torch.manual_seed(config.seed)
         model = auto_model_cls.from_config(model_cfg)
+        if model_cfg.is_encoder_decoder and model.generation_config.decoder_start_token_id is None:
+            model.generation_config.decoder_start_token_id = tok.pad_token_id  # as T5 does
         model.save_pretrained(path)
         with open(stamp_file, "w") as f:
             f.write(stamp)

@@ -293,8 +293,10 @@ def main(config):
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    decoder_start = model.config.decoder_start_token_id
     pad = model.config.pad_token_id
+    # transformers 5 keeps it in the generation config; T5 starts decoding from the pad token
+    decoder_start = getattr(model.generation_config, "decoder_start_token_id", None)
+    decoder_start = pad if decoder_start is None else decoder_start
     logger.info(modeling.describe_parameters(model))
 
     optimizer = optim.build_optimizer(model, config)

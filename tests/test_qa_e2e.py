@@ -1,0 +1,76 @@
+"""End to end: `accelerate launch scripts/t5_qa.py` on the tiny recipe, as users run it."""
+
+import json
+import os
+
+import pytest
+
+from conftest import ROOT, launch, read_jsonl, run_python
+
+pytestmark = pytest.mark.slow
+TINY = os.path.join(ROOT, "recipes", "tiny", "t5_qa.yaml")
+SAMPLE = os.path.join(ROOT, "data", "qa_sample.jsonl")
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory):
+    """Train on 16 questions and evaluate on the same 16."""
+    root = tmp_path_factory.mktemp("qa")
+    questions = root / "mem16.jsonl"
+    questions.write_text("".join(open(SAMPLE).readlines()[:16]))
+    out = root / "run"
+    launch("t5_qa.py", ["--config", TINY, "--output_dir", str(out), "--train_file", str(questions),
+                        "--validation_file", str(questions), "--val_split", "null", "--max_steps", "120",
+                        "--eval_steps", "60", "--save_steps", "60"])
+    return out, questions
+
+
+def test_tiny_recipe_completes_with_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    launch("t5_qa.py", ["--config", TINY, "--output_dir", str(out), "--num_train_epochs", "2", "--eval_steps", "8"])
+    result = json.load(open(out / "metrics.json"))
+    assert result["split"] == "validation" and result["examples"] == 16
+    assert set(result) >= {"exact_match", "f1", "eval_loss", "truncation", "best_metric", "best_step"}
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == 16 and set(rows[0]) == {"id", "question", "prediction", "answers", "em", "f1"}
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "ftkit_config.yaml"):
+        assert os.path.isfile(out / "final" / name), name
+
+
+def test_exact_match_rises_from_the_untrained_model_to_at_least_80(memorised, tmp_path):
+    out, questions = memorised
+    result = json.load(open(out / "metrics.json"))
+    assert result["exact_match"] >= 80, result
+    untrained = run_python("t5_qa.py", ["--predict", "--model", str(out / "base_model"), "--input_file",
+                                        str(questions), "--max_length", "128", "--max_target_length", "16"])
+    assert untrained.returncode == 0, untrained.stderr[-3000:]
+    em = float(untrained.stdout.split("exact match")[1].split()[0])
+    assert em < 20 <= result["exact_match"] - em
+
+
+def test_predict_mode_reproduces_the_saved_predictions(memorised, tmp_path):
+    out, questions = memorised
+    proc = run_python("t5_qa.py", ["--predict", "--model", str(out / "final"), "--input_file", str(questions),
+                                   "--prediction_file", str(tmp_path / "again.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved, again = read_jsonl(out / "predictions.jsonl"), read_jsonl(tmp_path / "again.jsonl")
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in saved]
+    first = read_jsonl(questions)[0]
+    proc = run_python("t5_qa.py", ["--predict", "--model", str(out / "final"), "--question", first["question"],
+                                   "--context", first["context"]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == saved[0]["prediction"]
+
+
+def test_two_processes_score_an_odd_eval_set_like_one(memorised, tmp_path):
+    out, _ = memorised
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("".join(open(SAMPLE).readlines()[:15]))
+    results = {}
+    for n in (1, 2):
+        proc = launch("t5_qa.py", ["--predict", "--model", str(out / "final"), "--input_file", str(odd),
+                                   "--prediction_file", str(tmp_path / f"p{n}.jsonl")], num_processes=n)
+        line = next(l for l in proc.stdout.splitlines() if l.startswith("exact match"))
+        results[n] = (line, [r["prediction"] for r in read_jsonl(tmp_path / f"p{n}.jsonl")])
+    assert results[1] == results[2]
+    assert "(15 questions)" in results[2][0]
