@@ -208,6 +208,77 @@ def restore_rng_once_started(batches, path: str, rank: int):
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# The loop's bookkeeping: start or resume, the batches of an epoch, when to evaluate and save
+# --------------------------------------------------------------------------------------------
+
+
+def start(accelerator, config, **extra) -> tuple[dict, str | None]:
+    """The trainer state to begin with, and the checkpoint it was resumed from (or None).
+
+    A fresh state counts from zero; a checkpoint (``--resume_from_checkpoint``, or the latest one
+    in ``output_dir``) restores weights, optimizer, scheduler and its state. Writes config.yaml.
+    """
+    from ftkit.config import save as save_config
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, **extra}
+    path = resolve_resume_path(config)
+    if path:
+        state.update(load(accelerator, config, path))
+    if accelerator.is_main_process:
+        save_config(config, os.path.join(config.output_dir, "config.yaml"))
+    return state, path
+
+
+def epoch_batches(accelerator, train_dl, sampler, state: dict, resume_path: str | None):
+    """This epoch's micro-batches, starting after the ones a resumed checkpoint already used."""
+    # Both: one process, accelerate overwrites the sampler's epoch with its loader's counter (and
+    # a resume's skip-loader has its own); several, its shard wrapper never passes it on.
+    sampler.set_epoch(state["epoch"])
+    skip = state["batches_in_epoch"]
+    batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+    batches.set_epoch(state["epoch"])
+    if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
+        batches = restore_rng_once_started(batches, resume_path, accelerator.process_index)
+    return batches
+
+
+def advance(state: dict, micro_batches: int, samples: int) -> int:
+    """Count one optimizer step; returns the new global step."""
+    state["global_step"] += 1
+    state["batches_in_epoch"] += micro_batches
+    state["samples_seen"] += int(samples)
+    return state["global_step"]
+
+
+def next_epoch(state: dict) -> None:
+    state["epoch"] += 1
+    state["batches_in_epoch"] = 0
+
+
+def evaluation_due(config, state: dict, total_steps: int, steps_per_epoch: int) -> bool:
+    """Evaluate now? (every ``eval_steps``, or at the end of each epoch; the final one is separate)."""
+    step = state["global_step"]
+    if step >= total_steps:
+        return False
+    if getattr(config, "eval_strategy", "steps") == "epoch":
+        return state["batches_in_epoch"] >= steps_per_epoch * config.gradient_accumulation_steps
+    return bool(config.eval_steps) and step % config.eval_steps == 0
+
+
+def save_due(config, step: int, total_steps: int) -> bool:
+    return bool(config.save_steps) and step % config.save_steps == 0 and step < total_steps
+
+
+def finish(accelerator, config, state: dict, final_eval: dict | None = None) -> None:
+    """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
+    if final_eval is not None:
+        record_eval(state, final_eval, config)
+    save(accelerator, config, state)
+    if final_eval is not None and config.load_best_model_at_end:
+        load_best(accelerator, config, state)
+
+
 def step_path(config, step: int) -> str:
     return os.path.join(checkpoints_dir(config), f"step_{step}")
 

@@ -147,6 +147,8 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = opt(
         None, "'latest' or a checkpoint directory to resume from (output_dir's own are found automatically)."
     )
+    deepspeed: str | None = opt(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json) when the launcher gives none; "
+                                      "'auto' values are filled from this recipe.")
     debug: bool = opt(False, "Debug mode: few examples and steps, no trackers, full tracebacks.")
 
 
@@ -415,11 +417,27 @@ def check_common(config) -> None:
         config.tokenizer_name_or_path or config.tokenizer_files
     ):
         raise ConfigError("model_config: a built model needs tokenizer_files or tokenizer_name_or_path")
+    if getattr(config, "deepspeed", None):
+        read_deepspeed_config(config.deepspeed, "deepspeed")
     data_keys = ("dataset_name", "train_file")
     if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
+
+
+def read_deepspeed_config(path: str, key: str) -> dict:
+    """A DeepSpeed JSON config as a dict; a missing file or invalid JSON is one clear error."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: DeepSpeed config not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the DeepSpeed config ({e.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    return ds
 
 
 def apply_debug(config) -> None:

@@ -22,8 +22,17 @@ def accelerator(config):
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
     cpu = not torch.cuda.is_available()
+    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed_plugin = None
+    if config.deepspeed and not launched_with_deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=os.path.abspath(config.deepspeed))
+    use_deepspeed = launched_with_deepspeed or deepspeed_plugin is not None
     if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        PartialState(cpu=True, backend="gloo")
+        # `cpu=True` would make accelerate fall back to plain MULTI_CPU and silently drop DeepSpeed
+        PartialState(cpu=not use_deepspeed, backend="gloo")
+    cpu = cpu and not use_deepspeed
     trackers = [] if config.report_to == "none" or config.debug else (
         ["wandb", "tensorboard"] if config.report_to == "all" else [config.report_to])
     acc = Accelerator(
@@ -36,11 +45,49 @@ def accelerator(config):
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, "tensorboard")),
         step_scheduler_with_optimizer=False,
+        deepspeed_plugin=deepspeed_plugin,
     )
+    fill_deepspeed_config(acc, config)
     level = logging.INFO if acc.is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     logger.setLevel(level)
     return acc
+
+
+def fill_deepspeed_config(acc, config) -> None:
+    """Put the recipe's values into the DeepSpeed config's "auto" fields; a fixed value that
+    disagrees with the recipe is an error naming both (before any model is loaded)."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        return
+    from ftkit.config import ConfigError
+
+    where = config.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
+    ga = config.gradient_accumulation_steps
+    wanted = {  # DeepSpeed key: (recipe option, value)
+        "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", config.per_device_train_batch_size),
+        "gradient_accumulation_steps": ("gradient_accumulation_steps", ga),
+        "train_batch_size": ("per_device_train_batch_size x gradient_accumulation_steps x processes",
+                             config.per_device_train_batch_size * ga * acc.num_processes),
+        "gradient_clipping": ("max_grad_norm", float(config.max_grad_norm)),
+        "bf16.enabled": ("bf16", bool(config.bf16)),
+    }
+    ds = plugin.deepspeed_config
+    for key, (option, value) in wanted.items():
+        *parents, leaf = key.split(".")
+        node = ds
+        for p in parents:
+            node = node.setdefault(p, {})
+        current = node.get(leaf, "auto")
+        if current == "auto":
+            node[leaf] = value
+        elif (float(current) != float(value)) if not isinstance(value, bool) else (bool(current) != value):
+            raise ConfigError(f"{where}: {key} is {current} but the recipe's {option} is {value}; "
+                              f"set it to \"auto\" or make the two agree")
+    if config.optim != "adamw_torch" and isinstance(ds.get("zero_optimization"), dict) and \
+            ds["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none":
+        raise ConfigError(f"optim: {config.optim} cannot run with {where}'s optimizer offload "
+                          f"(use optim adamw_torch, or a config without offload_optimizer)")
 
 
 def seed_everything(seed: int) -> None:

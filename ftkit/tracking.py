@@ -7,6 +7,8 @@ import os
 import re
 import time
 
+import torch
+
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
 
@@ -20,10 +22,11 @@ def without_secrets(values: dict) -> dict:
     return clean
 
 
-def start(accelerator, config) -> None:
-    """Initialise the configured trackers; their files go under output_dir."""
+def start(accelerator, config) -> "MetricsLog":
+    """Initialise the configured trackers (their files go under output_dir); returns the run's log."""
+    log = MetricsLog(accelerator, config.output_dir)
     if not accelerator.log_with:
-        return
+        return log
     from ftkit.config import to_dict
 
     run_name = config.run_name or os.path.basename(os.path.normpath(config.output_dir))
@@ -31,6 +34,7 @@ def start(accelerator, config) -> None:
     safe = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
             for k, v in without_secrets(to_dict(config)).items()}
     accelerator.init_trackers(config.project_name, config=safe, init_kwargs=init_kwargs)
+    return log
 
 
 class MetricsLog:
@@ -47,6 +51,35 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.accelerator.log_with:
             self.accelerator.log(metrics, step=step)
+
+
+class RunningLoss:
+    """Sum of the loss (``add``, per micro-batch, this process) and of what it is averaged over
+    (``count``, per optimizer step, all processes: tokens or examples) between log events.
+
+    The sum stays on the device until a log event, so the hot loop has no host sync.
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.total = torch.zeros((), device=accelerator.device)
+        self.count = 0
+
+    def add(self, loss_sum: "torch.Tensor") -> None:
+        self.total += loss_sum.detach()
+
+    def pop(self) -> float:
+        """The mean over all processes since the last call."""
+        from ftkit.distributed import reduce_sum
+
+        mean = (reduce_sum(self.accelerator, self.total) / self.count).item()
+        self.total.zero_()
+        self.count = 0
+        return mean
+
+
+def log_due(config, step: int, total_steps: int) -> bool:
+    return step % config.logging_steps == 0 or step == total_steps
 
 
 def train_entry(loss: float, scheduler, state: dict, batches_per_epoch: int, speed, grad_norm,

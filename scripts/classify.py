@@ -265,28 +265,16 @@ def main(config):
     acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
-    resume_path = checkpoint.resolve_resume_path(config)
-    if resume_path:
-        state.update(checkpoint.load(acc, config, resume_path))
-    if acc.is_main_process:
-        cfg.save(config, os.path.join(config.output_dir, "config.yaml"))
-    tracking.start(acc, config)
-    log = tracking.MetricsLog(acc, config.output_dir)
-    speed = tracking.Throughput()
+    state, resume_path = checkpoint.start(acc, config)
+    log = tracking.start(acc, config)
+    speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
     ga = config.gradient_accumulation_steps
-    running_loss, running_examples, grad_norm = torch.zeros((), device=acc.device), 0, None
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
     model.train()
     while state["global_step"] < total_steps:
-        # both: see scripts/qlora_summarize.py (one process: accelerate's own epoch counter; several: none)
-        sampler.set_epoch(state["epoch"])
-        batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
-        batches.set_epoch(state["epoch"])
-        if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
-            batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
-            resume_path = None
+        batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
+        resume_path = None
         for window in data.accumulation_windows(batches, ga):
             # the loss is a mean over every example of this optimizer step, on all processes
             window_examples = distributed.reduce_sum(acc, sum(len(b["labels"]) for b in window))
@@ -295,7 +283,7 @@ def main(config):
                 with acc.accumulate(model):
                     logits = model(**model_inputs(batch)).logits.float()
                     loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                    running_loss += loss_sum.detach()
+                    running.add(loss_sum)
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                     acc.backward(loss_sum * acc.num_processes * ga / window_examples)
                     if acc.sync_gradients and config.max_grad_norm > 0:
@@ -303,43 +291,32 @@ def main(config):
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            running_examples += window_examples
-            state["global_step"] += 1
-            state["batches_in_epoch"] += ga
-            state["samples_seen"] += int(window_examples)
-            step = state["global_step"]
+            running.count += window_examples
+            step = checkpoint.advance(state, ga, window_examples)
             progress.update(1)
 
-            if step % config.logging_steps == 0 or step == total_steps:
-                loss = (distributed.reduce_sum(acc, running_loss) / running_examples).item()
+            if tracking.log_due(config, step, total_steps):
+                loss = running.pop()
                 log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
                                              acc.num_processes), step)
                 progress.set_postfix(loss=f"{loss:.4f}")
-                running_loss.zero_()
-                running_examples = 0
-            save_now = bool(config.save_steps) and step % config.save_steps == 0
-            epoch_done = state["batches_in_epoch"] >= windows_per_epoch * ga
-            if step < total_steps and (epoch_done if config.eval_strategy == "epoch" else
-                                       config.eval_steps and step % config.eval_steps == 0):
+            save_now = checkpoint.save_due(config, step, total_steps)
+            if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
                 result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
                 log.log(eval_entry(result), step)
                 save_now |= checkpoint.record_eval(state, eval_entry(result), config)  # keep every new best
-            if save_now and step < total_steps:
+            if save_now:
                 checkpoint.save(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            checkpoint.next_epoch(state)
     progress.close()
 
     # -------- last evaluation, best model, metrics on every split, export --------
     result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
     log.log(eval_entry(result), state["global_step"])
-    checkpoint.record_eval(state, eval_entry(result), config)
-    checkpoint.save(acc, config, state)
-    if config.load_best_model_at_end:
-        checkpoint.load_best(acc, config, state)
+    checkpoint.finish(acc, config, state, eval_entry(result))
     report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **state}
     shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]
     for name in shown:

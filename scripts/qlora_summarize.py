@@ -229,30 +229,16 @@ def main(config):
     acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0,
-             "dropped_overlong": dropped}
-    resume_path = checkpoint.resolve_resume_path(config)
-    if resume_path:
-        state.update(checkpoint.load(acc, config, resume_path))
-    if acc.is_main_process:
-        cfg.save(config, os.path.join(config.output_dir, "config.yaml"))
-    tracking.start(acc, config)
-    log = tracking.MetricsLog(acc, config.output_dir)
-    speed = tracking.Throughput()
+    state, resume_path = checkpoint.start(acc, config, dropped_overlong=dropped)
+    log = tracking.start(acc, config)
+    speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
     ga = config.gradient_accumulation_steps
-    running_loss, running_tokens, grad_norm = torch.zeros((), device=acc.device), 0, None
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
     model.train()
     while state["global_step"] < total_steps:
-        # Both: one process, accelerate overwrites the sampler's epoch with its loader's counter (and
-        # a resume's skip-loader has its own); several, its shard wrapper never passes it on.
-        sampler.set_epoch(state["epoch"])
-        batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
-        batches.set_epoch(state["epoch"])
-        if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
-            batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
-            resume_path = None
+        batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
+        resume_path = None
         for window in data.accumulation_windows(batches, ga):
             # the loss is a mean over every target token of this optimizer step, on all processes
             window_tokens = distributed.reduce_sum(acc, sum(modeling.count_target_tokens(b["labels"]) for b in window))
@@ -261,7 +247,7 @@ def main(config):
                 with acc.accumulate(model):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss_sum, _ = modeling.causal_lm_loss_sum(logits, batch["labels"])
-                    running_loss += loss_sum.sum().detach()
+                    running.add(loss_sum.sum())
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                     acc.backward(loss_sum.sum() * acc.num_processes * ga / window_tokens)
                     if acc.sync_gradients and config.max_grad_norm > 0:
@@ -269,37 +255,31 @@ def main(config):
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            running_tokens += window_tokens
-            state["global_step"] += 1
-            state["batches_in_epoch"] += ga
-            state["samples_seen"] += sum(len(b["input_ids"]) for b in window) * acc.num_processes
-            step = state["global_step"]
+            running.count += window_tokens
+            step = checkpoint.advance(state, ga, sum(len(b["input_ids"]) for b in window) * acc.num_processes)
             progress.update(1)
 
-            if step % config.logging_steps == 0 or step == total_steps:
-                loss = (distributed.reduce_sum(acc, running_loss) / running_tokens).item()
+            if tracking.log_due(config, step, total_steps):
+                loss = running.pop()
                 log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
                                              acc.num_processes), step)
                 progress.set_postfix(loss=f"{loss:.4f}")
-                running_loss.zero_()
-                running_tokens = 0
-            if config.eval_steps and step % config.eval_steps == 0 and step < total_steps:
+            if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
                 entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
                 if config.num_eval_generate:
                     scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
                     entry.update({f"eval/{k}": v for k, v in scores.items()})
                 log.log(entry, step)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            if checkpoint.save_due(config, step, total_steps):
                 checkpoint.save(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            checkpoint.next_epoch(state)
     progress.close()
 
     # -------- final evaluation, the S001 comparison table, export --------
-    checkpoint.save(acc, config, state)
+    checkpoint.finish(acc, config, state)
     final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
     tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
     final_eval.update({f"eval/{k}": v for k, v in tuned.items()})

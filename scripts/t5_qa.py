@@ -305,34 +305,20 @@ def main(config):
     acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0}
-    resume_path = checkpoint.resolve_resume_path(config)
-    if resume_path:
-        state.update(checkpoint.load(acc, config, resume_path))
-    if acc.is_main_process:
-        cfg.save(config, os.path.join(config.output_dir, "config.yaml"))
-    tracking.start(acc, config)
-    log = tracking.MetricsLog(acc, config.output_dir)
-    speed = tracking.Throughput()
+    state, resume_path = checkpoint.start(acc, config, truncation=counts)
+    log = tracking.start(acc, config)
+    speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
     ga = config.gradient_accumulation_steps
-    running_loss, running_tokens, grad_norm = torch.zeros((), device=acc.device), 0, None
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
     def evaluate() -> dict:
-        scores = None
-        if config.max_eval_samples != 0:
-            scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length, config.max_eval_samples)
+        scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length, config.max_eval_samples)
         return eval_entry(eval_loss(acc, model, eval_dl, decoder_start, pad), scores)
 
     model.train()
     while state["global_step"] < total_steps:
-        # both: see scripts/qlora_summarize.py (one process: accelerate's own epoch counter; several: none)
-        sampler.set_epoch(state["epoch"])
-        batches = acc.skip_first_batches(train_dl, state["batches_in_epoch"]) if state["batches_in_epoch"] else train_dl
-        batches.set_epoch(state["epoch"])
-        if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
-            batches = checkpoint.restore_rng_once_started(batches, resume_path, acc.process_index)
-            resume_path = None
+        batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
+        resume_path = None
         for window in data.accumulation_windows(batches, ga):
             # the loss is a mean over every answer token of this optimizer step, on all processes
             window_tokens = distributed.reduce_sum(acc, sum(modeling.count_target_tokens(b["labels"], shift=False)
@@ -341,7 +327,7 @@ def main(config):
                 speed.add(batch)
                 with acc.accumulate(model):
                     loss_sum, _ = seq2seq_loss(model, batch, decoder_start, pad)
-                    running_loss += loss_sum.sum().detach()
+                    running.add(loss_sum.sum())
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                     acc.backward(loss_sum.sum() * acc.num_processes * ga / window_tokens)
                     if acc.sync_gradients and config.max_grad_norm > 0:
@@ -349,43 +335,32 @@ def main(config):
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            running_tokens += window_tokens
-            state["global_step"] += 1
-            state["batches_in_epoch"] += ga
-            state["samples_seen"] += sum(len(b["labels"]) for b in window) * acc.num_processes
-            step = state["global_step"]
+            running.count += window_tokens
+            step = checkpoint.advance(state, ga, sum(len(b["labels"]) for b in window) * acc.num_processes)
             progress.update(1)
 
-            if step % config.logging_steps == 0 or step == total_steps:
-                loss = (distributed.reduce_sum(acc, running_loss) / running_tokens).item()
+            if tracking.log_due(config, step, total_steps):
+                loss = running.pop()
                 log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
                                              acc.num_processes), step)
                 progress.set_postfix(loss=f"{loss:.4f}")
-                running_loss.zero_()
-                running_tokens = 0
-            save_now = bool(config.save_steps) and step % config.save_steps == 0
-            epoch_done = state["batches_in_epoch"] >= windows_per_epoch * ga
-            if step < total_steps and (epoch_done if config.eval_strategy == "epoch" else
-                                       config.eval_steps and step % config.eval_steps == 0):
+            save_now = checkpoint.save_due(config, step, total_steps)
+            if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
                 entry = evaluate()
                 log.log(entry, step)
                 save_now |= checkpoint.record_eval(state, entry, config)  # keep every new best
-            if save_now and step < total_steps:
+            if save_now:
                 checkpoint.save(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
+            checkpoint.next_epoch(state)
     progress.close()
 
     # -------- last evaluation, best model, answers for every eval example, export --------
     entry = evaluate()
     log.log(entry, state["global_step"])
-    checkpoint.record_eval(state, entry, config)
-    checkpoint.save(acc, config, state)
-    if config.load_best_model_at_end:
-        checkpoint.load_best(acc, config, state)
+    checkpoint.finish(acc, config, state, entry)
     scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)
     final_loss = eval_loss(acc, model, eval_dl, decoder_start, pad)
     log.log({f"final_{eval_name}/exact_match": scores["exact_match"], f"final_{eval_name}/f1": scores["f1"],
@@ -395,7 +370,7 @@ def main(config):
         print(f"\n{eval_name}: exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  "
               f"({scores['examples']} questions)  validation loss {final_loss:.4f}")
         per_example = scores.pop("per_example")
-        report = {"split": eval_name, **scores, "eval_loss": final_loss, "truncation": counts, **state}
+        report = {"split": eval_name, **scores, "eval_loss": final_loss, **state}
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         write_predictions(os.path.join(config.output_dir, "predictions.jsonl"), splits[eval_name], predictions,
                           per_example)

@@ -185,3 +185,16 @@ def test_shift_right_starts_with_the_start_token_and_has_no_minus_100():
     labels = torch.tensor([[5, 6, 1], [7, 1, -100]])
     shifted = modeling.shift_right(labels, decoder_start_token_id=0, pad_token_id=0)
     assert shifted.tolist() == [[0, 5, 6], [0, 7, 1]]
+
+
+REAL_SQUAD = os.path.join(ROOT, "..", "shared", "realdata", "squad", "dev-v1.1.json")
+
+
+@pytest.mark.skipif(not os.path.isfile(REAL_SQUAD), reason="../shared/realdata absent")
+def test_the_official_squad_dev_file_loads_every_question_with_its_gold_answers():
+    ds = data.load_local_file(REAL_SQUAD, "validation_file")
+    assert len(ds) == 10570
+    assert all(len(a) >= 1 for a in ds["answers"])
+    # each gold answer is a span of its context at answer_start, as the official file promises
+    first = ds[0]
+    assert all(first["context"][s:s + len(t)] == t for t, s in zip(first["answers"], first["answer_start"]))
