@@ -3,6 +3,7 @@ quantization, LoRA, freezing, gradient checkpointing, and the token-summed loss.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -184,7 +185,8 @@ def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
             if token_id is not None:
                 setattr(model_cfg, f"{role}_token_id", token_id)
         torch.manual_seed(config.seed)
-        model = auto_model_cls.from_config(model_cfg)
+        with whole_model_init():
+            model = auto_model_cls.from_config(model_cfg)
         if model_cfg.is_encoder_decoder and model.generation_config.decoder_start_token_id is None:
             model.generation_config.decoder_start_token_id = tok.pad_token_id  # as T5 does
         model.save_pretrained(path)
@@ -210,12 +212,32 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def check_lora_targets(model_cfg, auto_model_cls, targets: list[str]) -> None:
-    """Every LoRA target must match a module; checked on the meta device before loading weights."""
+@contextlib.contextmanager
+def whole_model_init():
+    """Build a model unpartitioned even under ZeRO-3 (transformers would wrap it in ``zero.Init``,
+    a collective that partitions it): for skeletons on the meta device and the tiny base model
+    that rank 0 alone builds and saves."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def skeleton_of(model_cfg, auto_model_cls):
+    """The model's modules on the meta device (no memory, no weights) for checks before loading."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights():
-        skeleton = auto_model_cls.from_config(model_cfg)
+    with whole_model_init(), init_empty_weights():
+        return auto_model_cls.from_config(model_cfg)
+
+
+def check_lora_targets(model_cfg, auto_model_cls, targets: list[str]) -> None:
+    """Every LoRA target must match a module; checked on the meta device before loading weights."""
+    skeleton = skeleton_of(model_cfg, auto_model_cls)
     module_names = [n for n, _ in skeleton.named_modules()]
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in module_names):
@@ -245,10 +267,7 @@ def module_overview(model) -> str:
 
 def check_trainable_modules(model_cfg, auto_model_cls, patterns: list[str]) -> None:
     """Every ``trainable_modules`` pattern must match a parameter; checked on the meta device."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        skeleton = auto_model_cls.from_config(model_cfg)
+    skeleton = skeleton_of(model_cfg, auto_model_cls)
     names = [n for n, _ in skeleton.named_parameters()]
     for pattern in patterns:
         if not any(_matches(n, pattern) for n in names):

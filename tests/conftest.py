@@ -20,9 +20,12 @@ def script_env():
     return env
 
 
-def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True):
+def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
+           launcher_config: str | None = None):
     """``accelerate launch`` a script from scripts/ as users do; returns the CompletedProcess."""
-    if num_processes > 1:  # one process per rank, DDP over gloo (see the config's comment)
+    if launcher_config:
+        how = ["--config_file", launcher_config]
+    elif num_processes > 1:  # one process per rank, DDP over gloo (see the config's comment)
         how = ["--config_file", os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml")]
     else:
         how = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

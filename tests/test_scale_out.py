@@ -1,0 +1,213 @@
+"""Scale-out: DDP equivalence, DeepSpeed ZeRO-2/3 (and offload) runs of every script with 2 CPU
+processes whose exported model reloads in one process with the logged eval loss, the launcher
+configs, and the DeepSpeed config checks. Real accelerate launch, real DeepSpeed engines."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, launch, load_script, read_jsonl, run_python
+
+pytestmark = pytest.mark.slow
+RECIPES = os.path.join(ROOT, "recipes", "tiny")
+LAUNCH = os.path.join(ROOT, "launch", "accelerate")
+SPAM = os.path.join(RECIPES, "spam.yaml")
+
+
+def launch_with(config_file: str, script: str, args: list[str]):
+    return launch(script, args, num_processes=2, launcher_config=os.path.join(LAUNCH, config_file))
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: 2 processes x batch b == 1 process x batch 2b, step by step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_processes_follow_the_single_process_trajectory(tmp_path):
+    sgd = ["--config", SPAM, "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
+           "--max_steps", "5", "--logging_steps", "1", "--eval_strategy", "steps", "--eval_steps", "1000",
+           "--max_grad_norm", "0", "--load_best_model_at_end", "false"]
+    launch("classify.py", sgd + ["--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8"])
+    launch("classify.py", sgd + ["--output_dir", str(tmp_path / "two"), "--per_device_train_batch_size", "4"],
+           num_processes=2)
+    losses = {}
+    for run in ("one", "two"):
+        losses[run] = [r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+    assert len(losses["one"]) == 5
+    for a, b in zip(losses["one"], losses["two"]):
+        assert abs(a - b) <= 1e-5 * abs(a), losses
+    from safetensors.torch import load_file
+
+    one, two = (load_file(tmp_path / r / "final" / "model.safetensors") for r in ("one", "two"))
+    base = load_file(tmp_path / "one" / "base_model" / "model.safetensors")
+    moved = max((one[k] - base[k]).abs().max().item() for k in one if k in base)
+    assert moved > 1e-3  # the weights did change
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5 * max(v.abs().max().item() for v in one.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed: every script, ZeRO-2 and ZeRO-3; the export reloads with the logged eval loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _single_process_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def _classify_eval_loss(out):
+    from ftkit import config as cfg, data
+    from transformers import AutoModelForSequenceClassification
+
+    cl = load_script("classify")
+    config = cfg.build(cl.ClassifyConfig, cfg.load_yaml_recipe(str(out / "final" / "ftkit_config.yaml")))
+    splits = cl.load_classification_splits(config)
+    names = json.load(open(out / "metrics.json"))["label_names"]
+    tokenizer = load_script("classify").modeling.load_tokenizer(str(out / "final"))
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
+    ds = cl.tokenize_split(splits["validation"], cl.label_ids(config, splits["validation"], names, "validation"),
+                           tokenizer, config, 128, False, "validation")
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.PadCollator(tokenizer.pad_token_id))
+    result, _, _ = cl.evaluate(_single_process_accelerator(), model, dl, len(names))
+    return result["loss"], json.load(open(out / "metrics.json"))["validation"]["loss"]
+
+
+def _qa_eval_loss(out):
+    from ftkit import config as cfg, data, modeling
+    from transformers import AutoModelForSeq2SeqLM
+
+    qa = load_script("t5_qa")
+    config = cfg.build(qa.QAConfig, cfg.load_yaml_recipe(str(out / "final" / "ftkit_config.yaml")))
+    tokenizer = modeling.load_tokenizer(str(out / "final"))
+    ds, _ = qa.tokenize_split(qa.load_qa_splits(config)["validation"], tokenizer, config, config.max_length, "v")
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.PadCollator(tokenizer.pad_token_id))
+    model = AutoModelForSeq2SeqLM.from_pretrained(out / "final").eval()
+    loss = qa.eval_loss(_single_process_accelerator(), model, dl, model.generation_config.decoder_start_token_id,
+                        model.config.pad_token_id)
+    return loss, json.load(open(out / "metrics.json"))["eval_loss"]
+
+
+def _summarize_eval_loss(out):
+    from peft import PeftModel
+    from ftkit import config as cfg, data, modeling
+    from transformers import AutoModelForCausalLM
+
+    qs = load_script("qlora_summarize")
+    config = cfg.build(qs.SummarizeConfig, cfg.load_yaml_recipe(str(out / "final" / "ftkit_config.yaml")))
+    tokenizer = modeling.load_tokenizer(str(out / "final"))
+    raw = data.load_splits(config)["validation"]
+    ds, _ = qs.tokenize_split(raw, tokenizer, config, 512, "validation")
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.PadCollator(tokenizer.pad_token_id))
+    acc = _single_process_accelerator()
+    base = modeling.load_pretrained(AutoModelForCausalLM, str(out / "base_model"), config, acc)
+    model = PeftModel.from_pretrained(base, out / "final").eval()
+    return qs.eval_loss(acc, model, dl), json.load(open(out / "metrics.json"))["eval_loss"]
+
+
+SCRIPTS = {
+    "classify": ("classify.py", ["--config", SPAM, "--max_steps", "6"], _classify_eval_loss),
+    "t5_qa": ("t5_qa.py", ["--config", os.path.join(RECIPES, "t5_qa.yaml"), "--max_steps", "12",
+                           "--eval_steps", "6", "--max_eval_samples", "5"], _qa_eval_loss),
+    "qlora_summarize": ("qlora_summarize.py", ["--config", os.path.join(RECIPES, "qlora_summarize.yaml"),
+                                              "--max_steps", "6", "--num_test_compare", "3", "--num_eval_generate", "3",
+                                              "--eval_steps", "3", "--max_new_tokens", "8"], _summarize_eval_loss),
+}
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_deepspeed_run_exports_a_model_that_reloads_with_the_logged_eval_loss(tmp_path, name, stage):
+    script, args, reload_loss = SCRIPTS[name]
+    out = tmp_path / "run"
+    proc = launch_with(f"deepspeed_{stage}.yaml", script, args + ["--output_dir", str(out)])
+    checkpoint = sorted(os.listdir(out / "checkpoints"))[-1]
+    assert os.path.isdir(out / "checkpoints" / checkpoint / "pytorch_model"), "not a DeepSpeed checkpoint"
+    assert "DeepSpeed" in proc.stdout + proc.stderr
+    reloaded, logged = reload_loss(out)
+    assert abs(reloaded - logged) <= 1e-4 * abs(logged), (reloaded, logged)
+
+
+def test_qlora_adapter_saved_under_zero3_is_complete(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    script, args, _ = SCRIPTS["qlora_summarize"]
+    launch_with("deepspeed_zero3.yaml", script, args + ["--output_dir", str(out), "--max_steps", "3"])
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    config = json.load(open(out / "final" / "adapter_config.json"))
+    targets = set(config["target_modules"])
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
+    # every targeted module of both layers has its A and B matrices (nothing lost to sharding)
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter} == targets
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k or "lora_embedding_B" in k)
+
+
+def test_zero2_with_optimizer_offload_runs(tmp_path):
+    out = tmp_path / "run"
+    launch("classify.py", ["--config", SPAM, "--max_steps", "4", "--output_dir", str(out),
+                           "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2_offload.json")],
+           num_processes=2)
+    assert json.load(open(out / "metrics.json"))["global_step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher configs and DeepSpeed config checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(LAUNCH)))
+def test_every_accelerate_config_parses_and_names_files_that_exist(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(LAUNCH, name))
+    raw = yaml.safe_load(open(os.path.join(LAUNCH, name)))
+    assert config.distributed_type.value == raw["distributed_type"]
+    ds_file = (raw.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if ds_file:
+        assert os.path.isfile(os.path.join(ROOT, ds_file)), ds_file
+
+
+@pytest.mark.parametrize("name", ["single_gpu.yaml", "multi_gpu.yaml"])
+def test_cpu_capable_launch_configs_run(tmp_path, name):
+    out = tmp_path / "run"
+    procs = 1 if name == "single_gpu.yaml" else 2
+    launch("classify.py", ["--config", SPAM, "--max_steps", "2", "--output_dir", str(out)], num_processes=procs,
+           launcher_config=os.path.join(LAUNCH, name))
+    assert json.load(open(out / "metrics.json"))["global_step"] == 2
+
+
+def test_every_deepspeed_config_is_valid_json_with_auto_batch_values():
+    folder = os.path.join(ROOT, "ds_configs")
+    names = sorted(os.listdir(folder))
+    assert names == ["zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json"]
+    for name in names:
+        ds = json.load(open(os.path.join(folder, name)))
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+            assert ds[key] == "auto", (name, key)
+
+
+def test_recipe_and_deepspeed_config_conflict_is_one_line_naming_both(tmp_path):
+    ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
+    ds["gradient_accumulation_steps"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(out), "--deepspeed", str(tmp_path / "ds.json")])
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "gradient_accumulation_steps is 4 but the recipe's gradient_accumulation_steps is 1" in last
+    assert str(tmp_path / "ds.json") in last
+    assert not os.path.exists(out / "base_model")  # nothing built or loaded
+
+
+@pytest.mark.parametrize("content,message", [(None, "DeepSpeed config not found"),
+                                             ('{"zero_optimization": {', "invalid JSON in the DeepSpeed config")])
+def test_missing_or_invalid_deepspeed_config_is_one_line(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(tmp_path / "run"), "--deepspeed", str(path)])
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
