@@ -279,6 +279,47 @@ def finish(accelerator, config, state: dict, final_eval: dict | None = None) -> 
         load_best(accelerator, config, state)
 
 
+class StopRequest:
+    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
+
+    The handler only records the signal; the loop asks :meth:`requested` at each optimizer-step
+    boundary, which agrees across processes (a max-reduce), so every rank stops at the same step
+    and takes part in the checkpoint. A second signal during the save changes nothing.
+    """
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self, accelerator):
+        import signal
+
+        self.accelerator = accelerator
+        self.signal_name = None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, stopping "
+                        f"after this optimizer step\n".encode())
+
+    def requested(self) -> bool:
+        flag = torch.tensor(1.0 if self.signal_name else 0.0, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        return bool(flag.item())
+
+    def stop(self, accelerator, config, state: dict) -> None:
+        """Save where the run stands and say how to go on; the caller returns (exit code 0)."""
+        path = save(accelerator, config, state)
+        if accelerator.is_main_process:
+            print(f"[ftkit] stopped by {self.signal_name or 'a signal on another rank'} at step "
+                  f"{state['global_step']}: checkpoint {path} saved; run the same command again to resume", flush=True)
+        accelerator.end_training()
+
+
 def step_path(config, step: int) -> str:
     return os.path.join(checkpoints_dir(config), f"step_{step}")
 

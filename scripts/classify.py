@@ -268,6 +268,7 @@ def main(config):
     state, resume_path = checkpoint.start(acc, config)
     log = tracking.start(acc, config)
     speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
+    stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
     ga = config.gradient_accumulation_steps
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
@@ -307,6 +308,8 @@ def main(config):
                 save_now |= checkpoint.record_eval(state, eval_entry(result), config)  # keep every new best
             if save_now:
                 checkpoint.save(acc, config, state)
+            if stop.requested():
+                return stop.stop(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)

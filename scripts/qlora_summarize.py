@@ -232,6 +232,7 @@ def main(config):
     state, resume_path = checkpoint.start(acc, config, dropped_overlong=dropped)
     log = tracking.start(acc, config)
     speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
+    stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
     ga = config.gradient_accumulation_steps
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
@@ -272,6 +273,8 @@ def main(config):
                 log.log(entry, step)
             if checkpoint.save_due(config, step, total_steps):
                 checkpoint.save(acc, config, state)
+            if stop.requested():
+                return stop.stop(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)

@@ -1,0 +1,60 @@
+# Shared body of launch/slurm/*.sbatch (sourced by them; not submitted itself).
+#
+# One srun task per node runs `accelerate launch` for that node: node rank from SLURM_NODEID,
+# evaluated inside each task (expanding it in the batch script would give every node rank 0);
+# the main address is the allocation's first host; c10d rendezvous. Processes per node = the
+# GPUs found there (1 on CPU nodes) unless NPROC_PER_NODE is set. ACCELERATE_CONFIG picks the
+# accelerate config (default launch/accelerate/multi_gpu.yaml; e.g. deepspeed_zero3.yaml).
+#
+# Preemption: SLURM sends USR1 to this script <grace> seconds before the end (--signal=B:USR1@...).
+# It is passed on to the training processes (the launchers ignore it), which finish the current
+# optimizer step, save a checkpoint and exit 0; then the job is requeued and, started again,
+# resumes from the latest checkpoint in output_dir.
+
+if [ $# -lt 1 ]; then
+    echo "usage: sbatch [options] launch/slurm/<file>.sbatch scripts/<recipe>.py --config RECIPE.yaml [--option value ...]" >&2
+    exit 2
+fi
+cd "${SLURM_SUBMIT_DIR:?submit with sbatch from the repository root}"
+if [ -f "${VENV:-.venv}/bin/activate" ]; then source "${VENV:-.venv}/bin/activate"; fi
+mkdir -p logs
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show node "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)  # what the nodes reach it by
+MASTER_ADDR=${MASTER_ADDR:-$first_node}
+MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launch/accelerate/multi_gpu.yaml}
+export MASTER_ADDR MASTER_PORT ACCELERATE_CONFIG
+echo "[ftkit] $(date +%T) job $SLURM_JOB_ID, start $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, main $MASTER_ADDR:$MASTER_PORT, $ACCELERATE_CONFIG: $*"
+
+preempted=0
+on_preemption() {
+    [ "$preempted" = 1 ] && return
+    preempted=1
+    echo "[ftkit] $(date +%T) USR1: the training processes checkpoint and stop; the job will be requeued"
+    scancel --signal=USR1 "$SLURM_JOB_ID"  # to the job steps' processes, not to this script
+}
+trap on_preemption USR1
+
+srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c '
+    trap "" USR1  # ignored by the launchers (inherited through exec); the training processes catch it
+    gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+    per_node=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+    exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
+        --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
+        --num_processes $(( per_node * SLURM_NNODES )) \
+        --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+        --rdzv_backend c10d --same_network "$@"
+' ftkit "$@" &
+srun_pid=$!
+status=0
+wait "$srun_pid" || status=$?
+while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupts `wait`: keep waiting
+    status=0
+    wait "$srun_pid" || status=$?
+done
+if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
+    echo "[ftkit] $(date +%T) checkpoint saved; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+echo "[ftkit] $(date +%T) training exited with status $status"
+exit "$status"

@@ -1,0 +1,129 @@
+"""Real SLURM on this machine (tests/slurm/cluster.sh: slurmctld + two slurmd nodes): the sbatch
+launchers run the recipes on one node and across two, and a preempted job checkpoints, is
+requeued and finishes with the weights of an uninterrupted run."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, launch, read_jsonl, script_env
+
+pytestmark = pytest.mark.slow
+CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
+SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
+# this machine's nodes have no GPUs and a couple of cores: override the launchers' GPU defaults
+SMALL = ["--gpus-per-node=0", "--cpus-per-task=1"]
+
+
+def unavailable(reason):
+    """Skip, except under CI (which runs as root and must run these): there a skip is a failure."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"SLURM test could not run under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if not (shutil.which("slurmctld") or os.geteuid() == 0):
+        unavailable("slurm-wlm is not installed and installing it needs root")
+    state = tmp_path_factory.mktemp("slurm")
+    proc = subprocess.run(["bash", CLUSTER, "start", str(state)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        unavailable(f"cluster did not start: {proc.stderr[-2000:]}")
+    env = script_env()
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    yield env, state
+    subprocess.run(["bash", CLUSTER, "stop", str(state)], capture_output=True, timeout=60)
+
+
+def sbatch(slurm, launcher: str, options: list[str], script_args: list[str], extra_env=None) -> str:
+    env, state = slurm
+    env = {**env, **(extra_env or {})}
+    cmd = ["sbatch", "--parsable", *SMALL, f"--output={state}/%j.out", *options,
+           os.path.join("launch", "slurm", launcher), *script_args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(slurm, job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job], env=slurm[0], capture_output=True, text=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def wait_for(slurm, job: str, restarts: int = 0, timeout: int = 420) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(slurm, job)
+        state = info.get("JobState")
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") or (
+                state == "COMPLETED" and int(info.get("Restarts", 0)) >= restarts):
+            return info
+        time.sleep(2)
+    raise AssertionError(f"job {job} not done after {timeout}s: {job_info(slurm, job)}\n{job_log(slurm, job)[-3000:]}")
+
+
+def job_log(slurm, job: str) -> str:
+    path = slurm[1] / f"{job}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_single_node_job_completes_with_the_outputs(slurm, tmp_path):
+    out = tmp_path / "run"
+    job = sbatch(slurm, "single_node.sbatch", [], ["scripts/classify.py", "--config", SPAM, "--output_dir", str(out),
+                                                   "--max_steps", "10"])
+    info = wait_for(slurm, job)
+    assert info["JobState"] == "COMPLETED", job_log(slurm, job)[-3000:]
+    assert json.load(open(out / "metrics.json"))["global_step"] == 10
+    assert os.path.isfile(out / "final" / "model.safetensors")
+    assert "1 node(s)" in job_log(slurm, job)
+
+
+def test_two_nodes_give_the_result_of_two_processes_on_one_node(slurm, tmp_path):
+    args = ["scripts/classify.py", "--config", SPAM, "--max_steps", "10", "--logging_steps", "1",
+            "--per_device_train_batch_size", "4"]
+    two_nodes = sbatch(slurm, "multi_node.sbatch", ["--nodes=2"], args + ["--output_dir", str(tmp_path / "multi")])
+    one_node = sbatch(slurm, "single_node.sbatch", [], args + ["--output_dir", str(tmp_path / "single")],
+                      extra_env={"NPROC_PER_NODE": "2"})
+    for job in (two_nodes, one_node):
+        assert wait_for(slurm, job)["JobState"] == "COMPLETED", job_log(slurm, job)[-3000:]
+    assert "2 node(s) node[1-2]" in job_log(slurm, two_nodes)
+    # world size 2 in both: every rank saved its RNG state
+    for run in ("multi", "single"):
+        ranks = [f for f in os.listdir(tmp_path / run / "checkpoints" / "step_10") if f.startswith("rng_state_")]
+        assert sorted(ranks) == ["rng_state_0.safetensors", "rng_state_1.safetensors"], run
+    multi, single = ([r["train/loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+                     for run in ("multi", "single"))
+    assert len(multi) == 10 and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(multi, single)), (multi, single)
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
+    args = ["--config", SPAM, "--max_steps", "1500", "--eval_strategy", "steps", "--eval_steps", "100000",
+            "--logging_steps", "50", "--load_best_model_at_end", "false"]
+    out = tmp_path / "preempted"
+    job = sbatch(slurm, "single_node.sbatch", [], ["scripts/classify.py", *args, "--output_dir", str(out)])
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or len(read_jsonl(out / "metrics.jsonl")) < 3:
+        assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
+        time.sleep(0.5)
+    # what SLURM does <grace> seconds before the time limit (--signal=B:USR1@...): USR1 to the batch script
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
+    info = wait_for(slurm, job, restarts=1)
+    log = job_log(slurm, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "stopped by SIGUSR1 at step" in log and "requeueing job" in log and "resumed from" in log
+    stopped_at = int(log.split("stopped by SIGUSR1 at step ")[1].split(":")[0])
+    assert 0 < stopped_at < 1500
+    assert json.load(open(out / "metrics.json"))["global_step"] == 1500
+
+    straight = tmp_path / "straight"
+    launch("classify.py", args + ["--output_dir", str(straight)])
+    a = load_file(out / "final" / "model.safetensors")
+    b = load_file(straight / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
