@@ -211,3 +211,23 @@ def test_missing_or_invalid_deepspeed_config_is_one_line(tmp_path, content, mess
         path.write_text(content)
     proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(tmp_path / "run"), "--deepspeed", str(path)])
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+
+
+def test_torchrun_script_joins_two_nodes_on_one_host(tmp_path):
+    import subprocess
+
+    from conftest import BIN, script_env
+
+    env = script_env()
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    out = tmp_path / "run"
+    port = str(29700 + os.getpid() % 200)
+    cmd = lambda rank: [os.path.join(ROOT, "launch", "torchrun.sh"), "--nnodes", "2", "--node_rank", rank,  # noqa: E731
+                        "--master_port", port, "scripts/classify.py", "--config", SPAM, "--output_dir", str(out),
+                        "--max_steps", "4"]
+    second = subprocess.Popen(cmd("1"), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.run(cmd("0"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    second.wait(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:]
+    ranks = sorted(f for f in os.listdir(out / "checkpoints" / "step_4") if f.startswith("rng_state_"))
+    assert ranks == ["rng_state_0.safetensors", "rng_state_1.safetensors"]
