@@ -157,6 +157,10 @@ class TrackingArguments:
     report_to: str = opt("none", "Experiment tracker.", choices=["none", "wandb", "tensorboard", "all"])
     project_name: str = opt("ftkit", "Tracker project name.")
     run_name: str | None = opt(None, "Tracker run name (default: output_dir's name).")
+    tags: list | None = opt(None, "W&B run tags.")
+    group: str | None = opt(None, "W&B run group (to gather the runs of a sweep).")
+    peak_tflops: float | None = opt(None, "Peak TFLOP/s of one device for the MFU estimate (default: "
+                                          "A100 312, H100/H200 989; none on CPU).", min_exclusive=0)
 
 
 @dataclass
@@ -446,6 +450,8 @@ def apply_debug(config) -> None:
     config.max_eval_samples = min(config.max_eval_samples or 8, 8)
     config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
     config.eval_steps, config.save_steps, config.logging_steps = 2, 2, 1
+    if hasattr(config, "eval_strategy"):
+        config.eval_strategy = "steps"
     config.report_to = "none"
     for name in ("num_eval_generate", "num_test_compare"):
         if hasattr(config, name):
@@ -459,7 +465,7 @@ def to_dict(config) -> dict:
 # Options that change where/how a run is reported or resumed, not what it computes.
 NON_TRAINING_KEYS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "project_name",
-    "run_name", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "debug",
+    "run_name", "tags", "group", "peak_tflops", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "debug",
     "preprocessing_num_workers", "predict", "adapter", "input_file", "text", "prediction_file",
     "merge_adapter", "num_test_compare", "num_eval_generate", "model", "text_pair", "eval_on_train",
 }

@@ -350,7 +350,7 @@ def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves each process an empty shard
         if hasattr(p, "quant_state") or p.__class__.__name__ == "Params4bit":
             n *= 2  # two 4-bit values are packed per byte
         total += n

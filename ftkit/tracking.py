@@ -22,15 +22,23 @@ def without_secrets(values: dict) -> dict:
     return clean
 
 
-def start(accelerator, config) -> "MetricsLog":
-    """Initialise the configured trackers (their files go under output_dir); returns the run's log."""
-    log = MetricsLog(accelerator, config.output_dir)
+def start(accelerator, config, state: dict) -> "MetricsLog":
+    """Initialise the configured trackers (their files under output_dir); returns the run's log.
+
+    The W&B run id is kept in the trainer state (and so in every checkpoint): a resumed run,
+    e.g. a requeued SLURM job, continues the same W&B run.
+    """
+    log = MetricsLog(accelerator, config)
     if not accelerator.log_with:
         return log
+    import uuid
+
     from ftkit.config import to_dict
 
+    state.setdefault("tracker_run_id", uuid.uuid4().hex[:12])
     run_name = config.run_name or os.path.basename(os.path.normpath(config.output_dir))
-    init_kwargs = {"wandb": {"name": run_name, "dir": config.output_dir}}
+    init_kwargs = {"wandb": {"name": run_name, "dir": config.output_dir, "id": state["tracker_run_id"],
+                             "resume": "allow", "tags": list(config.tags or []), "group": config.group}}
     safe = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
             for k, v in without_secrets(to_dict(config)).items()}
     accelerator.init_trackers(config.project_name, config=safe, init_kwargs=init_kwargs)
@@ -38,11 +46,13 @@ def start(accelerator, config) -> "MetricsLog":
 
 
 class MetricsLog:
-    """Writes each log event to ``output_dir/metrics.jsonl`` (main process) and to the trackers."""
+    """Writes each log event to ``output_dir/metrics.jsonl`` (main process) and to the trackers;
+    at the end draws ``output_dir/curves.png`` and, in ``--debug``, prints a summary."""
 
-    def __init__(self, accelerator, output_dir: str):
+    def __init__(self, accelerator, config):
         self.accelerator = accelerator
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.config = config
+        self.path = os.path.join(config.output_dir, "metrics.jsonl")
 
     def log(self, metrics: dict, step: int) -> None:
         metrics = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
@@ -51,6 +61,58 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.accelerator.log_with:
             self.accelerator.log(metrics, step=step)
+
+    def finish(self, state: dict) -> None:
+        """Close the trackers, draw the curves, and in debug mode say what the run did."""
+        self.accelerator.end_training()
+        if not self.accelerator.is_main_process or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            events = [json.loads(line) for line in f if line.strip()]
+        plot_curves(events, os.path.join(self.config.output_dir, "curves.png"))
+        if self.config.debug:
+            print(debug_summary(events, state), flush=True)
+
+
+def plot_curves(events: list[dict], path: str) -> None:
+    """Train loss, eval loss and every other eval metric against the optimizer step (no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    others = sorted({k for e in events for k in e if k.startswith("eval/") and k != "eval/loss"})
+    fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 5 * bool(others), 4), squeeze=False)
+    loss_ax = axes[0][0]
+    for key in ("train/loss", "eval/loss"):
+        x, y = series(key)
+        if x:
+            loss_ax.plot(x, y, marker="o" if key == "eval/loss" else None, label=key)
+    loss_ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    loss_ax.legend()
+    if others:
+        for key in others:
+            x, y = series(key)
+            axes[0][1].plot(x, y, marker="o", label=key)
+        axes[0][1].set(xlabel="optimizer step", title="evaluation")
+        axes[0][1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def debug_summary(events: list[dict], state: dict) -> str:
+    losses = [e["train/loss"] for e in events if "train/loss" in e]
+    evals = [e for e in events if "eval/loss" in e]
+    memory = max((e.get("perf/peak_memory_gb", 0.0) for e in events), default=0.0)
+    trained = f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no train loss logged"
+    evaluated = f"last eval loss {evals[-1]['eval/loss']:.4f}" if evals else "none"
+    return (f"debug run ok: {state['global_step']} steps, {trained}, {len(evals)} evaluations ({evaluated}), "
+            f"checkpoint at step {state['global_step']}, peak memory {memory:.2f} GB")
 
 
 class RunningLoss:
@@ -83,20 +145,70 @@ def log_due(config, step: int, total_steps: int) -> bool:
 
 
 def train_entry(loss: float, scheduler, state: dict, batches_per_epoch: int, speed, grad_norm,
-                num_processes: int) -> dict:
+                num_processes: int, total_steps: int) -> dict:
     """The ``train/*`` and ``perf/*`` values of one log event."""
     entry = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
              "train/epoch": state["epoch"] + state["batches_in_epoch"] / max(batches_per_epoch, 1),
-             **speed.report(num_processes)}
+             **speed.report(num_processes, state["global_step"], total_steps)}
     if grad_norm is not None:
         entry["train/grad_norm"] = float(grad_norm)
     return entry
 
 
-class Throughput:
-    """Counts real (non-pad) tokens and samples between log events."""
+def peak_memory_gb() -> float:
+    """CUDA: the most memory tensors held on this device; CPU: the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
 
-    def __init__(self):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# Peak dense bf16 tensor throughput (TFLOP/s) by device name; --peak_tflops overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def peak_tflops(config) -> float | None:
+    """The device's peak bf16 TFLOP/s: ``--peak_tflops``, else the table for known GPUs; None on CPU."""
+    if getattr(config, "peak_tflops", None):
+        return config.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def flops_per_token(model_config, trainable: int, frozen: int, seq_len: float) -> float:
+    """Training FLOPs per token: 6 x trainable + 4 x frozen parameters + 12 x layers x hidden x T.
+
+    Forward is 2 FLOPs per weight; backward 4 for a trained weight (input and weight gradients) and
+    2 for a frozen one (input gradients only); the attention score and value products add 12·L·H·T
+    per token for a sequence of T tokens (PaLM's convention; encoder-decoders count both stacks).
+    """
+    layers = next((getattr(model_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                   if isinstance(getattr(model_config, k, None), int)), 0)
+    if getattr(model_config, "is_encoder_decoder", False):
+        layers += getattr(model_config, "num_decoder_layers", None) or layers
+    hidden = next((getattr(model_config, k) for k in ("hidden_size", "n_embd", "d_model")
+                   if isinstance(getattr(model_config, k, None), int)), 0)
+    return 6.0 * trainable + 4.0 * frozen + 12.0 * layers * hidden * seq_len
+
+
+class Throughput:
+    """Counts real (non-pad) tokens, computed (padded) tokens and samples between log events.
+
+    With ``model`` and a peak FLOP/s (:func:`peak_tflops`), also reports the model FLOPs
+    utilisation (``perf/mfu``) by :func:`flops_per_token`, counting real tokens only.
+    """
+
+    def __init__(self, model=None, peak: float | None = None):
+        self.last_step = None
+        self.mfu_terms = None
+        if model is not None and peak:
+            from ftkit.modeling import parameter_counts
+
+            trainable, total = parameter_counts(model)
+            self.mfu_terms = (model.config, trainable, total - trainable, peak * 1e12)
         self.reset()
 
     def reset(self) -> None:
@@ -111,11 +223,22 @@ class Throughput:
         self.padded += mask.numel()
         self.samples += mask.shape[0]
 
-    def report(self, num_processes: int = 1) -> dict:
+    def report(self, num_processes: int = 1, step: int | None = None, total_steps: int | None = None) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens = int(self.tokens)
         out = {"perf/tokens_per_s": tokens * num_processes / elapsed,
                "perf/samples_per_s": self.samples * num_processes / elapsed,
-               "perf/padding_efficiency": tokens / max(self.padded, 1)}
+               "perf/padding_efficiency": tokens / max(self.padded, 1),
+               "perf/peak_memory_gb": peak_memory_gb()}
+        if self.mfu_terms and self.samples:
+            model_config, trainable, frozen, peak = self.mfu_terms
+            per_token = flops_per_token(model_config, trainable, frozen, self.padded / self.samples)
+            out["perf/mfu"] = tokens * per_token / elapsed / peak
+        if step is not None:
+            steps = step - (self.last_step if self.last_step is not None else step - 1)
+            out["perf/step_time_s"] = elapsed / max(steps, 1)
+            if total_steps:
+                out["perf/eta_s"] = out["perf/step_time_s"] * max(total_steps - step, 0)
+            self.last_step = step
         self.reset()
         return out

@@ -266,8 +266,9 @@ def main(config):
     checkpoint.register_trainable_only_hooks(acc)
 
     state, resume_path = checkpoint.start(acc, config)
-    log = tracking.start(acc, config)
-    speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
+    log = tracking.start(acc, config, state)
+    speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
+    running, grad_norm = tracking.RunningLoss(acc), None
     stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
     ga = config.gradient_accumulation_steps
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
@@ -299,7 +300,7 @@ def main(config):
             if tracking.log_due(config, step, total_steps):
                 loss = running.pop()
                 log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
-                                             acc.num_processes), step)
+                                             acc.num_processes, total_steps), step)
                 progress.set_postfix(loss=f"{loss:.4f}")
             save_now = checkpoint.save_due(config, step, total_steps)
             if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
@@ -335,7 +336,7 @@ def main(config):
         split, preds, probs = predictions
         write_predictions(os.path.join(config.output_dir, f"predictions_{split}.jsonl"), splits[split], config,
                           names, preds, probs, gold=labels[split])
-    acc.end_training()
+    log.finish(state)
 
 
 def write_predictions(path, ds, config, names, preds, probs, gold=None) -> None:

@@ -230,8 +230,9 @@ def main(config):
     checkpoint.register_trainable_only_hooks(acc)
 
     state, resume_path = checkpoint.start(acc, config, dropped_overlong=dropped)
-    log = tracking.start(acc, config)
-    speed, running, grad_norm = tracking.Throughput(), tracking.RunningLoss(acc), None
+    log = tracking.start(acc, config, state)
+    speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
+    running, grad_norm = tracking.RunningLoss(acc), None
     stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
     ga = config.gradient_accumulation_steps
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
@@ -263,7 +264,7 @@ def main(config):
             if tracking.log_due(config, step, total_steps):
                 loss = running.pop()
                 log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
-                                             acc.num_processes), step)
+                                             acc.num_processes, total_steps), step)
                 progress.set_postfix(loss=f"{loss:.4f}")
             if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
                 entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
@@ -302,7 +303,7 @@ def main(config):
             for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions):
                 f.write(json.dumps({"id": row.get("id"), "prediction": pred,
                                     "reference": row[config.summary_column]}) + "\n")
-    acc.end_training()
+    log.finish(state)
 
 
 def merge(config, adapter_dir: str, out_dir: str) -> None:

@@ -1,0 +1,174 @@
+"""Tracking and telemetry: the real W&B client (offline) and TensorBoard record what the loop logs,
+a resumed run continues the same W&B run, secrets stay out, curves.png, MFU, --debug."""
+
+import glob
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from conftest import ROOT, launch, read_jsonl, run_python
+from ftkit import tracking
+
+SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
+SECRET_VALUE = "s3cr3t-value-that-must-not-leak"
+
+
+def wandb_records(path):
+    """Protobuf records of a .wandb file: a LevelDB-style log of 32 KiB blocks, 7-byte record headers
+    (crc32, length, type: 1 full, 2 first, 3 middle, 4 last) after a 7-byte file header."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", data[:8]
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:  # zero padding up to the end of the block
+            pos += (block - pos % block) % block
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def wandb_run(output_dir):
+    """(run id, tags, group, history rows) of each offline W&B run under output_dir/wandb."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(output_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        run, history = None, []
+        for record in wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run = (record.run.run_id, list(record.run.tags), record.run.run_group)
+            elif kind == "history":
+                history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
+        runs.append((*run, history))
+    return runs
+
+
+def steps_with(history, key):
+    return [row["_step"] for row in history if key in row]
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracked") / "run"
+    os.environ["FTKIT_TEST_API_KEY"] = SECRET_VALUE  # a credential in the environment of the run
+    try:
+        launch("classify.py", ["--config", SPAM, "--output_dir", str(out), "--max_steps", "10", "--logging_steps", "2",
+                               "--eval_strategy", "steps", "--eval_steps", "5", "--save_steps", "5",
+                               "--report_to", "all", "--tags", "[tiny, spam]", "--group", "sweep-1"])
+    finally:
+        del os.environ["FTKIT_TEST_API_KEY"]
+    return out
+
+
+def test_wandb_offline_run_records_train_eval_and_recipe_metrics_at_their_steps(tracked):
+    (run_id, tags, group, history), = wandb_run(tracked)
+    assert run_id == json.load(open(tracked / "checkpoints" / "step_10" / "trainer_state.json"))["tracker_run_id"]
+    assert (tags, group) == (["tiny", "spam"], "sweep-1")
+    assert steps_with(history, "train/loss") == [2, 4, 6, 8, 10]
+    assert steps_with(history, "train/lr") == [2, 4, 6, 8, 10]
+    assert steps_with(history, "eval/loss") == [5, 10]
+    assert steps_with(history, "eval/accuracy") == [5, 10]  # the recipe's metric_for_best_model
+    logged = {r["step"]: r["train/loss"] for r in read_jsonl(tracked / "metrics.jsonl") if "train/loss" in r}
+    assert all(row["train/loss"] == pytest.approx(logged[row["_step"]]) for row in history if "train/loss" in row)
+
+
+def test_tensorboard_event_file_has_the_scalars(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(str(tracked / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert files
+    events = EventAccumulator(os.path.dirname(files[0]))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "eval/loss", "eval/accuracy"} <= set(tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10]
+
+
+def test_every_log_event_carries_the_telemetry(tracked):
+    train = [r for r in read_jsonl(tracked / "metrics.jsonl") if "train/loss" in r]
+    for row in train:
+        for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/samples_per_s", "perf/step_time_s",
+                    "perf/padding_efficiency", "perf/peak_memory_gb", "perf/eta_s"):
+            assert key in row, key
+        assert 0 < row["perf/padding_efficiency"] <= 1 and row["perf/peak_memory_gb"] > 0
+    assert train[-1]["perf/eta_s"] == 0 and train[0]["perf/eta_s"] > 0
+    assert "perf/mfu" not in train[0]  # no peak FLOP/s known on a CPU
+
+
+def test_curves_png_is_written(tracked):
+    assert (tracked / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_secret_reaches_logs_trackers_or_saved_files(tracked):
+    for path in glob.glob(str(tracked / "**" / "*"), recursive=True):
+        if os.path.isfile(path):
+            assert SECRET_VALUE.encode() not in open(path, "rb").read(), path
+
+
+def test_resumed_run_continues_the_same_wandb_run(tracked, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tracked / "checkpoints" / "step_5", resumed / "checkpoints" / "step_5")
+    launch("classify.py", ["--config", SPAM, "--output_dir", str(resumed), "--max_steps", "10", "--logging_steps", "2",
+                           "--eval_strategy", "steps", "--eval_steps", "5", "--save_steps", "5",
+                           "--report_to", "wandb", "--tags", "[tiny, spam]", "--group", "sweep-1"])
+    (first_id, _, _, _), = wandb_run(tracked)
+    (run_id, _, _, history), = wandb_run(resumed)
+    assert run_id == first_id
+    assert steps_with(history, "train/loss") == [6, 8, 10]
+
+
+# ---------------------------------------------------------------------------------------------
+# MFU arithmetic and --debug
+# ---------------------------------------------------------------------------------------------
+
+
+def test_flops_per_token_by_hand():
+    from transformers import GPT2Config, T5Config
+
+    decoder = GPT2Config(n_layer=2, n_embd=64)
+    # 6 x 1000 trainable + 4 x 9000 frozen + 12 x 2 layers x 64 hidden x 128 tokens
+    assert tracking.flops_per_token(decoder, 1000, 9000, 128) == 6000 + 36000 + 196608
+    t5 = T5Config(num_layers=3, num_decoder_layers=2, d_model=32)
+    assert tracking.flops_per_token(t5, 10, 0, 10) == 60 + 12 * 5 * 32 * 10
+
+
+def test_mfu_is_reported_when_a_peak_is_given(tmp_path):
+    out = tmp_path / "run"
+    launch("classify.py", ["--config", SPAM, "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
+                           "--peak_tflops", "0.001"])
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+    assert all(0 < r["perf/mfu"] for r in rows), rows
+
+
+@pytest.mark.parametrize("script,recipe", [("classify.py", "spam.yaml"), ("t5_qa.py", "t5_qa.yaml"),
+                                           ("qlora_summarize.py", "qlora_summarize.yaml")])
+def test_debug_run_finishes_with_eval_checkpoint_and_summary(tmp_path, script, recipe):
+    out = tmp_path / "run"
+    proc = run_python(script, ["--config", os.path.join(ROOT, "recipes", "tiny", recipe), "--output_dir", str(out),
+                               "--debug"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "debug run ok: 4 steps" in proc.stdout, proc.stdout[-2000:]
+    assert os.path.isdir(out / "checkpoints" / "step_2")
+    log = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4]
+    assert all("perf/peak_memory_gb" in r for r in log if "train/loss" in r)
+    assert any(r["step"] == 2 and "eval/loss" in r for r in log)
+    assert not os.path.isdir(out / "wandb")
