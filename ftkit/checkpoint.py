@@ -48,6 +48,12 @@ def check_output_dir(config) -> None:
 
     With ``overwrite_output_dir`` the old run's checkpoints are set aside (renamed), not resumed.
     """
+    requested = config.resume_from_checkpoint
+    if requested and requested != "latest":  # checked now, before anything is built or loaded
+        if not os.path.isdir(requested):
+            raise ConfigError(f"resume_from_checkpoint: no such directory: {requested}")
+        if not os.path.isfile(os.path.join(requested, STATE_FILE)):
+            raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})")
     saved = os.path.join(config.output_dir, "config.yaml")
     if not os.path.isfile(saved):
         return

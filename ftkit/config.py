@@ -423,11 +423,31 @@ def check_common(config) -> None:
         raise ConfigError("model_config: a built model needs tokenizer_files or tokenizer_name_or_path")
     if getattr(config, "deepspeed", None):
         read_deepspeed_config(config.deepspeed, "deepspeed")
+    if getattr(config, "report_to", "none") in ("wandb", "all") and not getattr(config, "debug", False):
+        check_wandb_login()
     data_keys = ("dataset_name", "train_file")
     if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
+
+
+def check_wandb_login() -> None:
+    """``report_to: wandb`` needs the client and, unless offline, credentials: say how to fix it."""
+    import importlib.util
+    import netrc
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("report_to: wandb is not installed (pip install 'ftkit[tracking]'), or use report_to: none")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    raise ConfigError("report_to: wandb has no credentials: run `wandb login` or set WANDB_API_KEY, "
+                      "or log locally with WANDB_MODE=offline")
 
 
 def read_deepspeed_config(path: str, key: str) -> dict:

@@ -22,6 +22,7 @@ def accelerator(config):
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
     cpu = not torch.cuda.is_available()
+    check_bf16(config.bf16, not cpu, (not cpu) and torch.cuda.is_bf16_supported())
     launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     deepspeed_plugin = None
     if config.deepspeed and not launched_with_deepspeed:
@@ -52,6 +53,18 @@ def accelerator(config):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     logger.setLevel(level)
     return acc
+
+
+def check_bf16(bf16: bool, cuda: bool, supported: bool | None) -> None:
+    """``bf16: true`` needs a GPU with bfloat16 (Ampere or newer); on a CPU it runs, emulated and slow."""
+    from ftkit.config import ConfigError
+
+    if not bf16:
+        return
+    if cuda and not supported:
+        raise ConfigError("bf16: this GPU does not support bfloat16 (Ampere or newer needed); set bf16: false")
+    if not cuda:
+        logger.warning("bf16 on a CPU: supported by PyTorch but usually slower than float32")
 
 
 def fill_deepspeed_config(acc, config) -> None:

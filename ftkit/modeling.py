@@ -145,6 +145,19 @@ def auto_config(config):
         raise ConfigError(f"model_name_or_path: cannot load {config.model_name_or_path!r} ({_offline_hint(e)})") from None
 
 
+def load_config(source: str, config, **kwargs):
+    """``AutoConfig.from_pretrained(source)``; a model that cannot be found is one clear error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"trust_remote_code: {source!r} needs its own code from the hub; set "
+                              f"trust_remote_code: true if you trust it") from None
+        raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e)})") from None
+
+
 def max_positions(model_config) -> int:
     """First of n_positions / max_position_embeddings / seq_length in the config, else 1024 (S001)."""
     for key in POSITION_KEYS:

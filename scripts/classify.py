@@ -87,6 +87,10 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
             if self.validation_file:
                 raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
         if self.label_map is not None:
+            flags = [k for k in self.label_map if isinstance(k, bool)]
+            if flags:
+                raise ConfigError(f"label_map: key {flags[0]} is YAML's reading of an unquoted yes/no/on/off; "
+                                  f"quote the label names ('yes': 1)")
             ids = sorted(set(self.label_map.values()))
             if not all(isinstance(i, int) for i in ids) or ids != list(range(len(ids))):
                 raise ConfigError(f"label_map: class ids must be 0..N-1 integers, got {self.label_map}")
@@ -213,7 +217,7 @@ def eval_entry(result: dict, prefix: str = "eval") -> dict:
 
 
 def main(config):
-    from transformers import AutoConfig, AutoModelForSequenceClassification as AutoModel
+    from transformers import AutoModelForSequenceClassification as AutoModel
 
     checkpoint.check_output_dir(config)
     splits = load_classification_splits(config)
@@ -229,7 +233,7 @@ def main(config):
     distributed.seed_everything(config.seed)
     checkpoint.set_aside_old_checkpoints(config, acc)
     source = modeling.prepare_source(config, acc, AutoModel, **model_kwargs)
-    model_cfg = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code, **model_kwargs)
+    model_cfg = modeling.load_config(source, config, **model_kwargs)
     limit = modeling.max_positions(model_cfg)
     if config.max_length and config.max_length > limit:
         raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")

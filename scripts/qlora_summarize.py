@@ -172,7 +172,7 @@ def rouge_on(acc, model, tokenizer, config, ds, n: int) -> tuple[dict, list[str]
 
 
 def main(config):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     checkpoint.check_output_dir(config)
     splits = data.load_splits(config)
@@ -189,7 +189,7 @@ def main(config):
     distributed.seed_everything(config.seed)
     checkpoint.set_aside_old_checkpoints(config, acc)
     source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
-    model_cfg = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    model_cfg = modeling.load_config(source, config)
     limit = modeling.max_positions(model_cfg)
     if config.max_length and config.max_length > limit:
         raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")

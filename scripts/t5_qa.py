@@ -259,7 +259,7 @@ def eval_entry(loss: float, scores: dict | None) -> dict:
 
 
 def main(config):
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForSeq2SeqLM
 
     checkpoint.check_output_dir(config)
     splits = load_qa_splits(config)
@@ -267,7 +267,7 @@ def main(config):
     distributed.seed_everything(config.seed)
     checkpoint.set_aside_old_checkpoints(config, acc)
     source = modeling.prepare_source(config, acc, AutoModelForSeq2SeqLM)
-    model_cfg = AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+    model_cfg = modeling.load_config(source, config)
     max_length = config.max_length or 512  # T5's relative positions have no hard limit; S004 uses 512
     limit = modeling.max_positions(model_cfg) if hasattr(model_cfg, "max_position_embeddings") else None
     if limit and max_length > limit:

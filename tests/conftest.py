@@ -38,10 +38,10 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     return proc
 
 
-def run_python(script: str, args: list[str], timeout: int = 300):
-    """Plain ``python scripts/<script>`` (for error paths and --predict)."""
+def run_python(script: str, args: list[str], timeout: int = 300, env: dict | None = None):
+    """Plain ``python scripts/<script>`` (for error paths and --predict); ``env`` overrides variables."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
-                          env=script_env(), capture_output=True, text=True, timeout=timeout)
+                          env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def load_script(name: str):

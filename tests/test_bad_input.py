@@ -1,0 +1,195 @@
+"""Bad input, case by case (issue table): one line `error: ...` naming what is wrong, exit code 2, no
+traceback, nothing in output_dir destroyed; nothing built or loaded when the config alone shows it."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_python
+
+pytestmark = pytest.mark.slow
+TINY = os.path.join(ROOT, "recipes", "tiny")
+SPAM, MRPC = os.path.join(TINY, "spam.yaml"), os.path.join(TINY, "mrpc.yaml")
+SUMMARIZE, QA = os.path.join(TINY, "qlora_summarize.yaml"), os.path.join(TINY, "t5_qa.yaml")
+
+
+def write(path, content, mode="w"):
+    with open(path, mode) as f:
+        f.write(content)
+    return str(path)
+
+
+def recipe_with(tmp, base, **changes):
+    values = yaml.safe_load(open(base))
+    values.update(changes)
+    return write(tmp / "recipe.yaml", yaml.safe_dump(values))
+
+
+# Each case: (script, argv builder taking tmp_path, expected text in the error line, config-only?)
+# "config-only" cases must stop before anything is written to output_dir (not even the tiny base model).
+CASES = {
+    "1 unknown key with a suggestion": ("classify.py", lambda t: ["--config", SPAM, "--learning_rat", "1e-3"],
+                                        "unknown option 'learning_rat' in the command line (did you mean 'learning_rate'?)", True),
+    "1b unknown key in the recipe": ("classify.py", lambda t: ["--config", recipe_with(t, SPAM, num_train_epoch=3)],
+                                     "unknown option 'num_train_epoch' in", True),
+    "2 wrong type": ("classify.py", lambda t: ["--config", SPAM, "--learning_rate", "fast"],
+                     "learning_rate: expected a number, got 'fast'", True),
+    "3 negative learning rate": ("classify.py", lambda t: ["--config", SPAM, "--learning_rate", "-1e-3"],
+                                 "learning_rate: must be > 0", True),
+    "3 zero batch size": ("classify.py", lambda t: ["--config", SPAM, "--per_device_train_batch_size", "0"],
+                          "per_device_train_batch_size: must be >= 1, got 0", True),
+    "3 negative save_steps": ("classify.py", lambda t: ["--config", SPAM, "--save_steps", "-5"],
+                              "save_steps: must be >= 1, got -5", True),
+    "3 warmup_ratio above 1": ("classify.py", lambda t: ["--config", SPAM, "--warmup_ratio", "1.5"],
+                               "warmup_ratio: must be <= 1, got 1.5", True),
+    "4 recipe that is not YAML": ("classify.py", lambda t: ["--config", write(t / "bad.yaml", "seed: 1\nlr: [1, 2\n")],
+                                  "bad.yaml:3:1: invalid YAML", True),
+    "5 missing data file": ("classify.py", lambda t: ["--config", SPAM, "--train_file", "data/nope.tsv"],
+                            "train_file: file not found: data/nope.tsv", True),
+    "6 unsupported extension": ("classify.py", lambda t: ["--config", SPAM, "--train_file", write(t / "d.xlsx", "x")],
+                                "train_file: unsupported file extension '.xlsx'", True),
+    "7 missing column lists the columns": ("classify.py", lambda t: ["--config", SPAM, "--text_column", "body"],
+                                           "text_column: column 'body' not in the train data (columns: label, text)", True),
+    "8 malformed JSONL line": ("t5_qa.py", lambda t: ["--config", QA, "--train_file", write(
+        t / "qa.jsonl", '{"context": "c", "question": "q", "answers": ["a"]}\n{"context": "c", oops}\n')],
+        "qa.jsonl:2: malformed JSON line", True),
+    "9 non-UTF-8 bytes": ("classify.py", lambda t: ["--config", SPAM, "--train_file", write(
+        t / "latin.tsv", "ham\tok\nspam\tcaf\xe9 prize\n".encode("latin-1"), "wb")],
+        "latin.tsv:2: not UTF-8 (byte offset 15", True),
+    "10 empty data file": ("classify.py", lambda t: ["--config", SPAM, "--train_file", write(t / "empty.tsv", "")],
+                           "empty.tsv: holds no examples (empty file)", True),
+    "10 empty after dropping over-long examples": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--max_length", "16"],
+                                                   "train: no examples left: all 36 have >= max_length=16 tokens", False),
+    "11 label outside num_labels": ("classify.py", lambda t: ["--config", SPAM, "--label_map", "null", "--column_names", "null",
+                                                              "--split_ratios", "null", "--balance", "none",
+                                                              "--train_file", write(t / "l.csv", "text,label\na,0\nb,1\nc,0\n"),
+                                                              "--validation_file", write(t / "v.csv", "text,label\na,1\nb,5\n")],
+                                    "label 5 in the validation data (row 2) is outside 0..1 (num_labels 2)", True),
+    "11 unknown string label": ("classify.py", lambda t: ["--config", MRPC, "--split_ratios", "null", "--label_map", "{same: 1, different: 0}",
+                                                          "--train_file", write(t / "p.tsv", "Quality\t#1 String\t#2 String\nsame\ta\tb\nmaybe\tc\td\n"),
+                                                          "--validation_file", write(t / "v.tsv", "Quality\t#1 String\t#2 String\ndifferent\ta\tb\n")],
+                                "label 'maybe' in the train data (row 2) is not in label_map: same, different", True),
+    "11 YAML yes/no label names": ("classify.py", lambda t: ["--config", MRPC, "--label_map", "{yes: 1, no: 0}"],
+                                   "label_map: key True is YAML's reading of an unquoted yes/no/on/off", True),
+    "13 max_length beyond the model": ("classify.py", lambda t: ["--config", SPAM, "--max_length", "4096"],
+                                       "max_length: 4096 exceeds the model's position limit 128", False),
+    "14 LoRA targets that match nothing": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--lora_target_modules", "query,value"],
+                                           "lora_target_modules: 'query' matches no module of this model (linear layers: ", False),
+    "15 trainable_modules matching nothing": ("classify.py", lambda t: ["--config", SPAM, "--trainable_modules", "[encoder.layer.1]"],
+                                              "trainable_modules: 'encoder.layer.1' matches no parameter of this model (modules: transformer", False),
+    "16 DeepSpeed config missing": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", "ds_configs/zero9.json"],
+                                    "deepspeed: DeepSpeed config not found: ds_configs/zero9.json", True),
+    "16 DeepSpeed config not JSON": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(t / "ds.json", "{ stage: 2 }")],
+                                     "ds.json:1:3: invalid JSON in the DeepSpeed config", True),
+    "17 recipe / DeepSpeed conflict": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(
+        t / "ds.json", json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))],
+        "train_micro_batch_size_per_gpu is 2 but the recipe's per_device_train_batch_size is 8", True),
+    "18 resume path missing": ("classify.py", lambda t: ["--config", SPAM, "--resume_from_checkpoint", str(t / "nowhere")],
+                               "resume_from_checkpoint: no such directory", True),
+    "18 resume path incomplete": ("classify.py", lambda t: ["--config", SPAM, "--resume_from_checkpoint", str(_half_checkpoint(t))],
+                                  "is incomplete (no trainer_state.json)", True),
+    "20 wandb without credentials": ("classify.py", lambda t: ["--config", SPAM, "--report_to", "wandb"],
+                                     "report_to: wandb has no credentials", True),
+    "21 model not cached offline": ("classify.py", lambda t: ["--config", SPAM, "--model_config", "null",
+                                                              "--model_name_or_path", "nobody/no-such-model-xyz"],
+                                    "model_name_or_path: cannot load 'nobody/no-such-model-xyz' (not in the local cache and the hub is unreachable", True),
+    "23 accumulation larger than the data": ("classify.py", lambda t: ["--config", SPAM, "--gradient_accumulation_steps", "64"],
+                                             "gradient_accumulation_steps: 64 x batch 8 x 1 processes needs more than the 42 training examples", False),
+    "25 predict input with wrong columns": ("classify.py", lambda t: ["--predict", "--model", _trained_classifier(),
+                                                                       "--input_file", write(t / "in.jsonl", '{"body": "hi"}\n')],
+                                            "text_column: column 'text' not in", True),
+}
+
+
+def _half_checkpoint(tmp):
+    path = tmp / "half" / "step_3"
+    os.makedirs(path)
+    return path
+
+
+_TRAINED = {}
+
+
+def _trained_classifier():
+    """A tiny trained classifier (once) for the --predict case."""
+    if "dir" not in _TRAINED:
+        import tempfile
+
+        out = os.path.join(tempfile.mkdtemp(), "run")
+        proc = run_python("classify.py", ["--config", SPAM, "--output_dir", out, "--max_steps", "2"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        _TRAINED["dir"] = os.path.join(out, "final")
+    return _TRAINED["dir"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line_and_exit_2(case, tmp_path, monkeypatch):
+    script, argv, expected, config_only = CASES[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    args = argv(tmp_path)
+    if "--predict" not in args:
+        args += ["--output_dir", str(out)]
+    env_fix = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)} if "wandb" in case else {}
+    proc = run_python(script, args, env=env_fix)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+    assert "Traceback" not in proc.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    if config_only:
+        assert sorted(os.listdir(out)) == ["keep.txt"], os.listdir(out)
+
+
+def test_output_dir_of_another_run_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "config.yaml", open(SPAM).read().replace("seed: 123", "seed: 7"))
+    (out / "keep.txt").write_text("precious")
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(out)])
+    assert proc.returncode == 2 and "holds a run with a different config" in proc.stderr.strip().splitlines()[-1]
+    assert sorted(os.listdir(out)) == ["config.yaml", "keep.txt"]
+
+
+def test_debug_shows_the_traceback_instead(tmp_path):
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(tmp_path / "o"), "--train_file",
+                                      "data/nope.tsv", "--debug"])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "file not found" in proc.stderr
+
+
+def test_single_class_training_set_warns_and_trains(tmp_path):
+    data = write(tmp_path / "ham.tsv", "".join(f"ham\tmessage number {i}\n" for i in range(30)))
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(tmp_path / "o"), "--train_file", data,
+                                      "--balance", "none", "--max_steps", "2", "--label_map", "{ham: 0, spam: 1}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the training set holds a single class (ham)" in proc.stderr
+
+
+def test_tokenizer_without_pad_token_gets_eos_and_says_so(tmp_path, caplog):
+    import logging
+
+    from ftkit import modeling
+
+    tok = modeling.build_tokenizer([os.path.join(ROOT, "data", "spam_sample.tsv")], 300, str(tmp_path / "tok"))
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    with caplog.at_level(logging.INFO, logger="ftkit"):
+        loaded = modeling.load_tokenizer(str(tmp_path / "nopad"))
+    assert loaded.pad_token == loaded.eos_token
+    assert "no pad token: using the EOS token" in caplog.text
+
+
+@pytest.mark.parametrize("cuda,supported,message", [(True, False, "bf16: this GPU does not support bfloat16"),
+                                                     (True, True, None), (False, None, None)])
+def test_bf16_on_hardware_without_it_is_an_error(cuda, supported, message):
+    from ftkit import distributed
+    from ftkit.config import ConfigError
+
+    if message:
+        with pytest.raises(ConfigError, match=message):
+            distributed.check_bf16(True, cuda, supported)
+    else:
+        distributed.check_bf16(True, cuda, supported)
