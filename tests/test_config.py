@@ -1,11 +1,10 @@
 """Recipes + command-line overrides, types, --help/--print_config, and every error path."""
 
-import os
 
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_SUMMARIZE, load_script, run_python
+from conftest import TINY_SUMMARIZE, load_script, run_python
 from ftkit import config as cfg
 from ftkit.config import ConfigError
 

@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from conftest import ROOT, TINY_SUMMARIZE, load_script
 from ftkit import config as cfg, data

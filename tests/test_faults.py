@@ -1,0 +1,119 @@
+"""Faults with real processes and signals: kill -9 at random moments (training or saving), SIGTERM /
+SIGUSR1 (finish the step, save, exit 0), the crash of one rank in a 2-process run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import BIN, ROOT, read_jsonl, script_env
+
+pytestmark = pytest.mark.slow
+SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
+RUN = ["--config", SPAM, "--max_steps", "60", "--save_steps", "2", "--save_total_limit", "2", "--logging_steps", "1",
+       "--eval_strategy", "steps", "--eval_steps", "100000", "--load_best_model_at_end", "false"]
+
+
+def start(out, extra=()):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "classify.py"), *RUN, "--output_dir", str(out), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(out):
+    path = out / "metrics.jsonl"
+    return [r["step"] for r in read_jsonl(path) if "train/loss" in r] if path.exists() else []
+
+
+def wait_until_step(proc, out, step, timeout=120):
+    deadline = time.time() + timeout
+    while (max(logged_steps(out), default=0) < step) and proc.poll() is None:
+        assert time.time() < deadline, "training did not get going"
+        time.sleep(0.02)
+
+
+def final_weights(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    proc = start(out)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    return final_weights(out)
+
+
+def test_kill_9_at_random_moments_never_loses_completed_work(uninterrupted, tmp_path):
+    rng = random.Random(1234)
+    out = tmp_path / "run"
+    kills = 0
+    for trial in range(10):
+        proc = start(out)
+        target = rng.randint(1, 55)
+        wait_until_step(proc, out, target)
+        time.sleep(rng.uniform(0.0, 0.05))  # lands inside a step or inside a checkpoint save (every 2 steps)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        # whatever was interrupted, only complete checkpoints are there to resume from
+        root = out / "checkpoints"
+        for name in os.listdir(root) if root.exists() else []:
+            if name.startswith("step_"):
+                assert (root / name / "trainer_state.json").exists(), name
+    assert kills >= 8
+    proc = start(out)  # the last resume runs to the end
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert json.load(open(out / "metrics.json"))["global_step"] == 60
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_finishes_the_step_saves_and_exits_0(uninterrupted, tmp_path, signum):
+    out = tmp_path / "run"
+    proc = start(out, ["--save_steps", "1000"])  # no periodic checkpoint: the one saved is the signal's
+    wait_until_step(proc, out, 10)
+    proc.send_signal(signum)
+    time.sleep(0.01)
+    proc.send_signal(signum)  # a second signal, likely during the save, changes nothing
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} at step" in stdout, stdout[-2000:]
+    step = int(stdout.split(f"stopped by {name} at step ")[1].split(":")[0])
+    assert os.path.isfile(out / "checkpoints" / f"step_{step}" / "trainer_state.json")
+    assert not (out / "final").exists()
+    # and the run goes on from there to the uninterrupted result
+    proc = start(out, ["--save_steps", "1000"])
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
+    out = tmp_path / "run"
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml"), "--main_process_port",
+           str(29800 + os.getpid() % 100), os.path.join(ROOT, "scripts", "classify.py"), *RUN,
+           "--max_steps", "100000", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until_step(proc, out, 3)
+    ps = subprocess.run(["pgrep", "-f", f"classify.py.*{out}"], capture_output=True, text=True).stdout.split()
+    workers = [int(p) for p in ps if int(p) != proc.pid and "accelerate" not in open(f"/proc/{p}/cmdline").read()]
+    assert len(workers) == 2, workers
+    victim = max(workers)  # one of the two ranks
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    assert proc.returncode != 0
+    assert "Signal 9" in stderr or "SIGKILL" in stderr or "exitcode  : -9" in stderr, stderr[-3000:]
+    assert subprocess.run(["pgrep", "-f", f"classify.py.*{out}"], capture_output=True).returncode == 1  # none left
