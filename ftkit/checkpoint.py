@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import torch
 
-from ftkit.config import ConfigError, config_hash
+from ftkit.config import ConfigError, RunError, config_hash
 
 logger = logging.getLogger("ftkit")
 
@@ -285,6 +285,36 @@ def finish(accelerator, config, state: dict, final_eval: dict | None = None) -> 
         load_best(accelerator, config, state)
 
 
+class FiniteGuard:
+    """Skips optimizer steps whose gradient norm is not finite, with a warning; after
+    ``max_bad_steps`` such steps in a row the run stops with an error naming the step."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.in_a_row = 0
+
+    def finite(self, grad_norm, step: int) -> bool:
+        if grad_norm is None:  # DeepSpeed clips and checks inside its engine
+            return True
+        if torch.isfinite(torch.as_tensor(grad_norm)).item():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.in_a_row > self.max_bad_steps:
+            raise RunError(f"loss or gradients not finite at step {step}: {self.in_a_row} steps in a row "
+                           f"(max_bad_steps {self.max_bad_steps}); lower learning_rate or check the data")
+        logger.warning("step %d: gradient norm is %s, optimizer step skipped (%d of max_bad_steps %d in a row)",
+                       step, float(grad_norm), self.in_a_row, self.max_bad_steps)
+        return False
+
+
+def check_finite_weights(model, step: int) -> None:
+    """Refuse to checkpoint non-finite weights (they would poison every resume)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.numel() and not torch.isfinite(p.detach()).all():
+            raise RunError(f"weights not finite at step {step} ({name}): checkpoint not saved")
+
+
 class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
 
@@ -359,18 +389,33 @@ def save(accelerator, config, state: dict) -> str:
     step = state["global_step"]
     final = step_path(config, step)
     tmp = os.path.join(root, f".tmp_step_{step}")
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        for model in accelerator._models:
+            check_finite_weights(accelerator.unwrap_model(model), step)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        save_rng(tmp, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump({**state, "config_hash": config_hash(config)}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+    except Exception as e:  # no half checkpoint stays behind, whatever stopped the save
+        shutil.rmtree(tmp, ignore_errors=True)
+        # writers report a full disk as OSError (torch, json), SafetensorError or RuntimeError
+        text = str(e)
+        if not (isinstance(e, OSError) or "os error" in text or "No space left" in text or "failed writing" in text):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else text.splitlines()[0][-120:]
+        kept = list_checkpoints(config.output_dir)
+        raise RunError(f"cannot write checkpoint step_{step} in {root}: {reason}; nothing half-written is left, "
+                       f"the last complete checkpoint is {os.path.basename(kept[-1][1]) if kept else 'none'}") from None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
-        os.makedirs(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    save_rng(tmp, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({**state, "config_hash": config_hash(config)}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -30,6 +30,10 @@ class ConfigError(ValueError):
     """A problem with the user's input; reported as one line and exit code 2."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on (disk full, non-finite loss); reported as one line and exit code 1."""
+
+
 def opt(default, help: str, **constraints):
     """A config field with a help text and optional constraints (choices/min/max/min_exclusive)."""
     if isinstance(default, (list, dict)):
@@ -149,6 +153,8 @@ class TrainingArguments:
     )
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json) when the launcher gives none; "
                                       "'auto' values are filled from this recipe.")
+    max_bad_steps: int = opt(3, "Optimizer steps in a row with a non-finite loss or gradient that are skipped "
+                                "(with a warning) before the run stops with an error.", min=0)
     debug: bool = opt(False, "Debug mode: few examples and steps, no trackers, full tracebacks.")
 
 
@@ -334,8 +340,32 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
     return config
 
 
+def run(config_cls, train, predict) -> None:
+    """A script's entry point: parse, apply --debug, run ``train`` (or ``predict`` with --predict);
+    a ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
+    config = parse(config_cls)
+    if config.debug:
+        import torch
+
+        apply_debug(config)
+        torch.autograd.set_detect_anomaly(True)
+    try:
+        predict(config) if config.predict else train(config)
+    except (ConfigError, RunError) as error:
+        if config.debug:
+            raise
+        fail(error, EXIT_BAD_INPUT if isinstance(error, ConfigError) else 1)
+
+
 def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
     """Report a user error as one line and exit."""
+    try:  # close progress bars first, or one would redraw itself after the error line
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except ImportError:
+        pass
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -423,8 +453,6 @@ def check_common(config) -> None:
         raise ConfigError("model_config: a built model needs tokenizer_files or tokenizer_name_or_path")
     if getattr(config, "deepspeed", None):
         read_deepspeed_config(config.deepspeed, "deepspeed")
-    if getattr(config, "report_to", "none") in ("wandb", "all") and not getattr(config, "debug", False):
-        check_wandb_login()
     data_keys = ("dataset_name", "train_file")
     if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")

@@ -57,8 +57,13 @@ class MetricsLog:
     def log(self, metrics: dict, step: int) -> None:
         metrics = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            except OSError as e:  # e.g. the disk is full
+                from ftkit.config import RunError
+
+                raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.accelerator.log_with:
             self.accelerator.log(metrics, step=step)
 

@@ -273,6 +273,7 @@ def main(config):
     log = tracking.start(acc, config, state)
     speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
     running, grad_norm = tracking.RunningLoss(acc), None
+    guard = checkpoint.FiniteGuard(config.max_bad_steps)  # skip non-finite steps, stop after too many
     stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
     ga = config.gradient_accumulation_steps
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
@@ -292,9 +293,10 @@ def main(config):
                     running.add(loss_sum)
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                     acc.backward(loss_sum * acc.num_processes * ga / window_examples)
-                    if acc.sync_gradients and config.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
+                    if acc.sync_gradients:  # the norm is also the step's finiteness check
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+                        if guard.finite(grad_norm, state["global_step"] + 1):
+                            optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
             running.count += window_examples
@@ -405,13 +407,4 @@ def predict(config):
 
 
 if __name__ == "__main__":
-    config = cfg.parse(ClassifyConfig)
-    if config.debug:
-        cfg.apply_debug(config)
-        torch.autograd.set_detect_anomaly(True)
-    try:
-        predict(config) if config.predict else main(config)
-    except ConfigError as error:
-        if config.debug:
-            raise
-        cfg.fail(error)
+    cfg.run(ClassifyConfig, main, predict)

@@ -117,3 +117,69 @@ def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
     assert proc.returncode != 0
     assert "Signal 9" in stderr or "SIGKILL" in stderr or "exitcode  : -9" in stderr, stderr[-3000:]
     assert subprocess.run(["pgrep", "-f", f"classify.py.*{out}"], capture_output=True).returncode == 1  # none left
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite loss, full disk
+# ---------------------------------------------------------------------------------------------
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_naming_the_step(tmp_path):
+    out = tmp_path / "run"
+    # SGD with an absurd learning rate: step 1 blows the weights up, the next losses are not finite
+    proc = start(out, ["--optim", "sgd", "--learning_rate", "1e30", "--lr_scheduler_type", "constant",
+                       "--max_grad_norm", "0", "--save_steps", "1", "--max_bad_steps", "2"])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss or gradients not finite at step ") and "3 steps in a row (max_bad_steps 2)" in last
+    assert stderr.count("optimizer step skipped") == 2
+    assert "Traceback" not in stderr
+    for name in os.listdir(out / "checkpoints"):
+        weights = load_file(out / "checkpoints" / name / "model.safetensors")
+        assert all(torch.isfinite(v).all() for v in weights.values()), name
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused():
+    from ftkit import checkpoint
+    from ftkit.config import RunError
+
+    model = torch.nn.Linear(3, 2)
+    checkpoint.check_finite_weights(model, 5)
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(RunError, match=r"weights not finite at step 5 \(bias\): checkpoint not saved"):
+        checkpoint.check_finite_weights(model, 5)
+
+
+def test_disk_full_while_saving_keeps_the_last_checkpoint_and_leaves_no_half_one(uninterrupted, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "run"
+        proc = start(out, ["--save_steps", "4"])
+        while not (out / "checkpoints" / "step_4" / "trainer_state.json").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.02)
+        filler = disk / "filler"  # the disk fills up: a few KiB stay free for the log, not for a checkpoint
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(free - 64 * 1024, 0))
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 1, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "No space left on device" in last, last
+        assert "Traceback" not in stderr
+        names = os.listdir(out / "checkpoints")
+        assert not [n for n in names if n.startswith(".tmp")], names
+        assert all((out / "checkpoints" / n / "trainer_state.json").exists() for n in names)
+        os.remove(filler)  # space again: the run resumes from its last complete checkpoint and finishes
+        proc = start(out, ["--save_steps", "4"])
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+        weights = final_weights(out)
+        assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
