@@ -23,6 +23,7 @@ from ftkit.config import ConfigError, RunError, config_hash
 logger = logging.getLogger("ftkit")
 
 STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -219,14 +220,17 @@ def restore_rng_once_started(batches, path: str, rank: int):
 # --------------------------------------------------------------------------------------------
 
 
-def start(accelerator, config, **extra) -> tuple[dict, str | None]:
+def start(accelerator, config, scheduler=None, **extra) -> tuple[dict, str | None]:
     """The trainer state to begin with, and the checkpoint it was resumed from (or None).
 
     A fresh state counts from zero; a checkpoint (``--resume_from_checkpoint``, or the latest one
     in ``output_dir``) restores weights, optimizer, scheduler and its state. Writes config.yaml.
+    The scheduler's state is kept as JSON in the checkpoint (accelerate would pickle it and
+    unpickle it unrestricted on resume).
     """
     from ftkit.config import save as save_config
 
+    accelerator.ftkit_scheduler = scheduler  # saved and loaded by save() / load()
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, **extra}
     path = resolve_resume_path(config)
     if path:
@@ -401,6 +405,10 @@ def save(accelerator, config, state: dict) -> str:
         save_rng(tmp, accelerator.process_index)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            scheduler = getattr(accelerator, "ftkit_scheduler", None)
+            if scheduler is not None:
+                with open(os.path.join(tmp, SCHEDULER_FILE), "w") as f:
+                    json.dump(scheduler.state_dict(), f)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump({**state, "config_hash": config_hash(config)}, f, indent=2)
                 f.flush()
@@ -439,6 +447,14 @@ def _rotate(root: str, limit: int | None, scores: dict | None = None, greater: b
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _load_scheduler(accelerator, path: str) -> None:
+    scheduler = getattr(accelerator, "ftkit_scheduler", None)
+    file = os.path.join(path, SCHEDULER_FILE)
+    if scheduler is not None and os.path.isfile(file):
+        with open(file) as f:
+            scheduler.load_state_dict(json.load(f))
+
+
 def load(accelerator, config, path: str) -> dict:
     """Restore model/optimizer/scheduler state from ``path``; returns its trainer state."""
     with open(os.path.join(path, STATE_FILE)) as f:
@@ -447,6 +463,7 @@ def load(accelerator, config, path: str) -> dict:
         raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config; "
                           f"pass --overwrite_output_dir true to start over")
     accelerator.load_state(path)
+    _load_scheduler(accelerator, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])
     return state
@@ -461,6 +478,7 @@ def load_best(accelerator, config, state: dict) -> None:
         logger.warning("best checkpoint %s is missing: keeping the last weights", best)
         return
     accelerator.load_state(best)
+    _load_scheduler(accelerator, best)
     logger.info("loaded the best checkpoint %s (%s = %.4f)", best, config.metric_for_best_model, state["best_metric"])
 
 

@@ -266,10 +266,9 @@ def main(config):
     scheduler = optim.build_scheduler(optimizer, config, total_steps)
     model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
     eval_dls = {name: acc.prepare(dl) for name, dl in eval_dls.items()}
-    acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state, resume_path = checkpoint.start(acc, config)
+    state, resume_path = checkpoint.start(acc, config, scheduler)
     log = tracking.start(acc, config, state)
     speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
     running, grad_norm = tracking.RunningLoss(acc), None

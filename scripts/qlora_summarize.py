@@ -226,10 +226,9 @@ def main(config):
     optimizer = optim.build_optimizer(model, config)
     scheduler = optim.build_scheduler(optimizer, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
-    acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state, resume_path = checkpoint.start(acc, config, dropped_overlong=dropped)
+    state, resume_path = checkpoint.start(acc, config, scheduler, dropped_overlong=dropped)
     log = tracking.start(acc, config, state)
     speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
     running, grad_norm = tracking.RunningLoss(acc), None

@@ -302,10 +302,9 @@ def main(config):
     optimizer = optim.build_optimizer(model, config)
     scheduler = optim.build_scheduler(optimizer, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
-    acc.register_for_checkpointing(scheduler)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state, resume_path = checkpoint.start(acc, config, truncation=counts)
+    state, resume_path = checkpoint.start(acc, config, scheduler, truncation=counts)
     log = tracking.start(acc, config, state)
     speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
     running, grad_norm = tracking.RunningLoss(acc), None

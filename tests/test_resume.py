@@ -41,6 +41,8 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, script, processe
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _run(script, args, straight, 6, processes)
     state = json.load(open(straight / "checkpoints" / "step_3" / "trainer_state.json"))
+    files = os.listdir(straight / "checkpoints" / "step_3")
+    assert "scheduler.json" in files and not [f for f in files if f.startswith("custom_checkpoint")]
     if processes == 1:
         assert (state["epoch"], state["batches_in_epoch"]) == position
     # a run that stopped after its step-3 checkpoint: its output_dir holds just that checkpoint
