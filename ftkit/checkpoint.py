@@ -231,7 +231,7 @@ def start(accelerator, config, scheduler=None, **extra) -> tuple[dict, str | Non
     from ftkit.config import save as save_config
 
     accelerator.ftkit_scheduler = scheduler  # saved and loaded by save() / load()
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, **extra}
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
     path = resolve_resume_path(config)
     if path:
         state.update(load(accelerator, config, path))
@@ -253,11 +253,18 @@ def epoch_batches(accelerator, train_dl, sampler, state: dict, resume_path: str 
     return batches
 
 
-def advance(state: dict, micro_batches: int, samples: int) -> int:
-    """Count one optimizer step; returns the new global step."""
+def advance(accelerator, state: dict, window: list) -> int:
+    """Count one optimizer step over ``window``'s micro-batches (samples and non-pad tokens of all
+    processes); returns the new global step."""
+    from ftkit.distributed import reduce_sum
+
+    local = torch.stack([torch.tensor(sum(len(b["input_ids"]) for b in window), device=accelerator.device),
+                         sum(b["attention_mask"].sum() for b in window).to(accelerator.device)])
+    samples, tokens = (int(v) for v in reduce_sum(accelerator, local).tolist())
     state["global_step"] += 1
-    state["batches_in_epoch"] += micro_batches
-    state["samples_seen"] += int(samples)
+    state["batches_in_epoch"] += len(window)
+    state["samples_seen"] += samples
+    state["tokens_seen"] = state.get("tokens_seen", 0) + tokens
     return state["global_step"]
 
 

@@ -299,7 +299,7 @@ def main(config):
                     optimizer.zero_grad()
             scheduler.step()
             running.count += window_examples
-            step = checkpoint.advance(state, ga, window_examples)
+            step = checkpoint.advance(acc, state, window)
             progress.update(1)
 
             if tracking.log_due(config, step, total_steps):

@@ -339,7 +339,7 @@ def main(config):
                     optimizer.zero_grad()
             scheduler.step()
             running.count += window_tokens
-            step = checkpoint.advance(state, ga, sum(len(b["labels"]) for b in window) * acc.num_processes)
+            step = checkpoint.advance(acc, state, window)
             progress.update(1)
 
             if tracking.log_due(config, step, total_steps):

@@ -53,6 +53,9 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, script, processe
         return {r["step"]: r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r}
 
     a, b = losses(straight), losses(resumed)
+    counted = [json.load(open(out / "metrics.json")) for out in (straight, resumed)]
+    assert counted[0]["tokens_seen"] == counted[1]["tokens_seen"] > 0
+    assert counted[0]["samples_seen"] == counted[1]["samples_seen"] > state["samples_seen"] > 0
     assert sorted(b) == [4, 5, 6]
     wa, wb = load_file(straight / "final" / weights_file), load_file(resumed / "final" / weights_file)
     if processes == 1:
