@@ -160,6 +160,15 @@ def train_entry(loss: float, scheduler, state: dict, batches_per_epoch: int, spe
     return entry
 
 
+def progress_fields(entry: dict) -> dict:
+    """What the progress bar shows next to the step count."""
+    fields = {"loss": f"{entry['train/loss']:.4f}", "lr": f"{entry['train/lr']:.2e}",
+              "tok/s": f"{entry['perf/tokens_per_s']:.0f}", "mem": f"{entry['perf/peak_memory_gb']:.1f}G"}
+    if "perf/mfu" in entry:
+        fields["mfu"] = f"{100 * entry['perf/mfu']:.0f}%"
+    return fields
+
+
 def peak_memory_gb() -> float:
     """CUDA: the most memory tensors held on this device; CPU: the process's peak resident set."""
     if torch.cuda.is_available():

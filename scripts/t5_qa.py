@@ -343,10 +343,10 @@ def main(config):
             progress.update(1)
 
             if tracking.log_due(config, step, total_steps):
-                loss = running.pop()
-                log.log(tracking.train_entry(loss, scheduler, state, len(train_dl), speed, grad_norm,
-                                             acc.num_processes, total_steps), step)
-                progress.set_postfix(loss=f"{loss:.4f}")
+                entry = tracking.train_entry(running.pop(), scheduler, state, len(train_dl), speed, grad_norm,
+                                             acc.num_processes, total_steps)
+                log.log(entry, step)
+                progress.set_postfix(tracking.progress_fields(entry))
             save_now = checkpoint.save_due(config, step, total_steps)
             if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
                 entry = evaluate()
