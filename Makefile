@@ -29,5 +29,8 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -x -q -m "not slow"
 
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/padding_efficiency.py
+
 clean:
 	rm -rf outputs/ .pytest_cache
