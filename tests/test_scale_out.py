@@ -60,14 +60,14 @@ def _single_process_accelerator():
 
 
 def _classify_eval_loss(out):
-    from ftkit import config as cfg, data
+    from ftkit import config as cfg, data, modeling
     from transformers import AutoModelForSequenceClassification
 
     cl = load_script("classify")
     config = cfg.build(cl.ClassifyConfig, cfg.load_yaml_recipe(str(out / "final" / "ftkit_config.yaml")))
     splits = cl.load_classification_splits(config)
     names = json.load(open(out / "metrics.json"))["label_names"]
-    tokenizer = load_script("classify").modeling.load_tokenizer(str(out / "final"))
+    tokenizer = modeling.load_tokenizer(str(out / "final"))
     model = AutoModelForSequenceClassification.from_pretrained(out / "final").eval()
     ds = cl.tokenize_split(splits["validation"], cl.label_ids(config, splits["validation"], names, "validation"),
                            tokenizer, config, 128, False, "validation")
@@ -123,10 +123,10 @@ SCRIPTS = {
 def test_deepspeed_run_exports_a_model_that_reloads_with_the_logged_eval_loss(tmp_path, name, stage):
     script, args, reload_loss = SCRIPTS[name]
     out = tmp_path / "run"
-    proc = launch_with(f"deepspeed_{stage}.yaml", script, args + ["--output_dir", str(out)])
+    launch_with(f"deepspeed_{stage}.yaml", script, args + ["--output_dir", str(out)])
     checkpoint = sorted(os.listdir(out / "checkpoints"))[-1]
+    # DeepSpeed's own layout: the engines really ran (accelerate can fall back to plain DDP silently)
     assert os.path.isdir(out / "checkpoints" / checkpoint / "pytorch_model"), "not a DeepSpeed checkpoint"
-    assert "DeepSpeed" in proc.stdout + proc.stderr
     reloaded, logged = reload_loss(out)
     assert abs(reloaded - logged) <= 1e-4 * abs(logged), (reloaded, logged)
 
