@@ -8,15 +8,18 @@ complete, so a folder named ``step_<N>`` is always whole; ``trainer_state.json``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
 from ftkit.config import ConfigError, RunError, config_hash
 
@@ -462,6 +465,57 @@ def _load_scheduler(accelerator, path: str) -> None:
             scheduler.load_state_dict(json.load(f))
 
 
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its ZeRO optimizer-state files pickle (plain data, no code)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only_loads(path: str):
+    """Every ``torch.load`` inside runs with ``weights_only=True``.
+
+    accelerate already loads its own files that way, but DeepSpeed's checkpoint engine asks for
+    ``weights_only=False`` (full unpickling). Here its request is overridden and only the plain-data
+    DeepSpeed classes above are allowed, so a tampered checkpoint cannot run code on load.
+    """
+    original = torch.load
+    allowed = _deepspeed_safe_globals()
+
+    def load_weights_only(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return original(f, *args, **kwargs)
+            except pickle.UnpicklingError as e:
+                what = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+                raise RunError(f"checkpoint {path}: {f} holds a pickled object that is not plain data "
+                               f"({what}); ftkit does not unpickle arbitrary objects") from None
+
+    torch.load = load_weights_only
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _load_state(accelerator, config, path: str) -> None:
+    kwargs = {}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and (getattr(config, "load_in_4bit", False)
+                                                                      or getattr(config, "load_in_8bit", False)):
+        # DeepSpeed's module file also holds the bitsandbytes quant-state entries (absmax, quant_map...)
+        # of the frozen base layers, which a strict load rejects; the weights themselves load as usual
+        kwargs["load_module_strict"] = False
+    with _weights_only_loads(path):
+        accelerator.load_state(path, **kwargs)
+    _load_scheduler(accelerator, path)
+
+
 def load(accelerator, config, path: str) -> dict:
     """Restore model/optimizer/scheduler state from ``path``; returns its trainer state."""
     with open(os.path.join(path, STATE_FILE)) as f:
@@ -469,8 +523,7 @@ def load(accelerator, config, path: str) -> dict:
     if state.get("config_hash") != config_hash(config) and not config.overwrite_output_dir:
         raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config; "
                           f"pass --overwrite_output_dir true to start over")
-    accelerator.load_state(path)
-    _load_scheduler(accelerator, path)
+    _load_state(accelerator, config, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])
     return state
@@ -484,8 +537,7 @@ def load_best(accelerator, config, state: dict) -> None:
     if not os.path.isfile(os.path.join(best, STATE_FILE)):
         logger.warning("best checkpoint %s is missing: keeping the last weights", best)
         return
-    accelerator.load_state(best)
-    _load_scheduler(accelerator, best)
+    _load_state(accelerator, config, best)
     logger.info("loaded the best checkpoint %s (%s = %.4f)", best, config.metric_for_best_model, state["best_metric"])
 
 

@@ -56,3 +56,29 @@ def test_record_eval_tracks_the_best_by_direction():
 def test_unknown_best_metric_names_the_computed_ones():
     with pytest.raises(ConfigError, match=r"metric_for_best_model: 'bleu' is not computed \(metrics: loss, f1\)"):
         checkpoint.record_eval({"global_step": 1}, {"eval/loss": 1.0, "eval/f1": 0.2}, _config("bleu"))
+
+
+class _NotPlainData:
+    def __reduce__(self):  # what a tampered checkpoint would do: run a command on unpickling
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_loads_never_unpickle_arbitrary_objects(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from ftkit.config import RunError
+
+    plain = tmp_path / "optim_states.pt"  # what DeepSpeed's ZeRO optimizer files hold
+    torch.save({"loss_scaler": LossScaler(2.0 ** 8), "zero_stage": ZeroStageEnum.gradients,
+                "state": {"exp_avg": torch.ones(3)}}, plain)
+    tampered = tmp_path / "tampered.pt"
+    torch.save({"state": _NotPlainData()}, tampered)
+    with checkpoint._weights_only_loads(str(tmp_path)):
+        # DeepSpeed's engine asks for weights_only=False; the request is overridden
+        loaded = torch.load(plain, map_location="cpu", weights_only=False)
+        with pytest.raises(RunError, match="not plain data.*does not unpickle arbitrary objects"):
+            torch.load(tampered, map_location="cpu", weights_only=False)
+    assert loaded["loss_scaler"].cur_scale == 2.0 ** 8 and loaded["zero_stage"] == ZeroStageEnum.gradients
+    assert torch.load is not None and "load_weights_only" not in torch.load.__qualname__  # restored afterwards
