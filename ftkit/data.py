@@ -6,6 +6,7 @@ stays in the script; this module knows files, tokens and batches.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -350,6 +351,76 @@ class PadCollator:
     def _padded_length(self, n: int) -> int:
         m = self.pad_to_multiple_of
         return math.ceil(n / m) * m if m else n
+
+
+# --------------------------------------------------------------------------------------------
+# Packing (causal LM): several examples per row, each attending only to itself
+# --------------------------------------------------------------------------------------------
+
+
+def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most ``capacity`` tokens: best-fit decreasing.
+
+    Longest first, each into the open row whose free space fits it most tightly (a sorted list of
+    free spaces and bisect: O(n log n)); examples are never split. Deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    rows: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than the row capacity {capacity}")
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            bisect.insort(free, (capacity - n, len(rows) - 1))
+        else:
+            space, row = free.pop(at)
+            rows[row].append(i)
+            bisect.insort(free, (space - n, row))
+    return rows
+
+
+def pack(ds, max_length: int):
+    """Pack tokenized examples (``input_ids``, ``labels``) into rows of up to ``max_length`` tokens.
+
+    Each row carries ``position_ids`` that restart at 0 for every example: given position ids and
+    no attention mask, transformers builds a block-diagonal causal mask (sdpa/eager) or runs
+    varlen flash attention, so no token attends across examples. The first label of every example
+    is -100: in an unpacked row the first token is never a target, and in a packed one it would be
+    predicted from the previous example's last token. Per-example losses are therefore unchanged.
+    ``examples`` counts the examples of each row.
+    """
+    from datasets import Dataset
+
+    bins = best_fit_bins(list(ds["length"]), max_length)
+    ids, labels = ds["input_ids"], ds["labels"]
+    rows = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "examples": []}
+    for members in bins:
+        row_ids, row_labels, positions = [], [], []
+        for i in members:
+            row_ids += ids[i]
+            row_labels += [-100] + list(labels[i][1:])
+            positions += range(len(ids[i]))
+        rows["input_ids"].append(row_ids)
+        rows["labels"].append(row_labels)
+        rows["position_ids"].append(positions)
+        rows["length"].append(len(row_ids))
+        rows["examples"].append(len(members))
+    return Dataset.from_dict(rows)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's inputs: packed rows give position ids and no mask (see :func:`pack`)."""
+    if "position_ids" in batch:  # (transformers looks for packed rows only when there is no KV cache)
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def examples_in(batch: dict) -> int | torch.Tensor:
+    """Examples in a batch: rows, or the packed examples they hold."""
+    return batch["examples"].sum() if "examples" in batch else len(batch["input_ids"])
 
 
 def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:

@@ -228,25 +228,29 @@ class Throughput:
     def reset(self) -> None:
         self.tokens = 0
         self.samples = 0
+        self.rows = 0
         self.padded = 0
         self.start = time.perf_counter()
 
     def add(self, batch) -> None:
+        from ftkit.data import examples_in
+
         mask = batch["attention_mask"]
         self.tokens = self.tokens + mask.sum()  # stays on the device: no host sync per micro-step
         self.padded += mask.numel()
-        self.samples += mask.shape[0]
+        self.rows += mask.shape[0]
+        self.samples = self.samples + examples_in(batch)  # packed rows hold several examples
 
     def report(self, num_processes: int = 1, step: int | None = None, total_steps: int | None = None) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        tokens = int(self.tokens)
+        tokens, samples = int(self.tokens), int(self.samples)
         out = {"perf/tokens_per_s": tokens * num_processes / elapsed,
-               "perf/samples_per_s": self.samples * num_processes / elapsed,
+               "perf/samples_per_s": samples * num_processes / elapsed,
                "perf/padding_efficiency": tokens / max(self.padded, 1),
                "perf/peak_memory_gb": peak_memory_gb()}
-        if self.mfu_terms and self.samples:
+        if self.mfu_terms and self.rows:
             model_config, trainable, frozen, peak = self.mfu_terms
-            per_token = flops_per_token(model_config, trainable, frozen, self.padded / self.samples)
+            per_token = flops_per_token(model_config, trainable, frozen, self.padded / self.rows)
             out["perf/mfu"] = tokens * per_token / elapsed / peak
         if step is not None:
             steps = step - (self.last_step if self.last_step is not None else step - 1)

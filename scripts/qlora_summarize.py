@@ -48,6 +48,8 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
     response_key: str = opt("### Output:", "Line after which the summary starts.")
     end_key: str = opt("### End", "Marker after the summary; generation is cut at its first '###'.")
     train_on_prompt: bool = opt(False, "Also learn the prompt tokens (S001 did; off: only the summary).")
+    packing: bool = opt(False, "Pack several training examples per row up to max_length; position ids restart "
+                                "per example and no token attends across examples.")
     overlong: str = opt("drop", "Examples longer than max_length: drop them, or truncate the dialogue.",
                         choices=["drop", "truncate"])
     num_eval_generate: int = opt(16, "Validation examples summarized for ROUGE at each evaluation (0: none).", min=0)
@@ -200,6 +202,12 @@ def main(config):
     with acc.main_process_first():
         train_ds, dropped = tokenize_split(raw_train, tokenizer, config, max_length, "train")
         eval_ds, _ = tokenize_split(raw_eval, tokenizer, config, max_length, "validation")
+    if config.packing:  # training rows only: evaluation stays one example per row
+        examples, train_ds = len(train_ds), data.pack(train_ds, max_length)
+        logger.info("packing: %d examples in %d rows of <= %d tokens (%.1f%% real tokens); attention stays within "
+                    "each example: position ids restart per example, which gives a block-diagonal mask with "
+                    "sdpa/eager and varlen kernels with flash_attention_2", examples, len(train_ds), max_length,
+                    100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
     collate = data.PadCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
     sampler = data.TrainBatchSampler(train_ds["length"], config.per_device_train_batch_size, config.seed,
@@ -242,24 +250,27 @@ def main(config):
         batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
         resume_path = None
         for window in data.accumulation_windows(batches, ga):
-            # the loss is a mean over every target token of this optimizer step, on all processes
-            window_tokens = distributed.reduce_sum(acc, sum(modeling.count_target_tokens(b["labels"]) for b in window))
+            # one all-reduce: the step's loss is a mean over every target token on all processes;
+            # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+            counts = checkpoint.count_window(acc, window, sum(modeling.count_target_tokens(b["labels"]) for b in window), stop)
+            if counts.stop:  # the previous optimizer step is complete: save it and exit
+                return stop.stop(acc, config, state)
             for batch in window:
                 speed.add(batch)
                 with acc.accumulate(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(**data.model_inputs(batch)).logits  # packed rows: position ids, no mask
                     loss_sum, _ = modeling.causal_lm_loss_sum(logits, batch["labels"])
                     running.add(loss_sum.sum())
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                    acc.backward(loss_sum.sum() * acc.num_processes * ga / window_tokens)
+                    acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
                     if acc.sync_gradients:  # the norm is also the step's finiteness check
                         grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
                         if guard.finite(grad_norm, state["global_step"] + 1):
                             optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            running.count += window_tokens
-            step = checkpoint.advance(acc, state, window)
+            running.count += counts.units
+            step = checkpoint.advance(state, window, counts)
             progress.update(1)
 
             if tracking.log_due(config, step, total_steps):
@@ -275,8 +286,6 @@ def main(config):
                 log.log(entry, step)
             if checkpoint.save_due(config, step, total_steps):
                 checkpoint.save(acc, config, state)
-            if stop.requested():
-                return stop.stop(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
