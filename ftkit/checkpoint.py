@@ -16,6 +16,7 @@ import pickle
 import random
 import re
 import shutil
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -256,18 +257,39 @@ def epoch_batches(accelerator, train_dl, sampler, state: dict, resume_path: str 
     return batches
 
 
-def advance(accelerator, state: dict, window: list) -> int:
-    """Count one optimizer step over ``window``'s micro-batches (samples and non-pad tokens of all
-    processes); returns the new global step."""
+class WindowCounts(NamedTuple):
+    """What one optimizer step needs from every process, summed over processes."""
+
+    units: int  # what the step's loss is averaged over: target tokens or examples
+    samples: int  # examples (a packed row counts the examples it holds)
+    tokens: int  # non-pad input tokens
+    stop: bool  # a stop signal reached some process
+
+
+def count_window(accelerator, window: list, units, stop: "StopRequest | None" = None) -> WindowCounts:
+    """Count an optimizer step's micro-batches on all processes with ONE all-reduce (and one host
+    sync) per optimizer step: the loss denominator ``units`` (this process's share), samples,
+    non-pad tokens, and whether a stop signal arrived (so every rank stops at the same step).
+    Nothing here waits for the forward pass: the counts come from the batches alone.
+    """
+    from ftkit.data import examples_in
     from ftkit.distributed import reduce_sum
 
-    local = torch.stack([torch.tensor(sum(len(b["input_ids"]) for b in window), device=accelerator.device),
-                         sum(b["attention_mask"].sum() for b in window).to(accelerator.device)])
-    samples, tokens = (int(v) for v in reduce_sum(accelerator, local).tolist())
+    device = accelerator.device
+    local = torch.stack([torch.as_tensor(units, device=device).long().sum(),
+                         torch.as_tensor(sum(examples_in(b) for b in window), device=device).long(),
+                         sum(b["attention_mask"].sum() for b in window).to(device).long(),
+                         torch.tensor(int(stop is not None and stop.signal_name is not None), device=device)])
+    units, samples, tokens, stopping = reduce_sum(accelerator, local).tolist()
+    return WindowCounts(units, samples, tokens, bool(stopping))
+
+
+def advance(state: dict, window: list, counts: WindowCounts) -> int:
+    """Count one optimizer step over ``window``; returns the new global step."""
     state["global_step"] += 1
     state["batches_in_epoch"] += len(window)
-    state["samples_seen"] += samples
-    state["tokens_seen"] = state.get("tokens_seen", 0) + tokens
+    state["samples_seen"] += counts.samples
+    state["tokens_seen"] = state.get("tokens_seen", 0) + counts.tokens
     return state["global_step"]
 
 
@@ -332,9 +354,10 @@ def check_finite_weights(model, step: int) -> None:
 class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
 
-    The handler only records the signal; the loop asks :meth:`requested` at each optimizer-step
-    boundary, which agrees across processes (a max-reduce), so every rank stops at the same step
-    and takes part in the checkpoint. A second signal during the save changes nothing.
+    The handler only records the signal; :func:`count_window` sums the flag over processes at the
+    start of each optimizer step, and the loop stops after that step when any rank got it, so
+    every rank stops at the same step and takes part in the checkpoint. A second signal during the
+    save changes nothing.
     """
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
@@ -354,12 +377,6 @@ class StopRequest:
             self.signal_name = signal.Signals(signum).name
             os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, stopping "
                         f"after this optimizer step\n".encode())
-
-    def requested(self) -> bool:
-        flag = torch.tensor(1.0 if self.signal_name else 0.0, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="max")
-        return bool(flag.item())
 
     def stop(self, accelerator, config, state: dict) -> None:
         """Save where the run stands and say how to go on; the caller returns (exit code 0)."""

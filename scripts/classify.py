@@ -282,8 +282,11 @@ def main(config):
         batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
         resume_path = None
         for window in data.accumulation_windows(batches, ga):
-            # the loss is a mean over every example of this optimizer step, on all processes
-            window_examples = distributed.reduce_sum(acc, sum(len(b["labels"]) for b in window))
+            # one all-reduce: the step's loss is a mean over every example on all processes;
+            # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+            counts = checkpoint.count_window(acc, window, sum(len(b["labels"]) for b in window), stop)
+            if counts.stop:  # the previous optimizer step is complete: save it and exit
+                return stop.stop(acc, config, state)
             for batch in window:
                 speed.add(batch)
                 with acc.accumulate(model):
@@ -291,15 +294,15 @@ def main(config):
                     loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
                     running.add(loss_sum)
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                    acc.backward(loss_sum * acc.num_processes * ga / window_examples)
+                    acc.backward(loss_sum * acc.num_processes * ga / counts.units)
                     if acc.sync_gradients:  # the norm is also the step's finiteness check
                         grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
                         if guard.finite(grad_norm, state["global_step"] + 1):
                             optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            running.count += window_examples
-            step = checkpoint.advance(acc, state, window)
+            running.count += counts.units
+            step = checkpoint.advance(state, window, counts)
             progress.update(1)
 
             if tracking.log_due(config, step, total_steps):
@@ -314,8 +317,6 @@ def main(config):
                 save_now |= checkpoint.record_eval(state, eval_entry(result), config)  # keep every new best
             if save_now:
                 checkpoint.save(acc, config, state)
-            if stop.requested():
-                return stop.stop(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)

@@ -322,24 +322,26 @@ def main(config):
         batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
         resume_path = None
         for window in data.accumulation_windows(batches, ga):
-            # the loss is a mean over every answer token of this optimizer step, on all processes
-            window_tokens = distributed.reduce_sum(acc, sum(modeling.count_target_tokens(b["labels"], shift=False)
-                                                            for b in window))
+            # one all-reduce: the step's loss is a mean over every answer token on all processes;
+            # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+            counts = checkpoint.count_window(acc, window, sum(modeling.count_target_tokens(b["labels"], shift=False) for b in window), stop)
+            if counts.stop:  # the previous optimizer step is complete: save it and exit
+                return stop.stop(acc, config, state)
             for batch in window:
                 speed.add(batch)
                 with acc.accumulate(model):
                     loss_sum, _ = seq2seq_loss(model, batch, decoder_start, pad)
                     running.add(loss_sum.sum())
                     # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                    acc.backward(loss_sum.sum() * acc.num_processes * ga / window_tokens)
+                    acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
                     if acc.sync_gradients:  # the norm is also the step's finiteness check
                         grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
                         if guard.finite(grad_norm, state["global_step"] + 1):
                             optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            running.count += window_tokens
-            step = checkpoint.advance(acc, state, window)
+            running.count += counts.units
+            step = checkpoint.advance(state, window, counts)
             progress.update(1)
 
             if tracking.log_due(config, step, total_steps):
@@ -354,8 +356,6 @@ def main(config):
                 save_now |= checkpoint.record_eval(state, entry, config)  # keep every new best
             if save_now:
                 checkpoint.save(acc, config, state)
-            if stop.requested():
-                return stop.stop(acc, config, state)
             if step >= total_steps:
                 break
         else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
