@@ -31,6 +31,9 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/padding_efficiency.py
+	$(BIN)/python benchmarks/training_speed.py
+	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf outputs/ .pytest_cache

@@ -1,0 +1,96 @@
+"""What every benchmark shares: the machine's description, alternating repeats of contenders,
+medians and ratios, ``results/<name>.json`` and the ``benchmarks/README.md`` tables.
+
+Contenders run as separate processes (a fresh interpreter each, as users run them) and are
+alternated ``A B C, A B C, ...`` so that a slow phase of the machine hits each of them alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+REAL = os.path.join(ROOT, "..", "shared", "realdata")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+README = os.path.join(ROOT, "benchmarks", "README.md")
+BIN = os.path.dirname(sys.executable)
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {gpu}"
+
+
+def env() -> dict:
+    out = dict(os.environ)
+    out.update({"PYTHONPATH": ROOT, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                # the same threads for every contender (accelerate launch would otherwise pick 1)
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))})
+    return out
+
+
+def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def accelerate_launch(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """One CPU/GPU process through ``accelerate launch``, as the README runs the recipes."""
+    return run([os.path.join(BIN, "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "scripts", script), *args])
+
+
+def alternate(contenders: dict, repeats: int) -> dict[str, list[dict]]:
+    """Run each contender (name -> callable(repeat) -> dict of measures) ``repeats`` times, alternating."""
+    results = {name: [] for name in contenders}
+    for r in range(repeats):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            measure = fn(r)
+            results[name].append(measure)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in measure.items() if isinstance(v, (int, float)))
+            print(f"  repeat {r + 1}/{repeats} {name:<28} {shown}  ({time.perf_counter() - t:.0f} s)", flush=True)
+    return results
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(m[key] for m in runs)
+
+
+def write_results(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d"), **payload}, f, indent=2)
+    return path
+
+
+def write_table(name: str, title: str, lines: list[str]) -> None:
+    """Replace (or append) this benchmark's block in benchmarks/README.md."""
+    text = open(README).read() if os.path.isfile(README) else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = "\n".join([start, f"Machine: {machine()}.", "", *lines, end])
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
+    with open(README, "w") as f:
+        f.write(text)
+
+
+def verdict(value: float, target: float) -> str:
+    return "meets" if value >= target else "MISSES"
