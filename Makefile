@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/accelerate launch --num_processes 1 scripts/qlora_summarize.py --config $(RECIPE) --overwrite_output_dir true
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -x -q -rs
+	$(BIN)/python -m pytest -x -q -rs --durations=15
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -x -q -m "not slow"

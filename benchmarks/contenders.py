@@ -9,8 +9,9 @@ length-grouped sampler, same collator): forward, loss, backward, optimizer step,
 ``trainer``: ``transformers.Trainer`` with the same model, data and batch size, padding to
 ``max_length`` as S002 does, or with its own best settings (dynamic padding, length grouping).
 
-Both time optimizer steps ``warmup+1 .. steps`` and print one JSON line: steps/s, real (non-pad)
-tokens/s and the padding efficiency of those steps.
+Both time optimizer steps ``warmup+1 .. steps`` in intervals of ``logging_steps`` (as ftkit's
+telemetry does) and print one JSON line: the median interval's steps/s and real (non-pad)
+tokens/s, and the padding efficiency of those steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -37,13 +39,18 @@ def load_rows(train_file: str, tokenizer, padding: bool | str):
     return ds, enc
 
 
-def summary(times: list[float], real: list[int], computed: list[int], warmup: int) -> dict:
-    """Rates over the steps after ``warmup`` (``times[i]``: the end of step i; ``times[-1]``: the start)."""
-    elapsed = times[-1 + len(real)] - times[warmup - 1]
-    steps = len(real) - warmup
+def summary(times: list[float], real: list[int], computed: list[int], warmup: int, interval: int) -> dict:
+    """Rates over the steps after ``warmup``, in intervals of ``interval`` steps (as ftkit logs them):
+    the median interval's rate, so a passing slow phase of the machine does not decide the result.
+    ``times[i]`` is the end of step i."""
+    steps_rates, token_rates = [], []
+    for start in range(warmup, len(real) - interval + 1, interval):
+        elapsed = times[start + interval - 1] - times[start - 1]
+        steps_rates.append(interval / elapsed)
+        token_rates.append(sum(real[start:start + interval]) / elapsed)
     tokens, padded = sum(real[warmup:]), sum(computed[warmup:])
-    return {"steps_per_s": steps / elapsed, "tokens_per_s": tokens / elapsed, "padding_efficiency": tokens / padded,
-            "timed_steps": steps, "real_tokens": tokens}
+    return {"steps_per_s": statistics.median(steps_rates), "tokens_per_s": statistics.median(token_rates),
+            "padding_efficiency": tokens / padded, "timed_steps": len(real) - warmup, "real_tokens": tokens}
 
 
 def bare(args) -> dict:
@@ -74,7 +81,7 @@ def bare(args) -> dict:
         times.append(time.perf_counter())
         real.append(int(batch["attention_mask"].sum()))
         computed.append(batch["attention_mask"].numel())
-    return summary(times, real, computed, args.warmup)
+    return summary(times, real, computed, args.warmup, args.logging_steps)
 
 
 def trainer(args) -> dict:
@@ -107,7 +114,7 @@ def trainer(args) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     Trainer(model=model, args=training_args, train_dataset=train, data_collator=collate,
             callbacks=[StepTimes()]).train()
-    return summary(times, real[:len(times)], computed[:len(times)], args.warmup)
+    return summary(times, real[:len(times)], computed[:len(times)], args.warmup, args.logging_steps)
 
 
 def main() -> int:

@@ -140,8 +140,10 @@ class TrainingArguments:
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
     group_by_length: bool = opt(False, "Batch examples of similar length together (seeded) to cut padding.")
-    pad_to_multiple_of: int | None = opt(None, "Pad batch lengths to a multiple of this (8 helps tensor cores).", min=1)
+    pad_to_multiple_of: int | None = opt(None, "Pad batch lengths to a multiple of this (default: 8 on a GPU, for "
+                                                "tensor cores; none on a CPU).", min=1)
     dataloader_num_workers: int = opt(0, "DataLoader worker processes.", min=0)
+    dataloader_pin_memory: bool = opt(True, "On a GPU: pinned training batches, copied to the device without blocking.")
     dataloader_drop_last: bool = opt(False, "Drop the last incomplete training batch of each epoch (S003 does).")
     bf16: bool = opt(False, "bf16 mixed precision.")
     logging_steps: int = opt(10, "Log train metrics every N optimizer steps.", min=1)
@@ -513,7 +515,7 @@ def to_dict(config) -> dict:
 # Options that change where/how a run is reported or resumed, not what it computes.
 NON_TRAINING_KEYS = {
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "project_name",
-    "run_name", "tags", "group", "peak_tflops", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "debug",
+    "run_name", "tags", "group", "peak_tflops", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "dataloader_pin_memory", "debug",
     "preprocessing_num_workers", "predict", "adapter", "input_file", "text", "prediction_file",
     "merge_adapter", "num_test_compare", "num_eval_generate", "model", "text_pair", "eval_on_train",
 }

@@ -423,6 +423,16 @@ def examples_in(batch: dict) -> int | torch.Tensor:
     return batch["examples"].sum() if "examples" in batch else len(batch["input_ids"])
 
 
+def pad_multiple(config) -> int | None:
+    """``pad_to_multiple_of``, defaulting to 8 on a GPU (tensor-core friendly shapes), none on a CPU."""
+    return config.pad_to_multiple_of or (8 if torch.cuda.is_available() else None)
+
+
+def pin_memory(config) -> bool:
+    """Pinned host memory for the training batches: only useful (and only used) with a GPU."""
+    return bool(getattr(config, "dataloader_pin_memory", True)) and torch.cuda.is_available()
+
+
 def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:
     """Optimizer steps in one epoch of ``num_batches`` micro-batches (all processes); 0 is an error."""
     windows = math.ceil(num_batches / num_processes) // config.gradient_accumulation_steps

@@ -21,6 +21,8 @@ def accelerator(config):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
+    from ftkit.data import pin_memory
+
     cpu = not torch.cuda.is_available()
     check_bf16(config.bf16, not cpu, (not cpu) and torch.cuda.is_bf16_supported())
     launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -45,7 +47,7 @@ def accelerator(config):
         mixed_precision="bf16" if config.bf16 else "no",
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=pin_memory(config)),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, "tensorboard")),

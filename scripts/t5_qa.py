@@ -279,11 +279,11 @@ def main(config):
     tokenized = {name: ds for name, (ds, _) in tokenized.items()}
     eval_name = "test" if "test" in splits else "validation"
 
-    collate = data.PadCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
+    collate = data.PadCollator(tokenizer.pad_token_id, data.pad_multiple(config))
     sampler = data.TrainBatchSampler(tokenized["train"]["length"], config.per_device_train_batch_size, config.seed,
                                      group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
     train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=config.dataloader_num_workers)
+                                           num_workers=config.dataloader_num_workers, pin_memory=data.pin_memory(config))
     eval_dl = torch.utils.data.DataLoader(tokenized["validation"], batch_size=config.per_device_eval_batch_size,
                                           collate_fn=collate)
     windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))

@@ -158,3 +158,18 @@ def test_tsv_with_stray_quotes_loads_verbatim(tmp_path):
     path.write_text('label\ttext\nham\t"Hi" she said\nspam\tWIN "free prize\n')
     ds = data.load_local_file(str(path))
     assert ds["text"] == ['"Hi" she said', 'WIN "free prize']
+
+
+def test_pad_multiple_defaults_to_8_only_on_a_gpu_and_pinning_needs_one():
+    from types import SimpleNamespace
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    assert data.pad_multiple(SimpleNamespace(pad_to_multiple_of=None)) == (8 if gpu else None)
+    assert data.pad_multiple(SimpleNamespace(pad_to_multiple_of=64)) == 64
+    assert data.pin_memory(SimpleNamespace(dataloader_pin_memory=True)) is gpu
+    assert data.pin_memory(SimpleNamespace(dataloader_pin_memory=False)) is False
+    batch = data.PadCollator(0, data.pad_multiple(SimpleNamespace(pad_to_multiple_of=8)))(
+        [{"input_ids": [1, 2, 3]}, {"input_ids": [4]}])
+    assert batch["input_ids"].shape == (2, 8) and batch["attention_mask"].sum() == 4
