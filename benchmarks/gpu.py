@@ -46,9 +46,22 @@ TARGETS = {"qlora_mfu": 0.30, "qlora_peak_gib_1x512": 4.0, "qlora_peak_gib_4x102
 WARMUP, TIMED = 3, 10
 
 
-def _timed_steps(step, device: str, warmup: int, timed: int) -> float:
+def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int, float]:
+    """Warm-up steps, then timed steps (synchronised) of forward/backward/step on ``inputs``;
+    returns (timed steps, seconds). The peak-memory counter is reset first: it then holds the
+    model, its optimizer state and the training steps, not the loading."""
     import torch
 
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    warmup, timed = (1, 2) if tiny else (WARMUP, TIMED)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -58,7 +71,14 @@ def _timed_steps(step, device: str, warmup: int, timed: int) -> float:
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return timed, time.perf_counter() - start
+
+
+def _mfu(flops_per_s: float) -> float | None:
+    from ftkit import tracking
+
+    peak = tracking.peak_tflops(None)  # the device's peak bf16 TFLOP/s (None on a CPU or unknown GPU)
+    return flops_per_s / (peak * 1e12) if peak else None
 
 
 def _peak_gib(device: str) -> float:
@@ -79,54 +99,29 @@ def qlora(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
         "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16" if device == "cuda" else "float32",
         "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05, "gradient_checkpointing": True,
         "optim": "paged_adamw_8bit", "learning_rate": 2e-4, "bf16": device == "cuda"})
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     model = modeling.load_pretrained(AutoModelForCausalLM, model_dir, config)
     model.config.use_cache = False
     model = modeling.add_lora(model, config, task_type="CAUSAL_LM").to(device)
     optimizer = optim.build_optimizer(model, config)
     trainable, total = modeling.parameter_counts(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    elapsed = _timed_steps(step, device, 1 if tiny else WARMUP, 2 if tiny else TIMED)
-    tokens_per_s = batch * seq * (2 if tiny else TIMED) / elapsed
+    steps, elapsed = _train(model, optimizer, {"input_ids": ids, "labels": ids}, device, tiny)
+    tokens_per_s = batch * seq * steps / elapsed
     flops = tracking.flops_per_token(model.config, trainable, total - trainable, seq)
-    peak = tracking.PEAK_TFLOPS.get(next((k for k in tracking.PEAK_TFLOPS if device == "cuda"
-                                          and k in torch.cuda.get_device_name()), ""), None)
-    return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / (peak * 1e12) if peak else None,
-            "peak_gib": _peak_gib(device), "trainable_params": trainable, "total_params": total}
+    return {"tokens_per_s": tokens_per_s, "mfu": _mfu(tokens_per_s * flops), "peak_gib": _peak_gib(device),
+            "trainable_params": trainable, "total_params": total}
 
 
 def t5_full(model_dir: str, batch: int, source: int, target: int, tiny: bool) -> dict:
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from ftkit import tracking
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (batch, source), device=device)
     labels = torch.randint(0, model.config.vocab_size, (batch, target), device=device)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    elapsed = _timed_steps(step, device, 1 if tiny else WARMUP, 2 if tiny else TIMED)
-    steps = 2 if tiny else TIMED
+    steps, elapsed = _train(model, optimizer, {"input_ids": ids, "labels": labels}, device, tiny)
     params = sum(p.numel() for p in model.parameters())
     # FLOPs per example: 6 per weight per token through the weights it meets (encoder blocks for the
     # source, decoder blocks and the output projection for the target) + attention scores/values
@@ -135,12 +130,8 @@ def t5_full(model_dir: str, batch: int, source: int, target: int, tiny: bool) ->
     layers, hidden = cfg.num_layers, cfg.num_heads * cfg.d_kv
     flops = (6 * blocks(model.encoder) * source + 6 * (blocks(model.decoder) + cfg.d_model * cfg.vocab_size) * target
              + 12 * layers * hidden * (source * source + target * target + target * source))
-    flops_per_s = flops * batch * steps / elapsed
-    peak = tracking.PEAK_TFLOPS.get(next((k for k in tracking.PEAK_TFLOPS if device == "cuda"
-                                          and k in torch.cuda.get_device_name()), ""), None)
-    return {"tokens_per_s": batch * (source + target) * steps / elapsed,
-            "mfu": flops_per_s / (peak * 1e12) if peak else None, "peak_gib": _peak_gib(device),
-            "total_params": params}
+    return {"tokens_per_s": batch * (source + target) * steps / elapsed, "mfu": _mfu(flops * batch * steps / elapsed),
+            "peak_gib": _peak_gib(device), "total_params": params}
 
 
 def build(workdir: str, kind: str, tiny: bool) -> str:

@@ -354,10 +354,10 @@ def check_finite_weights(model, step: int) -> None:
 class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
 
-    The handler only records the signal; :func:`count_window` sums the flag over processes at the
-    start of each optimizer step, and the loop stops after that step when any rank got it, so
-    every rank stops at the same step and takes part in the checkpoint. A second signal during the
-    save changes nothing.
+    The handler only records the signal; :func:`count_window` sums the flag over processes before
+    each optimizer step, and when any rank got it the loop saves the last completed step instead
+    of running the next one, so every rank stops at the same step and takes part in the
+    checkpoint. A second signal during the save changes nothing.
     """
 
     SIGNALS = ("SIGUSR1", "SIGTERM")

@@ -252,7 +252,8 @@ def main(config):
         for window in data.accumulation_windows(batches, ga):
             # one all-reduce: the step's loss is a mean over every target token on all processes;
             # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
-            counts = checkpoint.count_window(acc, window, sum(modeling.count_target_tokens(b["labels"]) for b in window), stop)
+            targets = sum(modeling.count_target_tokens(b["labels"]) for b in window)
+            counts = checkpoint.count_window(acc, window, targets, stop)
             if counts.stop:  # the previous optimizer step is complete: save it and exit
                 return stop.stop(acc, config, state)
             for batch in window:
