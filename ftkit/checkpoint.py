@@ -4,6 +4,8 @@ Layout: ``output_dir/checkpoints/step_<N>/`` holds ``accelerator.save_state`` (t
 optimizer, scheduler, RNG states of every process) plus ``trainer_state.json`` and
 ``rng_state_<rank>.safetensors``. A checkpoint is written to ``.tmp_step_<N>`` and renamed when
 complete, so a folder named ``step_<N>`` is always whole; ``trainer_state.json`` is written last.
+Rotation renames a folder to ``.trash_step_<N>`` before deleting it, so a kill never leaves a
+half-deleted ``step_<N>`` either.
 """
 
 from __future__ import annotations
@@ -425,6 +427,9 @@ def save(accelerator, config, state: dict) -> str:
             check_finite_weights(accelerator.unwrap_model(model), step)
     try:
         if accelerator.is_main_process:
+            for name in os.listdir(root) if os.path.isdir(root) else []:
+                if name.startswith(".trash_"):  # leftover of a run killed while deleting
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
             os.makedirs(tmp)
         accelerator.wait_for_everyone()
@@ -451,9 +456,7 @@ def save(accelerator, config, state: dict) -> str:
         raise RunError(f"cannot write checkpoint step_{step} in {root}: {reason}; nothing half-written is left, "
                        f"the last complete checkpoint is {os.path.basename(kept[-1][1]) if kept else 'none'}") from None
     if accelerator.is_main_process:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _replace(tmp, final)
         _rotate(root, config.save_total_limit, state.get("scores"), state.get("greater_is_better", True))
     accelerator.wait_for_everyone()
     return final
@@ -471,7 +474,35 @@ def _rotate(root: str, limit: int | None, scores: dict | None = None, greater: b
     best = {step for _, step in sorted(scored, key=lambda t: -t[0] if greater else t[0])[:limit]}
     for step, path in found[:-limit]:
         if step not in best:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
+
+
+def _discard(path: str) -> None:
+    """Delete a folder so that a kill at any moment leaves it whole or gone, never half deleted.
+
+    It is first renamed (atomic) to a hidden ``.trash_`` name, which nothing resumes from.
+    """
+    trash = _to_trash(path)
+    if trash:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _to_trash(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    parent, name = os.path.split(path.rstrip(os.sep))
+    trash = os.path.join(parent, f".trash_{name}")
+    shutil.rmtree(trash, ignore_errors=True)  # leftover of an earlier kill
+    os.rename(path, trash)
+    return trash
+
+
+def _replace(tmp: str, final: str) -> None:
+    """Put the complete folder ``tmp`` in place of ``final``; the old one is deleted only afterwards."""
+    trash = _to_trash(final)
+    os.rename(tmp, final)
+    if trash:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _load_scheduler(accelerator, path: str) -> None:
@@ -581,7 +612,6 @@ def export(accelerator, model, tokenizer, config, name: str = "final", **save_kw
                                                         **save_kwargs)
         tokenizer.save_pretrained(tmp)
         save_config(config, os.path.join(tmp, "ftkit_config.yaml"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        _replace(tmp, final)
     accelerator.wait_for_everyone()
     return final

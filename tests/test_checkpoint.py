@@ -82,3 +82,38 @@ def test_checkpoint_loads_never_unpickle_arbitrary_objects(tmp_path):
             torch.load(tampered, map_location="cpu", weights_only=False)
     assert loaded["loss_scaler"].cur_scale == 2.0 ** 8 and loaded["zero_stage"] == ZeroStageEnum.gradients
     assert torch.load is not None and "load_weights_only" not in torch.load.__qualname__  # restored afterwards
+
+
+def test_a_kill_while_rotating_never_leaves_a_half_deleted_checkpoint(tmp_path):
+    """SIGKILL lands in the middle of deleting an old checkpoint (20,000 files)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _fake_checkpoints(tmp_path, [10, 20])
+    old = tmp_path / "checkpoints" / "step_10"
+    files = 20000
+    for i in range(files):
+        (old / f"shard_{i}").write_bytes(b"x")
+    code = ("import sys; from ftkit import checkpoint; print('go', flush=True); "
+            f"checkpoint._rotate({str(tmp_path / 'checkpoints')!r}, 1)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    trash = tmp_path / "checkpoints" / ".trash_step_10"
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until the deletion is under way, then kill
+        folder = trash if trash.exists() else old
+        try:
+            left = len(os.listdir(folder))
+        except FileNotFoundError:
+            continue
+        if 0 < left < files:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < left < files, "the kill did not land inside the deletion"
+    for name in os.listdir(tmp_path / "checkpoints"):
+        if name.startswith("step_"):
+            assert (tmp_path / "checkpoints" / name / checkpoint.STATE_FILE).exists(), name
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [20]
