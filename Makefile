@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/training_speed.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/gpu.py
+	$(BIN)/python benchmarks/gpu_smoke.py
 
 clean:
 	rm -rf outputs/ .pytest_cache

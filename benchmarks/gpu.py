@@ -46,9 +46,9 @@ TARGETS = {"qlora_mfu": 0.30, "qlora_peak_gib_1x512": 4.0, "qlora_peak_gib_4x102
 WARMUP, TIMED = 3, 10
 
 
-def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int, float]:
+def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int, float, dict]:
     """Warm-up steps, then timed steps (synchronised) of forward/backward/step on ``inputs``;
-    returns (timed steps, seconds). The peak-memory counter is reset first: it then holds the
+    returns (timed steps, seconds, a profile of one more step). The peak-memory counter is reset first: it then holds the
     model, its optimizer state and the training steps, not the loading."""
     import torch
 
@@ -71,7 +71,28 @@ def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return timed, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    return timed, elapsed, _profile(step, device, elapsed / timed)
+
+
+def _profile(step, device: str, step_s: float) -> dict:
+    """One more step under torch.profiler: the share of the step the GPU is busy and the top kernels
+    (what limits the MFU: a low busy share means the host, i.e. launches and Python, is the limit)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    busy_ms = sum(getattr(e, key) for e in events) / 1e3 if cuda else None
+    top = sorted(events, key=lambda e: -getattr(e, key))[:8]
+    return {"step_ms": 1e3 * step_s, "gpu_busy_ms": busy_ms,
+            "top_ops_ms": [[e.key[:80], round(getattr(e, key) / 1e3, 2), e.count] for e in top]}
 
 
 def _mfu(flops_per_s: float) -> float | None:
@@ -99,17 +120,18 @@ def qlora(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
         "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16" if device == "cuda" else "float32",
         "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05, "gradient_checkpointing": True,
         "optim": "paged_adamw_8bit", "learning_rate": 2e-4, "bf16": device == "cuda"})
-    model = modeling.load_pretrained(AutoModelForCausalLM, model_dir, config)
+    model = modeling.load_pretrained(AutoModelForCausalLM, model_dir, config, device=device)
     model.config.use_cache = False
     model = modeling.add_lora(model, config, task_type="CAUSAL_LM").to(device)
     optimizer = optim.build_optimizer(model, config)
     trainable, total = modeling.parameter_counts(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    steps, elapsed = _train(model, optimizer, {"input_ids": ids, "labels": ids}, device, tiny)
+    model.train()  # gradient checkpointing (and LoRA dropout) act in training mode only
+    steps, elapsed, profiled = _train(model, optimizer, {"input_ids": ids, "labels": ids}, device, tiny)
     tokens_per_s = batch * seq * steps / elapsed
     flops = tracking.flops_per_token(model.config, trainable, total - trainable, seq)
     return {"tokens_per_s": tokens_per_s, "mfu": _mfu(tokens_per_s * flops), "peak_gib": _peak_gib(device),
-            "trainable_params": trainable, "total_params": total}
+            "trainable_params": trainable, "total_params": total, "profile": profiled}
 
 
 def t5_full(model_dir: str, batch: int, source: int, target: int, tiny: bool) -> dict:
@@ -121,7 +143,7 @@ def t5_full(model_dir: str, batch: int, source: int, target: int, tiny: bool) ->
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, source), device=device)
     labels = torch.randint(0, model.config.vocab_size, (batch, target), device=device)
-    steps, elapsed = _train(model, optimizer, {"input_ids": ids, "labels": labels}, device, tiny)
+    steps, elapsed, profiled = _train(model, optimizer, {"input_ids": ids, "labels": labels}, device, tiny)
     params = sum(p.numel() for p in model.parameters())
     # FLOPs per example: 6 per weight per token through the weights it meets (encoder blocks for the
     # source, decoder blocks and the output projection for the target) + attention scores/values
@@ -131,7 +153,7 @@ def t5_full(model_dir: str, batch: int, source: int, target: int, tiny: bool) ->
     flops = (6 * blocks(model.encoder) * source + 6 * (blocks(model.decoder) + cfg.d_model * cfg.vocab_size) * target
              + 12 * layers * hidden * (source * source + target * target + target * source))
     return {"tokens_per_s": batch * (source + target) * steps / elapsed, "mfu": _mfu(flops * batch * steps / elapsed),
-            "peak_gib": _peak_gib(device), "total_params": params}
+            "peak_gib": _peak_gib(device), "total_params": params, "profile": profiled}
 
 
 def build(workdir: str, kind: str, tiny: bool) -> str:

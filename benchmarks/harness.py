@@ -34,7 +34,8 @@ def machine() -> str:
 
 def env() -> dict:
     out = dict(os.environ)
-    out.update({"PYTHONPATH": ROOT, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+    out.update({"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+                "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                 # the same threads for every contender (accelerate launch would otherwise pick 1)
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))})

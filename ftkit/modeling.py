@@ -319,8 +319,11 @@ def quantization_config(config):
     return None
 
 
-def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quantize: bool = True, **kwargs):
-    """``from_pretrained`` with the recipe's dtype, quantization and attention options."""
+def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quantize: bool = True, device=None,
+                    **kwargs):
+    """``from_pretrained`` with the recipe's dtype, quantization and attention options.
+
+    Quantized weights are created on ``device`` (default: the accelerator's device, else the CPU)."""
     qconfig = quantization_config(config) if quantize else None
     dtype = config.torch_dtype if config.torch_dtype == "auto" else DTYPES[config.torch_dtype]
     if qconfig is not None and config.torch_dtype == "auto":
@@ -333,7 +336,7 @@ def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quant
         from transformers.integrations import is_deepspeed_zero3_enabled
         if not is_deepspeed_zero3_enabled():
             # quantized weights are created on their final device; one copy per process
-            device = accelerator.device if accelerator is not None else "cpu"
+            device = device or (accelerator.device if accelerator is not None else "cpu")
             load_kwargs["device_map"] = {"": device}
     try:
         return auto_model_cls.from_pretrained(source, **load_kwargs)

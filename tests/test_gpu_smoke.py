@@ -1,0 +1,46 @@
+"""benchmarks/gpu_smoke.py: each real recipe turned into its offline, real-size smoke run.
+
+The GPU run itself needs CUDA; what is checked here is that the composed config of every real
+recipe is valid for its script, keeps the recipe's model and training settings, builds the hub
+model's architecture (not the tiny one) and reads data files that exist.
+"""
+
+import os
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import fixtures  # noqa: E402
+import gpu_smoke  # noqa: E402
+
+CLASSES = {"qlora_summarize": "SummarizeConfig", "t5_qa": "QAConfig", "classify": "ClassifyConfig"}
+TRAINING = ["load_in_4bit", "bnb_4bit_compute_dtype", "lora_r", "lora_target_modules", "bf16", "optim",
+            "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "max_length", "trainable_modules", "group_by_length"]
+
+
+def test_every_real_recipe_has_a_smoke_run():
+    recipes = {f[:-5] for f in os.listdir(os.path.join(ROOT, "recipes")) if f.endswith(".yaml")}
+    assert recipes == set(gpu_smoke.RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(gpu_smoke.RECIPES))
+def test_the_smoke_config_is_the_recipe_at_real_size_on_offline_data(name, tmp_path):
+    script, _, arch = gpu_smoke.RECIPES[name]
+    composed = gpu_smoke.smoke_config(name, str(tmp_path), max_steps=20, tiny=False)
+    config = fixtures.script_config(script, CLASSES[script], composed)  # raises on a bad key or value
+    real = yaml.safe_load(open(os.path.join(ROOT, "recipes", f"{name}.yaml")))
+    for key in TRAINING:
+        if key in real:
+            assert getattr(config, key) == real[key], key
+    assert config.model_name_or_path is None and config.model_config == arch
+    assert getattr(config, "dataset_name", None) is None
+    for key in ("train_file", "validation_file", "test_file", "tokenizer_files"):
+        value = getattr(config, key, None)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            assert os.path.isfile(path), (key, path)
+    assert config.eval_steps == config.save_steps == 10 and config.max_steps == 20
