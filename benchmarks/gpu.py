@@ -48,8 +48,8 @@ WARMUP, TIMED = 3, 10
 
 def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int, float, dict]:
     """Warm-up steps, then timed steps (synchronised) of forward/backward/step on ``inputs``;
-    returns (timed steps, seconds, a profile of one more step). The peak-memory counter is reset first: it then holds the
-    model, its optimizer state and the training steps, not the loading."""
+    returns (timed steps, seconds, a profile of one more step). The peak-memory counter is reset
+    first: it then holds the model, its optimizer state and the training steps, not the loading."""
     import torch
 
     def step():

@@ -430,7 +430,24 @@ def pad_multiple(config) -> int | None:
 
 def pin_memory(config) -> bool:
     """Pinned host memory for the training batches: only useful (and only used) with a GPU."""
-    return bool(getattr(config, "dataloader_pin_memory", True)) and torch.cuda.is_available()
+    return config.dataloader_pin_memory and torch.cuda.is_available()
+
+
+def train_loader(ds, pad_token_id: int, config) -> tuple[torch.utils.data.DataLoader, TrainBatchSampler]:
+    """The training DataLoader of every script: the seeded (optionally length-grouped) batch sampler
+    over ``ds["length"]``, dynamic padding to :func:`pad_multiple`, workers and pinning from the config."""
+    sampler = TrainBatchSampler(ds["length"], config.per_device_train_batch_size, config.seed,
+                                group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
+    collate = PadCollator(pad_token_id, pad_multiple(config))
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=config.dataloader_num_workers, pin_memory=pin_memory(config))
+    return loader, sampler
+
+
+def eval_loader(ds, pad_token_id: int, config) -> torch.utils.data.DataLoader:
+    """An evaluation DataLoader: the data's order, ``per_device_eval_batch_size``, dynamic padding."""
+    return torch.utils.data.DataLoader(ds, batch_size=config.per_device_eval_batch_size,
+                                       collate_fn=PadCollator(pad_token_id, pad_multiple(config)))
 
 
 def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:

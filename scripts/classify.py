@@ -245,13 +245,8 @@ def main(config):
         tokenized = {name: tokenize_split(ds, labels[name], tokenizer, config, config.max_length or limit,
                                           token_types, name) for name, ds in splits.items()}
 
-    collate = data.PadCollator(tokenizer.pad_token_id, data.pad_multiple(config))
-    sampler = data.TrainBatchSampler(tokenized["train"]["length"], config.per_device_train_batch_size, config.seed,
-                                     group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
-    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=config.dataloader_num_workers, pin_memory=data.pin_memory(config))
-    eval_dls = {name: torch.utils.data.DataLoader(ds, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
-                for name, ds in tokenized.items()}
+    train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
+    eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
     windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
@@ -393,8 +388,7 @@ def predict(config):
     limit = config.max_length or modeling.max_positions(model.config)
     token_types = getattr(model.config, "type_vocab_size", 0) > 1
     tokenized = tokenize_split(ds, [0] * len(ds), tokenizer, config, limit, token_types, "input")
-    dl = acc.prepare(torch.utils.data.DataLoader(tokenized, batch_size=config.per_device_eval_batch_size,
-                                                 collate_fn=data.PadCollator(tokenizer.pad_token_id)))
+    dl = acc.prepare(data.eval_loader(tokenized, tokenizer.pad_token_id, config))
     _, preds, probs = evaluate(acc, model, dl, len(names))
     if not acc.is_main_process:
         return

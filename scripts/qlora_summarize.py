@@ -209,12 +209,8 @@ def main(config):
                     "sdpa/eager and varlen kernels with flash_attention_2", examples, len(train_ds), max_length,
                     100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
-    collate = data.PadCollator(tokenizer.pad_token_id, data.pad_multiple(config))
-    sampler = data.TrainBatchSampler(train_ds["length"], config.per_device_train_batch_size, config.seed,
-                                     group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=config.dataloader_num_workers, pin_memory=data.pin_memory(config))
-    eval_dl = torch.utils.data.DataLoader(eval_ds, batch_size=config.per_device_eval_batch_size, collate_fn=collate)
+    train_dl, sampler = data.train_loader(train_ds, tokenizer.pad_token_id, config)
+    eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
     windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 

@@ -279,13 +279,8 @@ def main(config):
     tokenized = {name: ds for name, (ds, _) in tokenized.items()}
     eval_name = "test" if "test" in splits else "validation"
 
-    collate = data.PadCollator(tokenizer.pad_token_id, data.pad_multiple(config))
-    sampler = data.TrainBatchSampler(tokenized["train"]["length"], config.per_device_train_batch_size, config.seed,
-                                     group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
-    train_dl = torch.utils.data.DataLoader(tokenized["train"], batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=config.dataloader_num_workers, pin_memory=data.pin_memory(config))
-    eval_dl = torch.utils.data.DataLoader(tokenized["validation"], batch_size=config.per_device_eval_batch_size,
-                                          collate_fn=collate)
+    train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
+    eval_dl = data.eval_loader(tokenized["validation"], tokenizer.pad_token_id, config)
     windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
