@@ -344,10 +344,33 @@ def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quant
         raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e)})") from None
 
 
+def keep_4bit_training_layout(model) -> int:
+    """Keep every 4-bit weight of a model that will train in the layout training reads; returns the
+    number of 4-bit layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place into an
+    inference-only layout at its first no-grad forward in eval mode (an evaluation or ``generate``);
+    the training forward afterwards crashes on it. A model that trains never takes that layout (we
+    clear the layer's CPU-feature flag, and undo a repacking already done); ``--predict`` keeps it.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                layer.weight.data, layer.weight.quant_state)
+    return len(layers)
+
+
 def add_lora(model, config, task_type: str):
     """Gradient checkpointing, k-bit preparation and LoRA adapters, as QLoRA prescribes."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if config.load_in_4bit:
+        keep_4bit_training_layout(model)
     gc_kwargs = {"use_reentrant": False}
     if config.load_in_4bit or config.load_in_8bit:
         # casts norms to fp32 and enables input grads; gradient checkpointing set up here too

@@ -78,17 +78,74 @@ def test_tokenizer_built_offline_round_trips_unseen_text(tiny_tokenizer):
     assert tiny_tokenizer.eos_token == tiny_tokenizer.pad_token == "<|endoftext|>"
 
 
-def test_4bit_lora_model_trains_only_adapters(tmp_path, tiny_tokenizer):
+def tiny_4bit_base(tmp_path, tokenizer, **overrides):
+    """The tiny recipe's Phi, saved with random weights and loaded in 4-bit as the script loads it."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(output_dir=str(tmp_path))
+    config = tiny_config(output_dir=str(tmp_path), **overrides)
     model_cfg = modeling.auto_config(config)
-    model_cfg.vocab_size = len(tiny_tokenizer)
+    model_cfg.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
     AutoModelForCausalLM.from_config(model_cfg).save_pretrained(tmp_path / "base")
-    model = modeling.load_pretrained(AutoModelForCausalLM, str(tmp_path / "base"), config)
-    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    return modeling.load_pretrained(AutoModelForCausalLM, str(tmp_path / "base"), config), config
+
+
+def linear4bit_layers(model):
+    from bitsandbytes.nn import Linear4bit
+
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def test_4bit_lora_model_trains_only_adapters(tmp_path, tiny_tokenizer):
+    model, config = tiny_4bit_base(tmp_path, tiny_tokenizer)
+    assert linear4bit_layers(model)
     model = modeling.add_lora(model, config, "CAUSAL_LM")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     trainable_count, total = modeling.parameter_counts(model)
     assert 0 < trainable_count < total
+
+
+def train_step_after_an_evaluation(model, tokenizer):
+    """What the script does at an evaluation between training steps: a no-grad eval forward, then train."""
+    ids = torch.tensor([tokenizer("#Person1#: Hello there. #Person2#: Hi!")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("cpu_has_avx512bf16", [True, False], ids=["avx512bf16", "no-avx512bf16"])
+def test_a_4bit_model_being_trained_never_takes_the_cpu_inference_layout(tmp_path, tiny_tokenizer, monkeypatch,
+                                                                          cpu_has_avx512bf16):
+    # bitsandbytes asks the CPU once per Linear4bit; forcing the answer runs both of its branches on any CPU
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: cpu_has_avx512bf16)
+    model, config = tiny_4bit_base(tmp_path, tiny_tokenizer)
+    assert {layer.support_avx512bf16_for_cpu for layer in linear4bit_layers(model)} == {cpu_has_avx512bf16}
+    model = modeling.add_lora(model, config, "CAUSAL_LM")
+    loss = train_step_after_an_evaluation(model, tiny_tokenizer)
+    assert not [layer for layer in linear4bit_layers(model) if getattr(layer.weight.quant_state, "packing_format_for_cpu", False)]
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_a_4bit_weight_already_in_the_cpu_inference_layout_is_restored_for_training(tmp_path, tiny_tokenizer):
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit
+
+    model, config = tiny_4bit_base(tmp_path, tiny_tokenizer)
+    layer = linear4bit_layers(model)[0]
+    before = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    model = modeling.add_lora(model, config, "CAUSAL_LM")
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    after = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    # double quantization re-quantizes the block scales on the way back: equal to their 8-bit precision
+    assert torch.allclose(after, before, atol=1e-2 * before.abs().max().item())
+    assert torch.isfinite(train_step_after_an_evaluation(model, tiny_tokenizer))
