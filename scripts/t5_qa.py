@@ -54,6 +54,9 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
     val_split: float | None = opt(None, "Fraction of train_file held out for validation when no "
                                         "validation_file is given (S004: 0.2).", min_exclusive=0, max=0.9)
     split_seed: int = opt(101, "Seed of the val_split shuffle (S004: 101).", min=0)
+    max_predict_samples: int | None = opt(None, "Use only the first N test examples for the final scores and "
+                                                "predictions.jsonl (as run_qa; without a test split the final "
+                                                "answers cover the max_eval_samples validation examples).", min=1)
     input_format: str = opt("t5", "'question: Q context: C' (t5), or the tokenizer's pair encoding of (context, "
                                   "question) as S004 (pair).", choices=["t5", "pair"])
     max_target_length: int = opt(128, "Max answer tokens in training labels (S004: 128).", min=1)
@@ -128,6 +131,10 @@ def load_qa_splits(config) -> dict:
             raise ConfigError("validation_file: a validation set is needed (or val_split to hold out part of train_file)")
         splits.update(data.split_by_ratios(splits["train"], [1 - config.val_split, config.val_split], config.split_seed))
     splits["train"] = data.take_first(splits["train"], config.max_train_samples, config.subset_seed)
+    # every use of a split (loss, answers during training, the final scores and predictions) sees the same rows
+    splits["validation"] = data.take_first(splits["validation"], config.max_eval_samples, config.subset_seed)
+    if "test" in splits:
+        splits["test"] = data.take_first(splits["test"], config.max_predict_samples, config.subset_seed)
     return {name: standardize(config, ds, name) for name, ds in splits.items()}
 
 
@@ -240,8 +247,7 @@ def answer(acc, model, tokenizer, config, questions: list[str], contexts: list[s
     return distributed.gather_by_index(acc, results, len(questions))
 
 
-def score(acc, model, tokenizer, config, ds, max_length: int, n: int | None = None) -> tuple[dict, list[str]]:
-    ds = data.take_first(ds, n)
+def score(acc, model, tokenizer, config, ds, max_length: int) -> tuple[dict, list[str]]:
     predictions = answer(acc, model, tokenizer, config, ds["question"], ds["context"], max_length)
     return metrics.squad(predictions, ds["answers"]), predictions
 
@@ -309,7 +315,7 @@ def main(config):
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
     def evaluate() -> dict:
-        scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length, config.max_eval_samples)
+        scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length)
         return eval_entry(eval_loss(acc, model, eval_dl, decoder_start, pad), scores)
 
     model.train()

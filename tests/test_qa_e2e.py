@@ -74,3 +74,17 @@ def test_two_processes_score_an_odd_eval_set_like_one(memorised, tmp_path):
         results[n] = (line, [r["prediction"] for r in read_jsonl(tmp_path / f"p{n}.jsonl")])
     assert results[1] == results[2]
     assert "(15 questions)" in results[2][0]
+
+
+def test_max_eval_and_max_predict_samples_bound_what_is_answered_and_written(tmp_path):
+    short = ["--config", TINY, "--num_train_epochs", "1", "--eval_steps", "4", "--max_eval_samples", "5"]
+    launch("t5_qa.py", [*short, "--output_dir", str(tmp_path / "val")])
+    result = json.load(open(tmp_path / "val" / "metrics.json"))
+    assert result["split"] == "validation" and result["examples"] == 5
+    assert len(read_jsonl(tmp_path / "val" / "predictions.jsonl")) == 5
+    launch("t5_qa.py", [*short, "--output_dir", str(tmp_path / "test"), "--test_file", SAMPLE,
+                        "--max_predict_samples", "7"])
+    result = json.load(open(tmp_path / "test" / "metrics.json"))
+    assert result["split"] == "test" and result["examples"] == 7
+    assert [r["id"] for r in read_jsonl(tmp_path / "test" / "predictions.jsonl")] == \
+        [r["id"] for r in read_jsonl(SAMPLE)[:7]]
