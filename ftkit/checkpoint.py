@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from ftkit.config import ConfigError, RunError, config_hash
+from ftkit.config import RESCHEDULE_KEYS, ConfigError, RunError, config_changes, config_hash
 
 logger = logging.getLogger("ftkit")
 
@@ -71,14 +71,20 @@ def check_output_dir(config) -> None:
     try:
         with open(saved, encoding="utf-8") as f:
             previous = build(type(config), yaml.safe_load(f) or {}, where=saved)
-        same = config_hash(previous) == config_hash(config)
-    except (ConfigError, TypeError, ValueError, yaml.YAMLError):
-        same = False
-    if same or config.resume_from_checkpoint not in (None, "latest") and not list_checkpoints(config.output_dir):
+        allowed, refused = config_changes(previous, config)
+        differs = f" ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in refused)})" if refused else ""
+    except (ConfigError, TypeError, ValueError, yaml.YAMLError) as e:
+        allowed, refused, differs = [], [("config.yaml", None, None)], f" (unreadable: {e})"
+    if config.overwrite_output_dir:
         return
-    if not config.overwrite_output_dir:
-        raise ConfigError(f"output_dir: {config.output_dir} holds a run with a different config "
-                          f"(see its config.yaml); choose another output_dir or pass --overwrite_output_dir true")
+    if refused and not (config.resume_from_checkpoint not in (None, "latest")
+                        and not list_checkpoints(config.output_dir)):
+        raise ConfigError(f"output_dir: {config.output_dir} holds a run with a different config{differs}; "
+                          f"a resume may change only {', '.join(sorted(RESCHEDULE_KEYS))}; choose another "
+                          f"output_dir or pass --overwrite_output_dir true")
+    if allowed and list_checkpoints(config.output_dir):
+        logger.warning("resuming with a changed schedule (%s): the learning-rate schedule is re-planned from the "
+                       "checkpoint's step", ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed))
 
 
 def set_aside_old_checkpoints(config, accelerator) -> None:
@@ -511,6 +517,25 @@ def _load_scheduler(accelerator, path: str) -> None:
     if scheduler is not None and os.path.isfile(file):
         with open(file) as f:
             scheduler.load_state_dict(json.load(f))
+        _replan_learning_rates(scheduler)
+
+
+def _replan_learning_rates(scheduler) -> None:
+    """Set the optimizer's learning rates from the scheduler's current plan at the checkpoint's step.
+
+    The loaded optimizer holds the rate the *old* plan chose for the next step; after a resume with
+    another ``max_steps`` / ``num_train_epochs`` the plan (the scheduler's lambdas, built for the new
+    total) says otherwise. With an unchanged plan this writes back the same numbers."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return
+    rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+    scheduler._last_lr = rates
 
 
 def _deepspeed_safe_globals() -> list:
@@ -568,9 +593,10 @@ def load(accelerator, config, path: str) -> dict:
     """Restore model/optimizer/scheduler state from ``path``; returns its trainer state."""
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
-    if state.get("config_hash") != config_hash(config) and not config.overwrite_output_dir:
-        raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config; "
-                          f"pass --overwrite_output_dir true to start over")
+    written_by = state.get("config_hash")
+    if written_by not in (config_hash(config), config_hash(config, legacy=True)) and not config.overwrite_output_dir:
+        raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config (compare the "
+                          f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
     _load_state(accelerator, config, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])

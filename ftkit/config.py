@@ -521,10 +521,27 @@ NON_TRAINING_KEYS = {
 }
 
 
-def config_hash(config) -> str:
-    """Hash of the options that define the training computation (for resume matching)."""
-    data = {k: v for k, v in to_dict(config).items() if k not in NON_TRAINING_KEYS}
+# Options a resumed run may change (extending a run, evaluating more often): the learning-rate
+# schedule is re-planned from the checkpoint's step. Any other training option refuses the resume.
+RESCHEDULE_KEYS = {"max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "save_steps", "logging_steps",
+                   "save_total_limit"}
+
+
+def config_hash(config, legacy: bool = False) -> str:
+    """Hash of the options that define the training computation (for resume matching).
+
+    ``legacy``: the hash of checkpoints written before RESCHEDULE_KEYS existed (it includes them)."""
+    skip = NON_TRAINING_KEYS if legacy else NON_TRAINING_KEYS | RESCHEDULE_KEYS
+    data = {k: v for k, v in to_dict(config).items() if k not in skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_changes(previous, current) -> tuple[list, list]:
+    """(changes a resume allows, changes it refuses) between two configs, each as (key, old, new)."""
+    old, new = to_dict(previous), to_dict(current)
+    changes = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if k not in NON_TRAINING_KEYS and old.get(k) != new.get(k)]
+    return [c for c in changes if c[0] in RESCHEDULE_KEYS], [c for c in changes if c[0] not in RESCHEDULE_KEYS]
 
 
 def save(config, path: str) -> None:

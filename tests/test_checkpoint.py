@@ -117,3 +117,30 @@ def test_a_kill_while_rotating_never_leaves_a_half_deleted_checkpoint(tmp_path):
         if name.startswith("step_"):
             assert (tmp_path / "checkpoints" / name / checkpoint.STATE_FILE).exists(), name
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [20]
+
+
+def test_a_resume_with_more_steps_sets_the_optimizer_to_the_new_plans_rate(tmp_path):
+    import torch
+
+    from ftkit import optim
+
+    def run(total, state=None):
+        weight = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([weight], lr=1.0)
+        sched = optim.build_scheduler(opt, SimpleNamespace(lr_scheduler_type="linear", warmup_steps=0,
+                                                           warmup_ratio=0.0), total)
+        if state:  # what a resume loads: the optimizer's state, then the scheduler's (JSON)
+            opt.load_state_dict(state[0])
+            sched.load_state_dict(state[1])
+            checkpoint._replan_learning_rates(sched)
+        return opt, sched
+
+    opt, sched = run(3)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0  # a finished 3-step linear plan
+    unchanged, _ = run(3, (opt.state_dict(), sched.state_dict()))
+    assert unchanged.param_groups[0]["lr"] == 0.0
+    extended, sched = run(6, (opt.state_dict(), sched.state_dict()))
+    assert extended.param_groups[0]["lr"] == sched.get_last_lr()[0] == pytest.approx(0.5)  # step 4 of 6

@@ -4,12 +4,13 @@ losses identical and final weights bitwise in one process; within 1e-6 with two)
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, read_jsonl
+from conftest import ROOT, launch, read_jsonl, run_python
 
 pytestmark = pytest.mark.slow
 TINY = os.path.join(ROOT, "recipes", "tiny")
@@ -65,3 +66,34 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, script, processe
         assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in b), (a, b)
         scale = max(v.abs().max().item() for v in wa.values())
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6 * scale
+
+
+def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_change(tmp_path):
+    from ftkit import optim
+
+    classify = SCRIPTS["classify.py"][0] + ["--lr_scheduler_type", "linear", "--warmup_steps", "0"]
+    out = tmp_path / "run"
+    _run("classify.py", classify, out, 3, 1)
+    extended = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
+                                                 "--logging_steps", "1", "--eval_steps", "2", "--save_total_limit", "5"])
+    assert "max_steps: 3 -> 6" in extended.stderr and "eval_steps: 1000 -> 2" in extended.stderr
+    assert "re-planned from the checkpoint's step" in extended.stderr
+    assert json.load(open(out / "metrics.json"))["global_step"] == 6
+    log = read_jsonl(out / "metrics.jsonl")
+    lrs = {r["step"]: r["train/lr"] for r in log if "train/lr" in r}
+    # steps 4-6 follow a 6-step linear plan (the logged rate is the one set for the next step)
+    plan = SimpleNamespace(lr_scheduler_type="linear", warmup_steps=0, warmup_ratio=0.0)
+    sched = optim.build_scheduler(torch.optim.SGD([torch.zeros(1)], lr=1e-3), plan, 6)
+    expected = {}
+    for step in range(1, 7):
+        sched.optimizer.step()
+        sched.step()
+        expected[step] = sched.get_last_lr()[0]
+    assert [lrs[s] for s in (4, 5, 6)] == pytest.approx([expected[s] for s in (4, 5, 6)])
+    assert [r["step"] for r in log if "eval/loss" in r and r["step"] > 3] == [4, 6]
+
+    refused = run_python("classify.py", classify + ["--output_dir", str(out), "--max_steps", "9",
+                                                    "--per_device_train_batch_size", "4"])
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and "per_device_train_batch_size: 8 -> 4" in lines[-1], lines[-3:]
+    assert "max_steps" not in lines[-1].split("a resume may change only")[0]
