@@ -1,7 +1,8 @@
-"""Checkpoints: atomic save, rotation, resume (with the position inside the epoch), export.
+"""Checkpoint files: atomic save, rotation, resume-path resolution and loading, RNG state, export.
+Not here: when to save or evaluate, the trainer state's counters (loop.py).
 
 Layout: ``output_dir/checkpoints/step_<N>/`` holds ``accelerator.save_state`` (trainable weights,
-optimizer, scheduler, RNG states of every process) plus ``trainer_state.json`` and
+optimizer, RNG states of every process) plus ``scheduler.json``, ``trainer_state.json`` and
 ``rng_state_<rank>.safetensors``. A checkpoint is written to ``.tmp_step_<N>`` and renamed when
 complete, so a folder named ``step_<N>`` is always whole; ``trainer_state.json`` is written last.
 Rotation renames a folder to ``.trash_step_<N>`` before deleting it, so a kill never leaves a
@@ -18,7 +19,6 @@ import pickle
 import random
 import re
 import shutil
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -227,131 +227,6 @@ def restore_rng_once_started(batches, path: str, rank: int):
 # --------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------
-# The loop's bookkeeping: start or resume, the batches of an epoch, when to evaluate and save
-# --------------------------------------------------------------------------------------------
-
-
-def start(accelerator, config, scheduler=None, **extra) -> tuple[dict, str | None]:
-    """The trainer state to begin with, and the checkpoint it was resumed from (or None).
-
-    A fresh state counts from zero; a checkpoint (``--resume_from_checkpoint``, or the latest one
-    in ``output_dir``) restores weights, optimizer, scheduler and its state. Writes config.yaml.
-    The scheduler's state is kept as JSON in the checkpoint (accelerate would pickle it and
-    unpickle it unrestricted on resume).
-    """
-    from ftkit.config import save as save_config
-
-    accelerator.ftkit_scheduler = scheduler  # saved and loaded by save() / load()
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
-    path = resolve_resume_path(config)
-    if path:
-        state.update(load(accelerator, config, path))
-    if accelerator.is_main_process:
-        save_config(config, os.path.join(config.output_dir, "config.yaml"))
-    return state, path
-
-
-def epoch_batches(accelerator, train_dl, sampler, state: dict, resume_path: str | None):
-    """This epoch's micro-batches, starting after the ones a resumed checkpoint already used."""
-    # Both: one process, accelerate overwrites the sampler's epoch with its loader's counter (and
-    # a resume's skip-loader has its own); several, its shard wrapper never passes it on.
-    sampler.set_epoch(state["epoch"])
-    skip = state["batches_in_epoch"]
-    batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-    batches.set_epoch(state["epoch"])
-    if resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
-        batches = restore_rng_once_started(batches, resume_path, accelerator.process_index)
-    return batches
-
-
-class WindowCounts(NamedTuple):
-    """What one optimizer step needs from every process, summed over processes."""
-
-    units: int  # what the step's loss is averaged over: target tokens or examples
-    samples: int  # examples (a packed row counts the examples it holds)
-    tokens: int  # non-pad input tokens
-    stop: bool  # a stop signal reached some process
-
-
-def count_window(accelerator, window: list, units, stop: "StopRequest | None" = None) -> WindowCounts:
-    """Count an optimizer step's micro-batches on all processes with ONE all-reduce (and one host
-    sync) per optimizer step: the loss denominator ``units`` (this process's share), samples,
-    non-pad tokens, and whether a stop signal arrived (so every rank stops at the same step).
-    Nothing here waits for the forward pass: the counts come from the batches alone.
-    """
-    from ftkit.data import examples_in
-    from ftkit.distributed import reduce_sum
-
-    device = accelerator.device
-    local = torch.stack([torch.as_tensor(units, device=device).long().sum(),
-                         torch.as_tensor(sum(examples_in(b) for b in window), device=device).long(),
-                         sum(b["attention_mask"].sum() for b in window).to(device).long(),
-                         torch.tensor(int(stop is not None and stop.signal_name is not None), device=device)])
-    units, samples, tokens, stopping = reduce_sum(accelerator, local).tolist()
-    return WindowCounts(units, samples, tokens, bool(stopping))
-
-
-def advance(state: dict, window: list, counts: WindowCounts) -> int:
-    """Count one optimizer step over ``window``; returns the new global step."""
-    state["global_step"] += 1
-    state["batches_in_epoch"] += len(window)
-    state["samples_seen"] += counts.samples
-    state["tokens_seen"] = state.get("tokens_seen", 0) + counts.tokens
-    return state["global_step"]
-
-
-def next_epoch(state: dict) -> None:
-    state["epoch"] += 1
-    state["batches_in_epoch"] = 0
-
-
-def evaluation_due(config, state: dict, total_steps: int, steps_per_epoch: int) -> bool:
-    """Evaluate now? (every ``eval_steps``, or at the end of each epoch; the final one is separate)."""
-    step = state["global_step"]
-    if step >= total_steps:
-        return False
-    if getattr(config, "eval_strategy", "steps") == "epoch":
-        return state["batches_in_epoch"] >= steps_per_epoch * config.gradient_accumulation_steps
-    return bool(config.eval_steps) and step % config.eval_steps == 0
-
-
-def save_due(config, step: int, total_steps: int) -> bool:
-    return bool(config.save_steps) and step % config.save_steps == 0 and step < total_steps
-
-
-def finish(accelerator, config, state: dict, final_eval: dict | None = None) -> None:
-    """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
-    if final_eval is not None:
-        record_eval(state, final_eval, config)
-    save(accelerator, config, state)
-    if final_eval is not None and config.load_best_model_at_end:
-        load_best(accelerator, config, state)
-
-
-class FiniteGuard:
-    """Skips optimizer steps whose gradient norm is not finite, with a warning; after
-    ``max_bad_steps`` such steps in a row the run stops with an error naming the step."""
-
-    def __init__(self, max_bad_steps: int):
-        self.max_bad_steps = max_bad_steps
-        self.in_a_row = 0
-
-    def finite(self, grad_norm, step: int) -> bool:
-        if grad_norm is None:  # DeepSpeed clips and checks inside its engine
-            return True
-        if torch.isfinite(torch.as_tensor(grad_norm)).item():
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        if self.in_a_row > self.max_bad_steps:
-            raise RunError(f"loss or gradients not finite at step {step}: {self.in_a_row} steps in a row "
-                           f"(max_bad_steps {self.max_bad_steps}); lower learning_rate or check the data")
-        logger.warning("step %d: gradient norm is %s, optimizer step skipped (%d of max_bad_steps %d in a row)",
-                       step, float(grad_norm), self.in_a_row, self.max_bad_steps)
-        return False
-
-
 def check_finite_weights(model, step: int) -> None:
     """Refuse to checkpoint non-finite weights (they would poison every resume)."""
     for name, p in model.named_parameters():
@@ -359,67 +234,8 @@ def check_finite_weights(model, step: int) -> None:
             raise RunError(f"weights not finite at step {step} ({name}): checkpoint not saved")
 
 
-class StopRequest:
-    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
-
-    The handler only records the signal; :func:`count_window` sums the flag over processes before
-    each optimizer step, and when any rank got it the loop saves the last completed step instead
-    of running the next one, so every rank stops at the same step and takes part in the
-    checkpoint. A second signal during the save changes nothing.
-    """
-
-    SIGNALS = ("SIGUSR1", "SIGTERM")
-
-    def __init__(self, accelerator):
-        import signal
-
-        self.accelerator = accelerator
-        self.signal_name = None
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        import signal
-
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, stopping "
-                        f"after this optimizer step\n".encode())
-
-    def stop(self, accelerator, config, state: dict) -> None:
-        """Save where the run stands and say how to go on; the caller returns (exit code 0)."""
-        path = save(accelerator, config, state)
-        if accelerator.is_main_process:
-            print(f"[ftkit] stopped by {self.signal_name or 'a signal on another rank'} at step "
-                  f"{state['global_step']}: checkpoint {path} saved; run the same command again to resume", flush=True)
-        accelerator.end_training()
-
-
 def step_path(config, step: int) -> str:
     return os.path.join(checkpoints_dir(config), f"step_{step}")
-
-
-def record_eval(state: dict, metrics: dict, config) -> bool:
-    """Note an evaluation's ``metric_for_best_model`` in ``state``; True when it is a new best.
-
-    ``metrics`` holds ``eval/<name>`` keys. Every score is kept in ``state["scores"]``, so that
-    :func:`save`'s rotation keeps the best checkpoints; the caller saves one at each new best.
-    """
-    from ftkit.config import greater_is_better
-
-    key = f"eval/{config.metric_for_best_model}"
-    if key not in metrics:
-        names = ", ".join(k.split("/", 1)[1] for k in metrics)
-        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not computed (metrics: {names})")
-    value, best = float(metrics[key]), state.get("best_metric")
-    better = best is None or (value > best if greater_is_better(config) else value < best)
-    state.setdefault("scores", {})[str(state["global_step"])] = value
-    state["greater_is_better"] = greater_is_better(config)
-    if better:
-        state["best_metric"] = value
-        state["best_step"] = state["global_step"]
-        state["best_checkpoint"] = step_path(config, state["global_step"])
-    return better
 
 
 def save(accelerator, config, state: dict) -> str:

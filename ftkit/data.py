@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -448,28 +448,3 @@ def eval_loader(ds, pad_token_id: int, config) -> torch.utils.data.DataLoader:
     """An evaluation DataLoader: the data's order, ``per_device_eval_batch_size``, dynamic padding."""
     return torch.utils.data.DataLoader(ds, batch_size=config.per_device_eval_batch_size,
                                        collate_fn=PadCollator(pad_token_id, pad_multiple(config)))
-
-
-def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:
-    """Optimizer steps in one epoch of ``num_batches`` micro-batches (all processes); 0 is an error."""
-    windows = math.ceil(num_batches / num_processes) // config.gradient_accumulation_steps
-    if windows == 0:
-        raise ConfigError(f"gradient_accumulation_steps: {config.gradient_accumulation_steps} x batch "
-                          f"{config.per_device_train_batch_size} x {num_processes} processes needs more than "
-                          f"the {num_examples} training examples")
-    return windows
-
-
-def accumulation_windows(batches: Iterable, size: int) -> Iterator[list]:
-    """Group micro-batches into optimizer-step windows of exactly ``size``.
-
-    A trailing incomplete window is dropped (like ``drop_last``): every optimizer step then sees
-    the same number of micro-batches, which keeps the loss normalisation and DeepSpeed's
-    accumulation counter aligned.
-    """
-    window = []
-    for batch in batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []

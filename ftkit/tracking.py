@@ -145,10 +145,6 @@ class RunningLoss:
         return mean
 
 
-def log_due(config, step: int, total_steps: int) -> bool:
-    return step % config.logging_steps == 0 or step == total_steps
-
-
 def train_entry(loss: float, scheduler, state: dict, batches_per_epoch: int, speed, grad_norm,
                 num_processes: int, total_steps: int) -> dict:
     """The ``train/*`` and ``perf/*`` values of one log event."""

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch
-from tqdm.auto import tqdm
 
-from ftkit import checkpoint, config as cfg, data, distributed, metrics, modeling, optim, tracking
+from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -247,7 +246,7 @@ def main(config):
 
     train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
     eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
-    windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
+    windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
     model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
@@ -263,70 +262,48 @@ def main(config):
     eval_dls = {name: acc.prepare(dl) for name, dl in eval_dls.items()}
     checkpoint.register_trainable_only_hooks(acc)
 
-    state, resume_path = checkpoint.start(acc, config, scheduler)
-    log = tracking.start(acc, config, state)
-    speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
-    running, grad_norm = tracking.RunningLoss(acc), None
-    guard = checkpoint.FiniteGuard(config.max_bad_steps)  # skip non-finite steps, stop after too many
-    stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl))
     ga = config.gradient_accumulation_steps
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
-
     model.train()
-    while state["global_step"] < total_steps:
-        batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
-        resume_path = None
-        for window in data.accumulation_windows(batches, ga):
-            # one all-reduce: the step's loss is a mean over every example on all processes;
-            # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
-            counts = checkpoint.count_window(acc, window, sum(len(b["labels"]) for b in window), stop)
-            if counts.stop:  # the previous optimizer step is complete: save it and exit
-                return stop.stop(acc, config, state)
-            for batch in window:
-                speed.add(batch)
-                with acc.accumulate(model):
-                    logits = model(**model_inputs(batch)).logits.float()
-                    loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-                    running.add(loss_sum)
-                    # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                    acc.backward(loss_sum * acc.num_processes * ga / counts.units)
-                    if acc.sync_gradients:  # the norm is also the step's finiteness check
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-                        if guard.finite(grad_norm, state["global_step"] + 1):
-                            optimizer.step()
-                    optimizer.zero_grad()
-            scheduler.step()
-            running.count += counts.units
-            step = checkpoint.advance(state, window, counts)
-            progress.update(1)
+    for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
+        # one all-reduce: the step's loss is a mean over every example on all processes;
+        # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+        counts = run.count(window, sum(len(b["labels"]) for b in window))
+        if counts.stop:  # the previous optimizer step is complete: save it and exit
+            return run.save_and_stop()
+        for batch in window:
+            with acc.accumulate(model):
+                logits = model(**model_inputs(batch)).logits.float()
+                loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                run.add_loss(loss_sum)
+                # DDP averages gradients over processes and accelerate divides by `ga`: undo both
+                acc.backward(loss_sum * acc.num_processes * ga / counts.units)
+                if acc.sync_gradients:  # the norm is also the step's finiteness check
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+                    if run.finite(grad_norm):  # a non-finite step is skipped; too many in a row stop the run
+                        optimizer.step()
+                optimizer.zero_grad()
+        scheduler.step()
+        run.advance(window, counts)
 
-            if tracking.log_due(config, step, total_steps):
-                entry = tracking.train_entry(running.pop(), scheduler, state, len(train_dl), speed, grad_norm,
-                                             acc.num_processes, total_steps)
-                log.log(entry, step)
-                progress.set_postfix(tracking.progress_fields(entry))
-            save_now = checkpoint.save_due(config, step, total_steps)
-            if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
-                result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
-                log.log(eval_entry(result), step)
-                save_now |= checkpoint.record_eval(state, eval_entry(result), config)  # keep every new best
-            if save_now:
-                checkpoint.save(acc, config, state)
-            if step >= total_steps:
-                break
-        else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
-            checkpoint.next_epoch(state)
-    progress.close()
+        if run.log_due():
+            run.log_train(scheduler)
+        if run.evaluation_due():
+            result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
+            run.log(eval_entry(result))
+            run.record_eval(eval_entry(result))  # a new best is saved (and kept by the rotation)
+        if run.save_due():
+            checkpoint.save(acc, config, run.state)
 
     # -------- last evaluation, best model, metrics on every split, export --------
     result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
-    log.log(eval_entry(result), state["global_step"])
-    checkpoint.finish(acc, config, state, eval_entry(result))
-    report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **state}
+    run.log(eval_entry(result))
+    run.finish(eval_entry(result))
+    report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.state}
     shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]
     for name in shown:
         report[name], preds, probs = evaluate(acc, model, eval_dls[name], len(names))
-        log.log(eval_entry(report[name], f"final_{name}"), state["global_step"])
+        run.log(eval_entry(report[name], f"final_{name}"))
         if name == "test" or (name == "validation" and "test" not in eval_dls):
             predictions = (name, preds, probs)
     checkpoint.export(acc, model, tokenizer, config)
@@ -337,7 +314,7 @@ def main(config):
         split, preds, probs = predictions
         write_predictions(os.path.join(config.output_dir, f"predictions_{split}.jsonl"), splits[split], config,
                           names, preds, probs, gold=labels[split])
-    log.finish(state)
+    run.close()
 
 
 def write_predictions(path, ds, config, names, preds, probs, gold=None) -> None:

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch
-from tqdm.auto import tqdm
 
-from ftkit import checkpoint, config as cfg, data, distributed, metrics, modeling, optim, tracking
+from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -211,7 +210,7 @@ def main(config):
 
     train_dl, sampler = data.train_loader(train_ds, tokenizer.pad_token_id, config)
     eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
-    windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
+    windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
     model = modeling.load_pretrained(AutoModelForCausalLM, source, config, acc)
@@ -232,69 +231,48 @@ def main(config):
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state, resume_path = checkpoint.start(acc, config, scheduler, dropped_overlong=dropped)
-    log = tracking.start(acc, config, state)
-    speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
-    running, grad_norm = tracking.RunningLoss(acc), None
-    guard = checkpoint.FiniteGuard(config.max_bad_steps)  # skip non-finite steps, stop after too many
-    stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl),
+                     dropped_overlong=dropped)
     ga = config.gradient_accumulation_steps
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
-
     model.train()
-    while state["global_step"] < total_steps:
-        batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
-        resume_path = None
-        for window in data.accumulation_windows(batches, ga):
-            # one all-reduce: the step's loss is a mean over every target token on all processes;
-            # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
-            targets = sum(modeling.count_target_tokens(b["labels"]) for b in window)
-            counts = checkpoint.count_window(acc, window, targets, stop)
-            if counts.stop:  # the previous optimizer step is complete: save it and exit
-                return stop.stop(acc, config, state)
-            for batch in window:
-                speed.add(batch)
-                with acc.accumulate(model):
-                    logits = model(**data.model_inputs(batch)).logits  # packed rows: position ids, no mask
-                    loss_sum, _ = modeling.causal_lm_loss_sum(logits, batch["labels"])
-                    running.add(loss_sum.sum())
-                    # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                    acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
-                    if acc.sync_gradients:  # the norm is also the step's finiteness check
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-                        if guard.finite(grad_norm, state["global_step"] + 1):
-                            optimizer.step()
-                    optimizer.zero_grad()
-            scheduler.step()
-            running.count += counts.units
-            step = checkpoint.advance(state, window, counts)
-            progress.update(1)
+    for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
+        # one all-reduce: the step's loss is a mean over every target token on all processes;
+        # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+        counts = run.count(window, sum(modeling.count_target_tokens(b["labels"]) for b in window))
+        if counts.stop:  # the previous optimizer step is complete: save it and exit
+            return run.save_and_stop()
+        for batch in window:
+            with acc.accumulate(model):
+                logits = model(**data.model_inputs(batch)).logits  # packed rows: position ids, no mask
+                loss_sum, _ = modeling.causal_lm_loss_sum(logits, batch["labels"])
+                run.add_loss(loss_sum.sum())
+                # DDP averages gradients over processes and accelerate divides by `ga`: undo both
+                acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
+                if acc.sync_gradients:  # the norm is also the step's finiteness check
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+                    if run.finite(grad_norm):  # a non-finite step is skipped; too many in a row stop the run
+                        optimizer.step()
+                optimizer.zero_grad()
+        scheduler.step()
+        run.advance(window, counts)
 
-            if tracking.log_due(config, step, total_steps):
-                entry = tracking.train_entry(running.pop(), scheduler, state, len(train_dl), speed, grad_norm,
-                                             acc.num_processes, total_steps)
-                log.log(entry, step)
-                progress.set_postfix(tracking.progress_fields(entry))
-            if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
-                entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
-                if config.num_eval_generate:
-                    scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
-                    entry.update({f"eval/{k}": v for k, v in scores.items()})
-                log.log(entry, step)
-            if checkpoint.save_due(config, step, total_steps):
-                checkpoint.save(acc, config, state)
-            if step >= total_steps:
-                break
-        else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
-            checkpoint.next_epoch(state)
-    progress.close()
+        if run.log_due():
+            run.log_train(scheduler)
+        if run.evaluation_due():
+            entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
+            if config.num_eval_generate:
+                scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
+                entry.update({f"eval/{k}": v for k, v in scores.items()})
+            run.log(entry)
+        if run.save_due():
+            checkpoint.save(acc, config, run.state)
 
     # -------- final evaluation, the S001 comparison table, export --------
-    checkpoint.finish(acc, config, state)
+    run.finish()
     final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
     tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
     final_eval.update({f"eval/{k}": v for k, v in tuned.items()})
-    log.log(final_eval, state["global_step"])
+    run.log(final_eval)
     # the vocabulary is never resized, so the base's embeddings need no copy in the adapter
     final = checkpoint.export(acc, model, tokenizer, config, **({"save_embedding_layers": False} if config.use_peft else {}))
     if acc.is_main_process and config.merge_adapter and config.use_peft:
@@ -304,13 +282,13 @@ def main(config):
         print(f"\nROUGE on {min(len(raw_test), config.num_test_compare)} test dialogues, base vs fine-tuned:\n{table}")
         result = {"eval_loss": final_eval["eval/loss"], "base": base_scores, "tuned": tuned,
                   "delta": {k: tuned[k] - base_scores[k] for k in tuned},
-                  "num_test_examples": min(len(raw_test), config.num_test_compare), **state}
+                  "num_test_examples": min(len(raw_test), config.num_test_compare), **run.state}
         json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         with open(os.path.join(config.output_dir, "predictions_test.jsonl"), "w") as f:
             for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions):
                 f.write(json.dumps({"id": row.get("id"), "prediction": pred,
                                     "reference": row[config.summary_column]}) + "\n")
-    log.finish(state)
+    run.close()
 
 
 def merge(config, adapter_dir: str, out_dir: str) -> None:

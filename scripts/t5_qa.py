@@ -31,9 +31,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch
-from tqdm.auto import tqdm
 
-from ftkit import checkpoint, config as cfg, data, distributed, metrics, modeling, optim, tracking
+from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -287,7 +286,7 @@ def main(config):
 
     train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
     eval_dl = data.eval_loader(tokenized["validation"], tokenizer.pad_token_id, config)
-    windows_per_epoch = data.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
+    windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
     model = modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc)
@@ -305,83 +304,61 @@ def main(config):
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
     checkpoint.register_trainable_only_hooks(acc)
 
-    state, resume_path = checkpoint.start(acc, config, scheduler, truncation=counts)
-    log = tracking.start(acc, config, state)
-    speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
-    running, grad_norm = tracking.RunningLoss(acc), None
-    guard = checkpoint.FiniteGuard(config.max_bad_steps)  # skip non-finite steps, stop after too many
-    stop = checkpoint.StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), truncation=counts)
     ga = config.gradient_accumulation_steps
-    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
 
     def evaluate() -> dict:
         scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length)
         return eval_entry(eval_loss(acc, model, eval_dl, decoder_start, pad), scores)
 
     model.train()
-    while state["global_step"] < total_steps:
-        batches = checkpoint.epoch_batches(acc, train_dl, sampler, state, resume_path)
-        resume_path = None
-        for window in data.accumulation_windows(batches, ga):
-            # one all-reduce: the step's loss is a mean over every answer token on all processes;
-            # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
-            targets = sum(modeling.count_target_tokens(b["labels"], shift=False) for b in window)
-            counts = checkpoint.count_window(acc, window, targets, stop)
-            if counts.stop:  # the previous optimizer step is complete: save it and exit
-                return stop.stop(acc, config, state)
-            for batch in window:
-                speed.add(batch)
-                with acc.accumulate(model):
-                    loss_sum, _ = seq2seq_loss(model, batch, decoder_start, pad)
-                    running.add(loss_sum.sum())
-                    # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                    acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
-                    if acc.sync_gradients:  # the norm is also the step's finiteness check
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-                        if guard.finite(grad_norm, state["global_step"] + 1):
-                            optimizer.step()
-                    optimizer.zero_grad()
-            scheduler.step()
-            running.count += counts.units
-            step = checkpoint.advance(state, window, counts)
-            progress.update(1)
+    for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
+        # one all-reduce: the step's loss is a mean over every answer token on all processes;
+        # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+        counts = run.count(window, sum(modeling.count_target_tokens(b["labels"], shift=False) for b in window))
+        if counts.stop:  # the previous optimizer step is complete: save it and exit
+            return run.save_and_stop()
+        for batch in window:
+            with acc.accumulate(model):
+                loss_sum, _ = seq2seq_loss(model, batch, decoder_start, pad)
+                run.add_loss(loss_sum.sum())
+                # DDP averages gradients over processes and accelerate divides by `ga`: undo both
+                acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
+                if acc.sync_gradients:  # the norm is also the step's finiteness check
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+                    if run.finite(grad_norm):  # a non-finite step is skipped; too many in a row stop the run
+                        optimizer.step()
+                optimizer.zero_grad()
+        scheduler.step()
+        run.advance(window, counts)
 
-            if tracking.log_due(config, step, total_steps):
-                entry = tracking.train_entry(running.pop(), scheduler, state, len(train_dl), speed, grad_norm,
-                                             acc.num_processes, total_steps)
-                log.log(entry, step)
-                progress.set_postfix(tracking.progress_fields(entry))
-            save_now = checkpoint.save_due(config, step, total_steps)
-            if checkpoint.evaluation_due(config, state, total_steps, windows_per_epoch):
-                entry = evaluate()
-                log.log(entry, step)
-                save_now |= checkpoint.record_eval(state, entry, config)  # keep every new best
-            if save_now:
-                checkpoint.save(acc, config, state)
-            if step >= total_steps:
-                break
-        else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
-            checkpoint.next_epoch(state)
-    progress.close()
+        if run.log_due():
+            run.log_train(scheduler)
+        if run.evaluation_due():
+            entry = evaluate()
+            run.log(entry)
+            run.record_eval(entry)  # a new best is saved (and kept by the rotation)
+        if run.save_due():
+            checkpoint.save(acc, config, run.state)
 
     # -------- last evaluation, best model, answers for every eval example, export --------
     entry = evaluate()
-    log.log(entry, state["global_step"])
-    checkpoint.finish(acc, config, state, entry)
+    run.log(entry)
+    run.finish(entry)
     scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)
     final_loss = eval_loss(acc, model, eval_dl, decoder_start, pad)
-    log.log({f"final_{eval_name}/exact_match": scores["exact_match"], f"final_{eval_name}/f1": scores["f1"],
-             "final_validation/loss": final_loss}, state["global_step"])
+    run.log({f"final_{eval_name}/exact_match": scores["exact_match"], f"final_{eval_name}/f1": scores["f1"],
+             "final_validation/loss": final_loss})
     checkpoint.export(acc, model, tokenizer, config)
     if acc.is_main_process:
         print(f"\n{eval_name}: exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  "
               f"({scores['examples']} questions)  validation loss {final_loss:.4f}")
         per_example = scores.pop("per_example")
-        report = {"split": eval_name, **scores, "eval_loss": final_loss, **state}
+        report = {"split": eval_name, **scores, "eval_loss": final_loss, **run.state}
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         write_predictions(os.path.join(config.output_dir, "predictions.jsonl"), splits[eval_name], predictions,
                           per_example)
-    log.finish(state)
+    run.close()
 
 
 def write_predictions(path, ds, predictions, per_example=None) -> None:

@@ -1,4 +1,4 @@
-"""ftkit.checkpoint: rotation keeps the last N and the best; best-metric bookkeeping."""
+"""ftkit.checkpoint: rotation keeps the last N and the best; weights-only loads; re-planned learning rates."""
 
 import os
 from types import SimpleNamespace
@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 
 from ftkit import checkpoint
-from ftkit.config import ConfigError
 
 
 def _fake_checkpoints(root, steps):
@@ -31,31 +30,6 @@ def test_half_written_checkpoints_are_never_listed(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / ".tmp_step_20")
     os.makedirs(tmp_path / "checkpoints" / "step_30")  # no trainer_state.json: incomplete
     assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [10]
-
-
-def _config(metric, greater=None):
-    return SimpleNamespace(output_dir="out", metric_for_best_model=metric, greater_is_better=greater)
-
-
-def test_record_eval_tracks_the_best_by_direction():
-    state = {"global_step": 1}
-    config = _config("loss")  # lower is better for *loss
-    assert checkpoint.record_eval(state, {"eval/loss": 0.5}, config)
-    state["global_step"] = 2
-    assert not checkpoint.record_eval(state, {"eval/loss": 0.7}, config)
-    state["global_step"] = 3
-    assert checkpoint.record_eval(state, {"eval/loss": 0.4}, config)
-    assert (state["best_metric"], state["best_step"]) == (0.4, 3)
-    assert state["best_checkpoint"].endswith(os.path.join("checkpoints", "step_3"))
-    up = {"global_step": 1}
-    checkpoint.record_eval(up, {"eval/accuracy": 0.5}, _config("accuracy"))
-    up["global_step"] = 2
-    assert checkpoint.record_eval(up, {"eval/accuracy": 0.6}, _config("accuracy"))
-
-
-def test_unknown_best_metric_names_the_computed_ones():
-    with pytest.raises(ConfigError, match=r"metric_for_best_model: 'bleu' is not computed \(metrics: loss, f1\)"):
-        checkpoint.record_eval({"global_step": 1}, {"eval/loss": 1.0, "eval/f1": 0.2}, _config("bleu"))
 
 
 class _NotPlainData:

@@ -124,10 +124,6 @@ def test_length_grouping_cuts_padding():
     assert max(lengths[i] for i in first) == max(lengths)  # longest batch first
 
 
-def test_accumulation_windows_are_complete():
-    assert list(data.accumulation_windows(range(7), 3)) == [[0, 1, 2], [3, 4, 5]]
-
-
 def test_missing_column_lists_the_columns_that_exist():
     ds = data.load_local_file(TRAIN)
     with pytest.raises(ConfigError, match=r"dialogue_column: column 'text' not in train.jsonl \(columns: id, dialogue, summary, topic\)"):

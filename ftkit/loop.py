@@ -1,0 +1,279 @@
+"""The training loop's state and cadence: counters, accumulation windows (one all-reduce per step),
+the resume position, when to log/evaluate/save, the non-finite guard and stop signals.
+
+Not here: forward, backward and the optimizer step (each script's loop), checkpoint files (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from typing import Iterable, Iterator, NamedTuple
+
+import torch
+
+from ftkit import checkpoint, tracking
+from ftkit.config import ConfigError, RunError, greater_is_better
+
+logger = logging.getLogger("ftkit")
+
+
+def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples: int) -> int:
+    """Optimizer steps in one epoch of ``num_batches`` micro-batches (all processes); 0 is an error."""
+    windows = math.ceil(num_batches / num_processes) // config.gradient_accumulation_steps
+    if windows == 0:
+        raise ConfigError(f"gradient_accumulation_steps: {config.gradient_accumulation_steps} x batch "
+                          f"{config.per_device_train_batch_size} x {num_processes} processes needs more than "
+                          f"the {num_examples} training examples")
+    return windows
+
+
+def accumulation_windows(batches: Iterable, size: int) -> Iterator[list]:
+    """Micro-batches grouped into optimizer-step windows of exactly ``size``; a trailing incomplete
+    window is dropped, so every step sees as many micro-batches (loss normalisation, DeepSpeed's counter)."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+
+
+class WindowCounts(NamedTuple):
+    """What one optimizer step needs from every process, summed over processes."""
+
+    units: int  # what the step's loss is averaged over: target tokens or examples
+    samples: int  # examples (a packed row counts the examples it holds)
+    tokens: int  # non-pad input tokens
+    stop: bool  # a stop signal reached some process
+
+
+def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: int, batches_per_epoch: int,
+          **extra) -> "LoopState":
+    """A fresh trainer state, or the one of the checkpoint to resume from (``--resume_from_checkpoint``
+    or the latest in ``output_dir``: weights, optimizer and scheduler restored); writes config.yaml
+    and starts the trackers. ``extra`` goes into the state (e.g. counts of dropped examples)."""
+    from ftkit.config import save as save_config
+
+    acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
+    resume_path = checkpoint.resolve_resume_path(config)
+    if resume_path:
+        state.update(checkpoint.load(acc, config, resume_path))
+    if acc.is_main_process:
+        save_config(config, os.path.join(config.output_dir, "config.yaml"))
+    return LoopState(acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch)
+
+
+class LoopState:
+    """The counting and deciding around a script's loop; the script itself trains.
+
+    ``state`` is the trainer state saved in every checkpoint (global step, epoch, position in the
+    epoch, samples and tokens seen, best metric). Per optimizer step the loop makes one host sync:
+    :meth:`count`'s all-reduce; the loss sums stay on the device until a log event.
+    """
+
+    def __init__(self, acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch):
+        from tqdm.auto import tqdm
+
+        self.acc, self.config, self.state, self.resume_path = acc, config, state, resume_path
+        self.total_steps, self.windows_per_epoch, self.batches_per_epoch = total_steps, windows_per_epoch, batches_per_epoch
+        self.log_ = tracking.start(acc, config, state)
+        self.speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
+        self.running = tracking.RunningLoss(acc)
+        self.guard = FiniteGuard(config.max_bad_steps)  # skip non-finite steps, stop after too many
+        self.stop = StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+        self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
+        self.grad_norm, self.new_best = None, False
+
+    @property
+    def step(self) -> int:
+        return self.state["global_step"]
+
+    def windows(self, train_dl, sampler) -> Iterator[list]:
+        """The optimizer-step windows of micro-batches until ``total_steps``, epoch after epoch,
+        starting at a resumed checkpoint's position."""
+        while self.step < self.total_steps:
+            for window in accumulation_windows(self.epoch_batches(train_dl, sampler), self.config.gradient_accumulation_steps):
+                yield window
+                if self.step >= self.total_steps:
+                    break
+            else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
+                self.state["epoch"] += 1
+                self.state["batches_in_epoch"] = 0
+        self.progress.close()
+
+    def epoch_batches(self, train_dl, sampler):
+        """This epoch's micro-batches, after the ones a resumed checkpoint already used."""
+        # Both: one process, accelerate overwrites the sampler's epoch with its loader's counter (and
+        # a resume's skip-loader has its own); several, its shard wrapper never passes it on.
+        sampler.set_epoch(self.state["epoch"])
+        skip = self.state["batches_in_epoch"]
+        batches = self.acc.skip_first_batches(train_dl, skip) if skip else train_dl
+        batches.set_epoch(self.state["epoch"])
+        if self.resume_path:  # starting the iterator draws from the RNG: restore it as it was at the save
+            batches = checkpoint.restore_rng_once_started(batches, self.resume_path, self.acc.process_index)
+            self.resume_path = None
+        return batches
+
+    def count(self, window: list, units) -> WindowCounts:
+        """Count an optimizer step's micro-batches on all processes with ONE all-reduce (the loop's one
+        host sync per step): the loss denominator ``units`` (this process's share), samples, non-pad
+        tokens, and whether a stop signal arrived (so every rank stops at the same step). The counts
+        come from the batches alone: nothing waits for a forward pass."""
+        from ftkit.data import examples_in
+        from ftkit.distributed import reduce_sum
+
+        device = self.acc.device
+        for batch in window:
+            self.speed.add(batch)
+        local = torch.stack([torch.as_tensor(units, device=device).long().sum(),
+                             torch.as_tensor(sum(examples_in(b) for b in window), device=device).long(),
+                             sum(b["attention_mask"].sum() for b in window).to(device).long(),
+                             torch.tensor(int(self.stop.signal_name is not None), device=device)])
+        units, samples, tokens, stopping = reduce_sum(self.acc, local).tolist()
+        return WindowCounts(units, samples, tokens, bool(stopping))
+
+    def add_loss(self, loss_sum: torch.Tensor) -> None:
+        self.running.add(loss_sum)
+
+    def finite(self, grad_norm) -> bool:
+        """Take this optimizer step? False for a non-finite gradient norm (see :class:`FiniteGuard`)."""
+        self.grad_norm = grad_norm
+        return self.guard.finite(grad_norm, self.step + 1)
+
+    def advance(self, window: list, counts: WindowCounts) -> int:
+        """Count one optimizer step over ``window``; returns the new global step."""
+        self.state["global_step"] += 1
+        self.state["batches_in_epoch"] += len(window)
+        self.state["samples_seen"] += counts.samples
+        self.state["tokens_seen"] = self.state.get("tokens_seen", 0) + counts.tokens
+        self.running.count += counts.units
+        self.new_best = False
+        self.progress.update(1)
+        return self.step
+
+    def log_due(self) -> bool:
+        return self.step % self.config.logging_steps == 0 or self.step == self.total_steps
+
+    def log_train(self, scheduler) -> None:
+        """Log the mean loss since the last log event, the learning rate, throughput and memory."""
+        entry = tracking.train_entry(self.running.pop(), scheduler, self.state, self.batches_per_epoch, self.speed,
+                                     self.grad_norm, self.acc.num_processes, self.total_steps)
+        self.log(entry)
+        self.progress.set_postfix(tracking.progress_fields(entry))
+
+    def log(self, entry: dict) -> None:
+        self.log_.log(entry, self.step)
+
+    def evaluation_due(self) -> bool:
+        """Evaluate now? Every ``eval_steps``, or at the end of each epoch (the final one is separate)."""
+        if self.step >= self.total_steps:
+            return False
+        if getattr(self.config, "eval_strategy", "steps") == "epoch":
+            return self.state["batches_in_epoch"] >= self.windows_per_epoch * self.config.gradient_accumulation_steps
+        return bool(self.config.eval_steps) and self.step % self.config.eval_steps == 0
+
+    def record_eval(self, entry: dict) -> None:
+        """Rank an evaluation by ``metric_for_best_model``; a new best makes a save due now."""
+        self.new_best = record_eval(self.state, entry, self.config)
+
+    def save_due(self) -> bool:
+        """Save now? Every ``save_steps`` and at each new best (the last checkpoint is :meth:`finish`'s)."""
+        cadence = bool(self.config.save_steps) and self.step % self.config.save_steps == 0
+        return (cadence or self.new_best) and self.step < self.total_steps
+
+    def save_and_stop(self) -> None:
+        """A stop signal: save the last completed step, say how to go on; the script returns (exit 0)."""
+        self.progress.close()
+        self.stop.stop(self.acc, self.config, self.state)
+
+    def finish(self, final_eval: dict | None = None) -> None:
+        """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
+        if final_eval is not None:
+            record_eval(self.state, final_eval, self.config)
+        checkpoint.save(self.acc, self.config, self.state)
+        if final_eval is not None and self.config.load_best_model_at_end:
+            checkpoint.load_best(self.acc, self.config, self.state)
+
+    def close(self) -> None:
+        """Close the trackers, draw the curves (and the --debug summary)."""
+        self.log_.finish(self.state)
+
+
+def record_eval(state: dict, metrics: dict, config) -> bool:
+    """Note an evaluation's ``metric_for_best_model`` in ``state``; True when it is a new best.
+
+    ``metrics`` holds ``eval/<name>`` keys. Every score is kept in ``state["scores"]``, so that the
+    checkpoint rotation keeps the best checkpoints; a save is due at each new best.
+    """
+    key = f"eval/{config.metric_for_best_model}"
+    if key not in metrics:
+        names = ", ".join(k.split("/", 1)[1] for k in metrics)
+        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not computed (metrics: {names})")
+    value, best = float(metrics[key]), state.get("best_metric")
+    better = best is None or (value > best if greater_is_better(config) else value < best)
+    state.setdefault("scores", {})[str(state["global_step"])] = value
+    state["greater_is_better"] = greater_is_better(config)
+    if better:
+        state["best_metric"] = value
+        state["best_step"] = state["global_step"]
+        state["best_checkpoint"] = checkpoint.step_path(config, state["global_step"])
+    return better
+
+
+class FiniteGuard:
+    """Skips optimizer steps whose gradient norm is not finite, with a warning; after
+    ``max_bad_steps`` such steps in a row the run stops with an error naming the step."""
+
+    def __init__(self, max_bad_steps: int):
+        self.max_bad_steps = max_bad_steps
+        self.in_a_row = 0
+
+    def finite(self, grad_norm, step: int) -> bool:
+        if grad_norm is None:  # DeepSpeed clips and checks inside its engine
+            return True
+        if torch.isfinite(torch.as_tensor(grad_norm)).item():
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        if self.in_a_row > self.max_bad_steps:
+            raise RunError(f"loss or gradients not finite at step {step}: {self.in_a_row} steps in a row "
+                           f"(max_bad_steps {self.max_bad_steps}); lower learning_rate or check the data")
+        logger.warning("step %d: gradient norm is %s, optimizer step skipped (%d of max_bad_steps %d in a row)",
+                       step, float(grad_norm), self.in_a_row, self.max_bad_steps)
+        return False
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
+
+    The handler only records the signal; :meth:`LoopState.count` sums the flag over processes
+    before each optimizer step, and when any rank got it the loop saves the last completed step
+    instead of running the next one, so every rank stops at the same step and takes part in the
+    checkpoint. A second signal during the save changes nothing.
+    """
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.signal_name = None
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, stopping "
+                        f"after this optimizer step\n".encode())
+
+    def stop(self, accelerator, config, state: dict) -> None:
+        """Save where the run stands and say how to go on; the caller returns (exit code 0)."""
+        path = checkpoint.save(accelerator, config, state)
+        if accelerator.is_main_process:
+            print(f"[ftkit] stopped by {self.signal_name or 'a signal on another rank'} at step "
+                  f"{state['global_step']}: checkpoint {path} saved; run the same command again to resume", flush=True)
+        accelerator.end_training()
