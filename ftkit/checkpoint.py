@@ -12,6 +12,7 @@ half-deleted ``step_<N>`` either.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -24,13 +25,42 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from ftkit.config import RESCHEDULE_KEYS, ConfigError, RunError, config_changes, config_hash
+from ftkit.config import ConfigError, RunError, to_dict
 
 logger = logging.getLogger("ftkit")
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+# Options that change where/how a run is reported or resumed, not what it computes.
+NON_TRAINING_KEYS = {
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "project_name", "run_name", "tags",
+    "group", "peak_tflops", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers",
+    "dataloader_pin_memory", "debug", "preprocessing_num_workers", "predict", "adapter", "input_file", "text",
+    "prediction_file", "merge_adapter", "num_test_compare", "num_eval_generate", "model", "text_pair", "eval_on_train",
+}
+# Options a resumed run may change (extending a run, evaluating more often): the learning-rate
+# schedule is re-planned from the checkpoint's step. Any other training option refuses the resume.
+RESCHEDULE_KEYS = {"max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "save_steps", "logging_steps",
+                   "save_total_limit"}
+
+
+def config_hash(config, legacy: bool = False) -> str:
+    """Hash of the options that define the training computation (for resume matching).
+
+    ``legacy``: the hash of checkpoints written before RESCHEDULE_KEYS existed (it includes them)."""
+    skip = NON_TRAINING_KEYS if legacy else NON_TRAINING_KEYS | RESCHEDULE_KEYS
+    data = {k: v for k, v in to_dict(config).items() if k not in skip}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_changes(previous, current) -> tuple[list, list]:
+    """(changes a resume allows, changes it refuses) between two configs, each as (key, old, new)."""
+    old, new = to_dict(previous), to_dict(current)
+    changes = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if k not in NON_TRAINING_KEYS and old.get(k) != new.get(k)]
+    return [c for c in changes if c[0] in RESCHEDULE_KEYS], [c for c in changes if c[0] not in RESCHEDULE_KEYS]
 
 
 def checkpoints_dir(config) -> str:

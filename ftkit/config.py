@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import os
 import sys
 import types
@@ -49,33 +47,25 @@ def opt(default, help: str, **constraints):
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = opt(None, "Hub id or local directory of the pretrained model.")
-    model_config: dict | None = opt(
-        None,
-        "Build the model from this config instead of loading weights (random init, e.g. "
-        "{model_type: phi, hidden_size: 64, ...}); used by the offline tiny recipes.",
-    )
+    model_config: dict | None = opt(None, "Build the model from this config instead of loading weights (random "
+                                          "init, e.g. {model_type: phi, hidden_size: 64, ...}; offline tiny recipes).")
     tokenizer_name_or_path: str | None = opt(None, "Tokenizer hub id or directory (default: the model's).")
-    tokenizer_files: list | None = opt(
-        None, "Train a small byte-level BPE tokenizer on these text/json/csv files (offline recipes)."
-    )
+    tokenizer_files: list | None = opt(None, "Train a small byte-level BPE tokenizer on these text/json/csv files "
+                                             "(offline recipes).")
     tokenizer_vocab_size: int = opt(1024, "Vocabulary size of a tokenizer trained from tokenizer_files.", min=64)
     trust_remote_code: bool = opt(False, "Allow model code from the hub to run (off unless the recipe sets it).")
-    torch_dtype: str = opt(
-        "auto", "Dtype to load the (non-quantized) weights in.", choices=["auto", "float32", "bfloat16", "float16"]
-    )
+    torch_dtype: str = opt("auto", "Dtype to load the (non-quantized) weights in.",
+                           choices=["auto", "float32", "bfloat16", "float16"])
     attn_implementation: str | None = opt(None, "Attention kernel: eager, sdpa, flash_attention_2 (default: model's).")
     load_in_4bit: bool = opt(False, "Load the base model in 4-bit (QLoRA) with bitsandbytes.")
     load_in_8bit: bool = opt(False, "Load the base model in 8-bit with bitsandbytes.")
     bnb_4bit_quant_type: str = opt("nf4", "4-bit quantization type.", choices=["nf4", "fp4"])
     bnb_4bit_use_double_quant: bool = opt(True, "Quantize the quantization constants too (QLoRA).")
-    bnb_4bit_compute_dtype: str = opt(
-        "bfloat16", "Dtype of the 4-bit layers' matmuls.", choices=["bfloat16", "float16", "float32"]
-    )
-    bnb_4bit_quant_storage: str | None = opt(
-        None,
-        "Storage dtype of 4-bit weights (default uint8; set to the compute dtype automatically under ZeRO-3).",
-        choices=[None, "uint8", "bfloat16", "float16", "float32"],
-    )
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "Dtype of the 4-bit layers' matmuls.",
+                                      choices=["bfloat16", "float16", "float32"])
+    bnb_4bit_quant_storage: str | None = opt(None, "Storage dtype of 4-bit weights (default uint8; set to the compute "
+                                                   "dtype automatically under ZeRO-3).",
+                                             choices=[None, "uint8", "bfloat16", "float16", "float32"])
 
 
 @dataclass
@@ -106,9 +96,7 @@ class DataArguments:
     column_names: list | None = opt(None, "Column names of csv/tsv files that have no header row.")
     file_format: str | None = opt(None, "Read local files as this format whatever their extension.",
                                   choices=[None, "json", "jsonl", "csv", "tsv", "parquet"])
-    max_length: int | None = opt(
-        None, "Max tokens per example (default: from the model config, else 1024).", min=8
-    )
+    max_length: int | None = opt(None, "Max tokens per example (default: from the model config, else 1024).", min=8)
     preprocessing_num_workers: int | None = opt(None, "Processes for Dataset.map tokenization.", min=1)
 
 
@@ -123,14 +111,10 @@ class TrainingArguments:
     adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
     adam_epsilon: float = opt(1e-8, "Adam epsilon.", min_exclusive=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables clipping).", min=0)
-    optim: str = opt(
-        "adamw_torch",
-        "Optimizer.",
-        choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"],
-    )
-    lr_scheduler_type: str = opt(
-        "linear", "Learning-rate schedule after warmup.", choices=["linear", "cosine", "constant", "constant_with_warmup"]
-    )
+    optim: str = opt("adamw_torch", "Optimizer.",
+                     choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"])
+    lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warmup.",
+                                 choices=["linear", "cosine", "constant", "constant_with_warmup"])
     warmup_steps: int = opt(0, "Linear warmup steps (wins over warmup_ratio when > 0).", min=0)
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total optimizer steps.", min=0, max=1)
     num_train_epochs: float = opt(1.0, "Epochs to train (ignored when max_steps > 0).", min_exclusive=0)
@@ -150,9 +134,8 @@ class TrainingArguments:
     eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (default: only at the end).", min=1)
     save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (default: only at the end).", min=1)
     save_total_limit: int | None = opt(2, "Keep at most N step checkpoints (oldest removed first).", min=1)
-    resume_from_checkpoint: str | None = opt(
-        None, "'latest' or a checkpoint directory to resume from (output_dir's own are found automatically)."
-    )
+    resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from (output_dir's "
+                                                   "own are found automatically).")
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json) when the launcher gives none; "
                                       "'auto' values are filled from this recipe.")
     max_bad_steps: int = opt(3, "Optimizer steps in a row with a non-finite loss or gradient that are skipped "
@@ -342,6 +325,18 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
     return config
 
 
+def with_saved_run(cls, config, key: str, marker: str):
+    """A ``--predict`` config: the trained model or adapter in ``config.<key>`` (a directory holding
+    ``marker``), and the training run's options saved there under what the user set now."""
+    directory = getattr(config, key)
+    if not os.path.isfile(os.path.join(directory, marker)):
+        raise ConfigError(f"{key}: {directory} holds no {marker} (expected a trained output_dir/final)")
+    saved = os.path.join(directory, "ftkit_config.yaml")
+    if not os.path.isfile(saved):
+        return config
+    return build(cls, {**load_yaml_recipe(saved), **getattr(config, "explicit", {})}, where=saved)
+
+
 def run(config_cls, train, predict) -> None:
     """A script's entry point: parse, apply --debug, run ``train`` (or ``predict`` with --predict);
     a ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
@@ -449,49 +444,17 @@ def check_common(config) -> None:
         raise ConfigError("model_name_or_path: required (or model_config to build a model from a config)")
     if getattr(config, "model_config", None) is not None and "model_type" not in config.model_config:
         raise ConfigError("model_config: needs a 'model_type' key (e.g. phi, gpt2, bert, t5)")
-    if getattr(config, "model_config", None) is not None and not (
-        config.tokenizer_name_or_path or config.tokenizer_files
-    ):
+    if getattr(config, "model_config", None) is not None and not (config.tokenizer_name_or_path or config.tokenizer_files):
         raise ConfigError("model_config: a built model needs tokenizer_files or tokenizer_name_or_path")
     if getattr(config, "deepspeed", None):
+        from ftkit.distributed import read_deepspeed_config
+
         read_deepspeed_config(config.deepspeed, "deepspeed")
     data_keys = ("dataset_name", "train_file")
     if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
-
-
-def check_wandb_login() -> None:
-    """``report_to: wandb`` needs the client and, unless offline, credentials: say how to fix it."""
-    import importlib.util
-    import netrc
-
-    if importlib.util.find_spec("wandb") is None:
-        raise ConfigError("report_to: wandb is not installed (pip install 'ftkit[tracking]'), or use report_to: none")
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
-        return
-    try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    raise ConfigError("report_to: wandb has no credentials: run `wandb login` or set WANDB_API_KEY, "
-                      "or log locally with WANDB_MODE=offline")
-
-
-def read_deepspeed_config(path: str, key: str) -> dict:
-    """A DeepSpeed JSON config as a dict; a missing file or invalid JSON is one clear error."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{key}: DeepSpeed config not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the DeepSpeed config ({e.msg})") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
-    return ds
 
 
 def apply_debug(config) -> None:
@@ -510,38 +473,6 @@ def apply_debug(config) -> None:
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
-
-
-# Options that change where/how a run is reported or resumed, not what it computes.
-NON_TRAINING_KEYS = {
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to", "project_name",
-    "run_name", "tags", "group", "peak_tflops", "logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers", "dataloader_pin_memory", "debug",
-    "preprocessing_num_workers", "predict", "adapter", "input_file", "text", "prediction_file",
-    "merge_adapter", "num_test_compare", "num_eval_generate", "model", "text_pair", "eval_on_train",
-}
-
-
-# Options a resumed run may change (extending a run, evaluating more often): the learning-rate
-# schedule is re-planned from the checkpoint's step. Any other training option refuses the resume.
-RESCHEDULE_KEYS = {"max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "save_steps", "logging_steps",
-                   "save_total_limit"}
-
-
-def config_hash(config, legacy: bool = False) -> str:
-    """Hash of the options that define the training computation (for resume matching).
-
-    ``legacy``: the hash of checkpoints written before RESCHEDULE_KEYS existed (it includes them)."""
-    skip = NON_TRAINING_KEYS if legacy else NON_TRAINING_KEYS | RESCHEDULE_KEYS
-    data = {k: v for k, v in to_dict(config).items() if k not in skip}
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def config_changes(previous, current) -> tuple[list, list]:
-    """(changes a resume allows, changes it refuses) between two configs, each as (key, old, new)."""
-    old, new = to_dict(previous), to_dict(current)
-    changes = [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-               if k not in NON_TRAINING_KEYS and old.get(k) != new.get(k)]
-    return [c for c in changes if c[0] in RESCHEDULE_KEYS], [c for c in changes if c[0] not in RESCHEDULE_KEYS]
 
 
 def save(config, path: str) -> None:

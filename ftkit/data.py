@@ -172,6 +172,20 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
     return out
 
 
+def write_jsonl(path: str, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str) -> None:
+    """``--predict``'s output: ``rows`` as jsonl to ``path`` (``--prediction_file``), else ``lines`` printed."""
+    if path:
+        write_jsonl(path, rows)
+        print(f"wrote {len(rows)} {what} to {path}")
+    else:
+        print("\n".join(lines))
+
+
 def require_columns(ds, columns: dict, source: str) -> None:
     """``columns`` maps option name -> column name; a missing one is one clear error."""
     for option, column in columns.items():
@@ -258,6 +272,20 @@ def tokenize_prompt_completion(tokenizer, prompts: list[str], completions: list[
         input_ids.append(ids)
         labels.append(lab)
     return {"input_ids": input_ids, "labels": labels, "length": [len(x) for x in input_ids]}
+
+
+def fit_text(tokenizer, text: str, length_with, max_length: int) -> str:
+    """The longest prefix of ``text``, cut at one of its own token boundaries, for which the whole input
+    fits: ``length_with(prefix) <= max_length`` ("" when nothing does). Cuts one field (a dialogue, a
+    context) and keeps the rest of the input whole."""
+    if length_with(text) <= max_length:
+        return text
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    for n in range(min(max_length - length_with(""), len(offsets)), 0, -1):
+        kept = text[: offsets[n - 1][1]]
+        if length_with(kept) <= max_length:  # re-tokenizing the cut text can add a token at the seam
+            return kept
+    return ""
 
 
 # --------------------------------------------------------------------------------------------

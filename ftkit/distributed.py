@@ -1,11 +1,15 @@
-"""Accelerator construction (CPU/gloo, mixed precision, accumulation), seeding, sharding and gathering."""
+"""Accelerator construction (CPU/gloo, DeepSpeed plumbing, mixed precision, trackers), seeding, reductions,
+and generation sharded over processes and gathered in order. Not here: what is reduced and when (loop.py)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import torch
+
+from ftkit.config import ConfigError
 
 logger = logging.getLogger("ftkit")
 
@@ -19,7 +23,7 @@ def accelerator(config):
       accelerate must not force a sync at the end of the dataloader.
     """
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
     from ftkit.data import pin_memory
 
@@ -39,7 +43,7 @@ def accelerator(config):
     trackers = [] if config.report_to == "none" or config.debug else (
         ["wandb", "tensorboard"] if config.report_to == "all" else [config.report_to])
     if "wandb" in trackers:  # before any model is loaded
-        from ftkit.config import check_wandb_login
+        from ftkit.tracking import check_wandb_login
 
         check_wandb_login()
     acc = Accelerator(
@@ -58,13 +62,12 @@ def accelerator(config):
     level = logging.INFO if acc.is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     logger.setLevel(level)
+    set_seed(config.seed)  # python, numpy, torch (and CUDA): model init, data order, dropout
     return acc
 
 
 def check_bf16(bf16: bool, cuda: bool, supported: bool | None) -> None:
     """``bf16: true`` needs a GPU with bfloat16 (Ampere or newer); on a CPU it runs, emulated and slow."""
-    from ftkit.config import ConfigError
-
     if not bf16:
         return
     if cuda and not supported:
@@ -79,8 +82,6 @@ def fill_deepspeed_config(acc, config) -> None:
     plugin = acc.state.deepspeed_plugin
     if plugin is None:
         return
-    from ftkit.config import ConfigError
-
     where = config.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
     ga = config.gradient_accumulation_steps
     wanted = {  # DeepSpeed key: (recipe option, value)
@@ -109,12 +110,6 @@ def fill_deepspeed_config(acc, config) -> None:
                           f"(use optim adamw_torch, or a config without offload_optimizer)")
 
 
-def seed_everything(seed: int) -> None:
-    from accelerate.utils import set_seed
-
-    set_seed(seed)
-
-
 def reduce_sum(acc, value) -> torch.Tensor:
     """Sum of a number or tensor over all processes."""
     t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
@@ -122,15 +117,28 @@ def reduce_sum(acc, value) -> torch.Tensor:
     return acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t
 
 
-def shard_indices(n: int, acc) -> list[int]:
-    """This process's share of ``range(n)`` for generation, padded to equal length with -1.
+@torch.no_grad()
+def generate_in_order(acc, model, tokenizer, inputs: list, batch_size: int, encode, **generate_kwargs) -> list[str]:
+    """Greedy or beam ``generate`` over ``inputs``, sharded over processes and gathered back in order,
+    each input exactly once; ``encode(chunk)`` gives a chunk's model inputs. Every process makes the
+    same number of calls (collective under ZeRO-3: ``synced_gpus``); padding slots are discarded."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    Every process runs the same number of generate calls (needed under ZeRO-3, where each call
-    is collective); the -1 slots are placeholders whose outputs are discarded.
-    """
-    mine = list(range(acc.process_index, n, acc.num_processes))
-    per_rank = -(-n // acc.num_processes)
-    return mine + [-1] * (per_rank - len(mine))
+    net = acc.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    mine = list(range(acc.process_index, len(inputs), acc.num_processes))
+    mine += [-1] * (-(-len(inputs) // acc.num_processes) - len(mine))
+    results = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        enc = {k: v.to(acc.device) for k, v in encode([inputs[max(i, 0)] for i in chunk]).items()}
+        out = net.generate(**enc, do_sample=False, synced_gpus=is_deepspeed_zero3_enabled(), **generate_kwargs)
+        if not net.config.is_encoder_decoder:  # a decoder's output starts with its prompt
+            out = out[:, enc["input_ids"].shape[1]:]
+        results += zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True))
+    net.train(was_training)
+    return gather_by_index(acc, results, len(inputs))
 
 
 def gather_by_index(acc, pairs: list[tuple[int, object]], n: int) -> list:
@@ -146,3 +154,17 @@ def gather_by_index(acc, pairs: list[tuple[int, object]], n: int) -> list:
     if missing:
         raise RuntimeError(f"gather lost examples {missing[:5]}")
     return [by_index[i] for i in range(n)]
+
+
+def read_deepspeed_config(path: str, key: str) -> dict:
+    """A DeepSpeed JSON config as a dict; a missing file or invalid JSON is one clear error."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: DeepSpeed config not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the DeepSpeed config ({e.msg})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    return ds

@@ -59,6 +59,7 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
 
     acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
+    checkpoint.set_aside_old_checkpoints(config, acc)  # with overwrite_output_dir: start over
     resume_path = checkpoint.resolve_resume_path(config)
     if resume_path:
         state.update(checkpoint.load(acc, config, resume_path))
@@ -83,10 +84,9 @@ class LoopState:
         self.log_ = tracking.start(acc, config, state)
         self.speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
         self.running = tracking.RunningLoss(acc)
-        self.guard = FiniteGuard(config.max_bad_steps)  # skip non-finite steps, stop after too many
         self.stop = StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
-        self.grad_norm, self.new_best = None, False
+        self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
 
     @property
     def step(self) -> int:
@@ -140,9 +140,20 @@ class LoopState:
         self.running.add(loss_sum)
 
     def finite(self, grad_norm) -> bool:
-        """Take this optimizer step? False for a non-finite gradient norm (see :class:`FiniteGuard`)."""
+        """Take this optimizer step? A non-finite gradient norm skips it with a warning; more than
+        ``max_bad_steps`` in a row stop the run with an error naming the step."""
         self.grad_norm = grad_norm
-        return self.guard.finite(grad_norm, self.step + 1)
+        if grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)).item():  # None: DeepSpeed checks itself
+            self.bad_in_a_row = 0
+            return True
+        self.bad_in_a_row += 1
+        step, limit = self.step + 1, self.config.max_bad_steps
+        if self.bad_in_a_row > limit:
+            raise RunError(f"loss or gradients not finite at step {step}: {self.bad_in_a_row} steps in a row "
+                           f"(max_bad_steps {limit}); lower learning_rate or check the data")
+        logger.warning("step %d: gradient norm is %s, optimizer step skipped (%d of max_bad_steps %d in a row)",
+                       step, float(grad_norm), self.bad_in_a_row, limit)
+        return False
 
     def advance(self, window: list, counts: WindowCounts) -> int:
         """Count one optimizer step over ``window``; returns the new global step."""
@@ -188,7 +199,11 @@ class LoopState:
     def save_and_stop(self) -> None:
         """A stop signal: save the last completed step, say how to go on; the script returns (exit 0)."""
         self.progress.close()
-        self.stop.stop(self.acc, self.config, self.state)
+        path = checkpoint.save(self.acc, self.config, self.state)
+        if self.acc.is_main_process:
+            print(f"[ftkit] stopped by {self.stop.signal_name or 'a signal on another rank'} at step {self.step}: "
+                  f"checkpoint {path} saved; run the same command again to resume", flush=True)
+        self.acc.end_training()
 
     def finish(self, final_eval: dict | None = None) -> None:
         """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
@@ -224,35 +239,12 @@ def record_eval(state: dict, metrics: dict, config) -> bool:
     return better
 
 
-class FiniteGuard:
-    """Skips optimizer steps whose gradient norm is not finite, with a warning; after
-    ``max_bad_steps`` such steps in a row the run stops with an error naming the step."""
-
-    def __init__(self, max_bad_steps: int):
-        self.max_bad_steps = max_bad_steps
-        self.in_a_row = 0
-
-    def finite(self, grad_norm, step: int) -> bool:
-        if grad_norm is None:  # DeepSpeed clips and checks inside its engine
-            return True
-        if torch.isfinite(torch.as_tensor(grad_norm)).item():
-            self.in_a_row = 0
-            return True
-        self.in_a_row += 1
-        if self.in_a_row > self.max_bad_steps:
-            raise RunError(f"loss or gradients not finite at step {step}: {self.in_a_row} steps in a row "
-                           f"(max_bad_steps {self.max_bad_steps}); lower learning_rate or check the data")
-        logger.warning("step %d: gradient norm is %s, optimizer step skipped (%d of max_bad_steps %d in a row)",
-                       step, float(grad_norm), self.in_a_row, self.max_bad_steps)
-        return False
-
-
 class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
 
     The handler only records the signal; :meth:`LoopState.count` sums the flag over processes
-    before each optimizer step, and when any rank got it the loop saves the last completed step
-    instead of running the next one, so every rank stops at the same step and takes part in the
+    before each optimizer step, and when any rank got it the script calls :meth:`LoopState.save_and_stop`
+    instead of running the next step, so every rank stops at the same step and takes part in the
     checkpoint. A second signal during the save changes nothing.
     """
 
@@ -269,11 +261,3 @@ class StopRequest:
             self.signal_name = signal.Signals(signum).name
             os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, stopping "
                         f"after this optimizer step\n".encode())
-
-    def stop(self, accelerator, config, state: dict) -> None:
-        """Save where the run stands and say how to go on; the caller returns (exit code 0)."""
-        path = checkpoint.save(accelerator, config, state)
-        if accelerator.is_main_process:
-            print(f"[ftkit] stopped by {self.signal_name or 'a signal on another rank'} at step "
-                  f"{state['global_step']}: checkpoint {path} saved; run the same command again to resume", flush=True)
-        accelerator.end_training()

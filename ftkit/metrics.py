@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import torch
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+@torch.no_grad()
+def mean_loss(acc, model, dl, loss_sums) -> float:
+    """Token-weighted mean loss over ``dl``, each example counted once across processes;
+    ``loss_sums(batch)`` gives per-example loss sums and token counts."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    for batch in dl:
+        loss_sum, count = acc.gather_for_metrics(loss_sums(batch))
+        total += torch.stack([loss_sum.sum().double(), count.sum().double()])
+    model.train()
+    loss_sum, tokens = total.tolist()
+    return loss_sum / max(tokens, 1)
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:

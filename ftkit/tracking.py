@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from ftkit.config import ConfigError, RunError, to_dict
+
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
 
@@ -22,6 +24,24 @@ def without_secrets(values: dict) -> dict:
     return clean
 
 
+def check_wandb_login() -> None:
+    """``report_to: wandb`` needs the client and, unless offline, credentials: say how to fix it."""
+    import importlib.util
+    import netrc
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("report_to: wandb is not installed (pip install 'ftkit[tracking]'), or use report_to: none")
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    raise ConfigError("report_to: wandb has no credentials: run `wandb login` or set WANDB_API_KEY, "
+                      "or log locally with WANDB_MODE=offline")
+
+
 def start(accelerator, config, state: dict) -> "MetricsLog":
     """Initialise the configured trackers (their files under output_dir); returns the run's log.
 
@@ -32,8 +52,6 @@ def start(accelerator, config, state: dict) -> "MetricsLog":
     if not accelerator.log_with:
         return log
     import uuid
-
-    from ftkit.config import to_dict
 
     state.setdefault("tracker_run_id", uuid.uuid4().hex[:12])
     run_name = config.run_name or os.path.basename(os.path.normpath(config.output_dir))
@@ -61,8 +79,6 @@ class MetricsLog:
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             except OSError as e:  # e.g. the disk is full
-                from ftkit.config import RunError
-
                 raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.accelerator.log_with:
             self.accelerator.log(metrics, step=step)

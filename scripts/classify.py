@@ -229,8 +229,6 @@ def main(config):
                     "label2id": {n: i for i, n in enumerate(names)}}
 
     acc = distributed.accelerator(config)
-    distributed.seed_everything(config.seed)
-    checkpoint.set_aside_old_checkpoints(config, acc)
     source = modeling.prepare_source(config, acc, AutoModel, **model_kwargs)
     model_cfg = modeling.load_config(source, config, **model_kwargs)
     limit = modeling.max_positions(model_cfg)
@@ -312,21 +310,20 @@ def main(config):
                                f"loss {report[n]['loss']:.4f}  ({report[n]['examples']} examples)" for n in shown))
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         split, preds, probs = predictions
-        write_predictions(os.path.join(config.output_dir, f"predictions_{split}.jsonl"), splits[split], config,
-                          names, preds, probs, gold=labels[split])
+        data.write_jsonl(os.path.join(config.output_dir, f"predictions_{split}.jsonl"),
+                         prediction_rows(splits[split], config, names, preds, probs, gold=labels[split]))
     run.close()
 
 
-def write_predictions(path, ds, config, names, preds, probs, gold=None) -> None:
-    with open(path, "w") as f:
-        for i, (pred, prob) in enumerate(zip(preds, probs)):
-            row = {"text": ds[i][config.text_column]}
-            if config.text_pair_column:
-                row["text_pair"] = ds[i][config.text_pair_column]
-            row.update({"prediction": names[pred], "probability": prob})
-            if gold is not None:
-                row["label"] = names[gold[i]]
-            f.write(json.dumps(row) + "\n")
+def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
+    rows = []
+    for i, (pred, prob) in enumerate(zip(preds, probs)):
+        row = {"text": ds[i][config.text_column]}
+        if config.text_pair_column:
+            row["text_pair"] = ds[i][config.text_pair_column]
+        rows.append({**row, "prediction": names[pred], "probability": prob,
+                     **({"label": names[gold[i]]} if gold is not None else {})})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +334,7 @@ def write_predictions(path, ds, config, names, preds, probs, gold=None) -> None:
 def predict(config):
     from transformers import AutoModelForSequenceClassification
 
-    if not os.path.isfile(os.path.join(config.model, "config.json")):
-        raise ConfigError(f"model: {config.model} holds no config.json (expected a trained output_dir/final)")
-    saved = os.path.join(config.model, "ftkit_config.yaml")
-    if os.path.isfile(saved):  # the training run's data options, under what the user set now
-        config = cfg.build(ClassifyConfig, {**cfg.load_yaml_recipe(saved), **getattr(config, "explicit", {})},
-                           where=saved)
+    config = cfg.with_saved_run(ClassifyConfig, config, "model", "config.json")  # and the run's data options
     if config.input_file:
         ds = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
         columns = {"text_column": config.text_column}
@@ -369,12 +361,8 @@ def predict(config):
     _, preds, probs = evaluate(acc, model, dl, len(names))
     if not acc.is_main_process:
         return
-    if config.prediction_file:
-        write_predictions(config.prediction_file, ds, config, names, preds, probs)
-        print(f"wrote {len(preds)} predictions to {config.prediction_file}")
-    else:
-        for pred, prob in zip(preds, probs):
-            print(f"{names[pred]}\t{prob:.4f}")
+    data.write_or_print(config.prediction_file, prediction_rows(ds, config, names, preds, probs),
+                        [f"{names[pred]}\t{prob:.4f}" for pred, prob in zip(preds, probs)], "predictions")
 
 
 if __name__ == "__main__":

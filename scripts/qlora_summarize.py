@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import torch
 
 from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
 from ftkit.config import ConfigError, opt
@@ -107,15 +106,11 @@ def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
 
 
 def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int) -> str:
-    """Cut the dialogue's tail until prompt + summary fit in max_length tokens."""
+    """Cut the dialogue's tail until prompt + summary (+ EOS) stay under max_length tokens."""
     def length(d):
         return len(tokenizer(prompt_of(config, d) + completion_of(config, summary))["input_ids"]) + 1
 
-    ids = tokenizer(dialogue, add_special_tokens=False)["input_ids"]
-    while ids and length(dialogue) >= max_length:
-        ids = ids[: max(0, len(ids) - max(1, length(dialogue) - max_length + 1))]
-        dialogue = tokenizer.decode(ids)
-    return dialogue
+    return data.fit_text(tokenizer, dialogue, length, max_length - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,42 +118,21 @@ def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def eval_loss(acc, model, eval_dl) -> float:
     """Token-weighted loss over the validation set (each example counted once, across processes)."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in eval_dl:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum, count = modeling.causal_lm_loss_sum(logits, batch["labels"])
-        loss_sum, count = acc.gather_for_metrics((loss_sum, count))
-        total, tokens = total + loss_sum.sum().item(), tokens + count.sum().item()
-    model.train()
-    return total / max(tokens, 1)
+    return metrics.mean_loss(acc, model, eval_dl, lambda batch: modeling.causal_lm_loss_sum(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]))
 
 
-@torch.no_grad()
 def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:
     """Greedy summaries of ``dialogues``, sharded over processes and gathered in order."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    net = acc.unwrap_model(model)
-    was_training = net.training
-    net.eval()
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    mine = distributed.shard_indices(len(dialogues), acc)
-    results = []
-    for start in range(0, len(mine), config.per_device_eval_batch_size):
-        chunk = mine[start:start + config.per_device_eval_batch_size]
-        prompts = [prompt_of(config, dialogues[max(i, 0)]) for i in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(acc.device)
-        out = net.generate(**enc, max_new_tokens=config.max_new_tokens, do_sample=False, use_cache=True,
-                           pad_token_id=tokenizer.pad_token_id, synced_gpus=is_deepspeed_zero3_enabled())
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        results += [(i, t.split("###")[0].strip()) for i, t in zip(chunk, texts)]
+    texts = distributed.generate_in_order(
+        acc, model, tokenizer, [prompt_of(config, d) for d in dialogues], config.per_device_eval_batch_size,
+        lambda prompts: tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=config.max_new_tokens,
+        use_cache=True, pad_token_id=tokenizer.pad_token_id)
     tokenizer.padding_side = "right"
-    net.train(was_training)
-    return distributed.gather_by_index(acc, results, len(dialogues))
+    return [t.split("###")[0].strip() for t in texts]
 
 
 def rouge_on(acc, model, tokenizer, config, ds, n: int) -> tuple[dict, list[str]]:
@@ -187,8 +161,6 @@ def main(config):
     raw_test = splits.get("test", splits["validation"])
 
     acc = distributed.accelerator(config)
-    distributed.seed_everything(config.seed)
-    checkpoint.set_aside_old_checkpoints(config, acc)
     source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
     model_cfg = modeling.load_config(source, config)
     limit = modeling.max_positions(model_cfg)
@@ -284,10 +256,9 @@ def main(config):
                   "delta": {k: tuned[k] - base_scores[k] for k in tuned},
                   "num_test_examples": min(len(raw_test), config.num_test_compare), **run.state}
         json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
-        with open(os.path.join(config.output_dir, "predictions_test.jsonl"), "w") as f:
-            for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions):
-                f.write(json.dumps({"id": row.get("id"), "prediction": pred,
-                                    "reference": row[config.summary_column]}) + "\n")
+        data.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), (
+            {"id": row.get("id"), "prediction": pred, "reference": row[config.summary_column]}
+            for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions)))
     run.close()
 
 
@@ -318,12 +289,7 @@ def predict(config):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if not os.path.isfile(os.path.join(config.adapter, "adapter_config.json")):
-        raise ConfigError(f"adapter: {config.adapter} holds no adapter_config.json (expected output_dir/final)")
-    saved = os.path.join(config.adapter, "ftkit_config.yaml")
-    if os.path.isfile(saved):  # the training run's model options, under what the user set now
-        config = cfg.build(SummarizeConfig, {**cfg.load_yaml_recipe(saved), **getattr(config, "explicit", {})},
-                           where=saved)
+    config = cfg.with_saved_run(SummarizeConfig, config, "adapter", "adapter_config.json")  # and its model options
     if config.input_file:
         inputs = data.load_local_file(config.input_file, "input_file")
         data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file)
@@ -338,15 +304,8 @@ def predict(config):
     summaries = summarize(acc, model, tokenizer, config, dialogues)
     if not acc.is_main_process:
         return
-    if config.prediction_file:
-        with open(config.prediction_file, "w") as f:
-            for dialogue, summary in zip(dialogues, summaries):
-                f.write(json.dumps({"dialogue": dialogue, "summary": summary}) + "\n")
-        print(f"wrote {len(summaries)} summaries to {config.prediction_file}")
-    else:
-        for summary in summaries:
-            print(summary)
-
+    data.write_or_print(config.prediction_file, [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)],
+                        summaries, "summaries")
 
 if __name__ == "__main__":
     cfg.run(SummarizeConfig, main, predict)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import torch
 
 from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
 from ftkit.config import ConfigError, opt
@@ -138,30 +137,15 @@ def load_qa_splits(config) -> dict:
 
 
 def encode_source(tokenizer, config, question: str, context: str, max_length: int) -> tuple[list[int], bool, str]:
-    """Input ids with the context cut to fit ``max_length`` (the question never is).
-
-    Returns (ids, truncated, kept_context). The context is cut at a token boundary of its own
-    tokenization, then the input is built from the kept text.
-    """
+    """Input ids with the context cut to fit ``max_length`` (the question never is): (ids, truncated,
+    kept context). A question too long on its own keeps its length: the caller drops the example."""
     def build(ctx):
         if config.input_format == "t5":
             return tokenizer(f"question: {question} context: {ctx}", add_special_tokens=True)["input_ids"]
         return tokenizer(ctx, question, add_special_tokens=True)["input_ids"]
 
-    ids = build(context)
-    if len(ids) <= max_length:
-        return ids, False, context
-    budget = max_length - len(build(""))
-    if budget <= 0:
-        return ids, True, ""  # the question alone is too long: the caller drops the example
-    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    while budget > 0:
-        kept = context[: offsets[min(budget, len(offsets)) - 1][1]]
-        ids = build(kept)
-        if len(ids) <= max_length:  # re-tokenizing the cut text can add a token at the seam: retry shorter
-            return ids, True, kept
-        budget -= 1
-    return build(""), True, ""
+    kept = data.fit_text(tokenizer, context, lambda ctx: len(build(ctx)), max_length)
+    return build(kept), kept != context, kept
 
 
 def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
@@ -206,44 +190,20 @@ def seq2seq_loss(model, batch, decoder_start: int, pad: int):
     return modeling.causal_lm_loss_sum(logits, batch["labels"], shift=False)
 
 
-@torch.no_grad()
 def eval_loss(acc, model, eval_dl, decoder_start: int, pad: int) -> float:
     """Token-weighted loss over the validation set (each example counted once, across processes)."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in eval_dl:
-        loss_sum, count = seq2seq_loss(model, batch, decoder_start, pad)
-        loss_sum, count = acc.gather_for_metrics((loss_sum, count))
-        total, tokens = total + loss_sum.sum().item(), tokens + count.sum().item()
-    model.train()
-    return total / max(tokens, 1)
+    return metrics.mean_loss(acc, model, eval_dl, lambda batch: seq2seq_loss(model, batch, decoder_start, pad))
 
 
-@torch.no_grad()
 def answer(acc, model, tokenizer, config, questions: list[str], contexts: list[str], max_length: int) -> list[str]:
     """Beam-search answers, sharded over processes and gathered in order (each example once)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    net = acc.unwrap_model(model)
-    was_training = net.training
-    net.eval()
     collate = data.PadCollator(tokenizer.pad_token_id)
-    mine = distributed.shard_indices(len(questions), acc)
-    results = []
-    for start in range(0, len(mine), config.per_device_eval_batch_size):
-        chunk = mine[start:start + config.per_device_eval_batch_size]
-        batch = collate([{"input_ids": encode_source(tokenizer, config, questions[max(i, 0)], contexts[max(i, 0)],
-                                                     max_length)[0]} for i in chunk])
-        out = net.generate(input_ids=batch["input_ids"].to(acc.device),
-                           attention_mask=batch["attention_mask"].to(acc.device),
-                           num_beams=config.generation_num_beams, no_repeat_ngram_size=config.no_repeat_ngram_size,
-                           early_stopping=config.early_stopping, do_sample=False,
-                           max_new_tokens=config.generation_max_length or config.max_target_length,
-                           synced_gpus=is_deepspeed_zero3_enabled())  # ranks with fewer examples keep stepping
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        results += [(i, t.strip()) for i, t in zip(chunk, texts)]
-    net.train(was_training)
-    return distributed.gather_by_index(acc, results, len(questions))
+    texts = distributed.generate_in_order(
+        acc, model, tokenizer, list(zip(questions, contexts)), config.per_device_eval_batch_size,
+        lambda chunk: collate([{"input_ids": encode_source(tokenizer, config, q, c, max_length)[0]} for q, c in chunk]),
+        num_beams=config.generation_num_beams, no_repeat_ngram_size=config.no_repeat_ngram_size,
+        early_stopping=config.early_stopping, max_new_tokens=config.generation_max_length or config.max_target_length)
+    return [t.strip() for t in texts]
 
 
 def score(acc, model, tokenizer, config, ds, max_length: int) -> tuple[dict, list[str]]:
@@ -269,8 +229,6 @@ def main(config):
     checkpoint.check_output_dir(config)
     splits = load_qa_splits(config)
     acc = distributed.accelerator(config)
-    distributed.seed_everything(config.seed)
-    checkpoint.set_aside_old_checkpoints(config, acc)
     source = modeling.prepare_source(config, acc, AutoModelForSeq2SeqLM)
     model_cfg = modeling.load_config(source, config)
     max_length = config.max_length or 512  # T5's relative positions have no hard limit; S004 uses 512
@@ -356,19 +314,17 @@ def main(config):
         per_example = scores.pop("per_example")
         report = {"split": eval_name, **scores, "eval_loss": final_loss, **run.state}
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
-        write_predictions(os.path.join(config.output_dir, "predictions.jsonl"), splits[eval_name], predictions,
-                          per_example)
+        data.write_jsonl(os.path.join(config.output_dir, "predictions.jsonl"),
+                         prediction_rows(splits[eval_name], predictions, per_example))
     run.close()
 
 
-def write_predictions(path, ds, predictions, per_example=None) -> None:
-    with open(path, "w") as f:
-        for i, prediction in enumerate(predictions):
-            row = {"id": ds[i]["id"], "question": ds[i]["question"], "prediction": prediction,
-                   "answers": ds[i]["answers"]}
-            if per_example is not None:
-                row["em"], row["f1"] = per_example[i]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def prediction_rows(ds, predictions, per_example=None) -> list[dict]:
+    rows = [{"id": ds[i]["id"], "question": ds[i]["question"], "prediction": prediction, "answers": ds[i]["answers"]}
+            for i, prediction in enumerate(predictions)]
+    for row, (em, f1) in zip(rows, per_example or []):
+        row["em"], row["f1"] = em, f1
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,11 +336,7 @@ def predict(config):
     import datasets
     from transformers import AutoModelForSeq2SeqLM
 
-    if not os.path.isfile(os.path.join(config.model, "config.json")):
-        raise ConfigError(f"model: {config.model} holds no config.json (expected a trained output_dir/final)")
-    saved = os.path.join(config.model, "ftkit_config.yaml")
-    if os.path.isfile(saved):  # the training run's input options, under what the user set now
-        config = cfg.build(QAConfig, {**cfg.load_yaml_recipe(saved), **getattr(config, "explicit", {})}, where=saved)
+    config = cfg.with_saved_run(QAConfig, config, "model", "config.json")  # and the run's input options
     if config.input_file:
         raw = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
         if config.answer_column not in raw.column_names:  # answers are optional when predicting
@@ -405,12 +357,8 @@ def predict(config):
         return
     if scored:
         print(f"exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['examples']} questions)")
-    if config.prediction_file:
-        write_predictions(config.prediction_file, ds, predictions, scores["per_example"] if scored else None)
-        print(f"wrote {len(predictions)} answers to {config.prediction_file}")
-    else:
-        for prediction in predictions:
-            print(prediction)
+    rows = prediction_rows(ds, predictions, scores["per_example"] if scored else None)
+    data.write_or_print(config.prediction_file, rows, predictions, "answers")
 
 
 if __name__ == "__main__":

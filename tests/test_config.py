@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import TINY_SUMMARIZE, load_script, run_python
-from ftkit import config as cfg
+from ftkit import checkpoint, config as cfg
 from ftkit.config import ConfigError
 
 qs = load_script("qlora_summarize")
@@ -97,7 +97,7 @@ def test_config_hash_ignores_reporting_options_only():
     a = parse("--config", TINY_SUMMARIZE)
     b = parse("--config", TINY_SUMMARIZE, "--logging_steps", "3", "--output_dir", "/tmp/elsewhere")
     c = parse("--config", TINY_SUMMARIZE, "--learning_rate", "1e-3")
-    assert cfg.config_hash(a) == cfg.config_hash(b) != cfg.config_hash(c)
+    assert checkpoint.config_hash(a) == checkpoint.config_hash(b) != checkpoint.config_hash(c)
 
 
 @pytest.mark.parametrize("argv, key", [
