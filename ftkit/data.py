@@ -226,6 +226,8 @@ def split_by_ratios(ds, ratios: list[float], seed: int) -> dict:
     """
     import numpy as np
 
+    if len(ratios) not in (2, 3) or not all(isinstance(r, (int, float)) and r > 0 for r in ratios):
+        raise ConfigError(f"split_ratios: give 2 or 3 positive fractions (train, validation[, test]), got {ratios}")
     names = ["train", "validation", "test"][: len(ratios)]
     order = np.random.default_rng(seed).permutation(len(ds)).tolist()
     total = sum(ratios)

@@ -60,6 +60,7 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
     acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
     checkpoint.set_aside_old_checkpoints(config, acc)  # with overwrite_output_dir: start over
+    checkpoint.register_trainable_only_hooks(acc)  # checkpoints hold the trainable weights only
     resume_path = checkpoint.resolve_resume_path(config)
     if resume_path:
         state.update(checkpoint.load(acc, config, resume_path))
@@ -80,7 +81,8 @@ class LoopState:
         from tqdm.auto import tqdm
 
         self.acc, self.config, self.state, self.resume_path = acc, config, state, resume_path
-        self.total_steps, self.windows_per_epoch, self.batches_per_epoch = total_steps, windows_per_epoch, batches_per_epoch
+        self.total_steps, self.windows_per_epoch = total_steps, windows_per_epoch
+        self.batches_per_epoch = batches_per_epoch
         self.log_ = tracking.start(acc, config, state)
         self.speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
         self.running = tracking.RunningLoss(acc)
@@ -96,7 +98,8 @@ class LoopState:
         """The optimizer-step windows of micro-batches until ``total_steps``, epoch after epoch,
         starting at a resumed checkpoint's position."""
         while self.step < self.total_steps:
-            for window in accumulation_windows(self.epoch_batches(train_dl, sampler), self.config.gradient_accumulation_steps):
+            batches = self.epoch_batches(train_dl, sampler)
+            for window in accumulation_windows(batches, self.config.gradient_accumulation_steps):
                 yield window
                 if self.step >= self.total_steps:
                     break

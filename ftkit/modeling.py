@@ -365,19 +365,33 @@ def keep_4bit_training_layout(model) -> int:
     return len(layers)
 
 
+def max_length_of(config, model_config) -> int:
+    """``max_length``, else the model's position limit (:func:`max_positions`); above the limit is an error."""
+    limit = max_positions(model_config)
+    if config.max_length and config.max_length > limit:
+        raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")
+    return config.max_length or limit
+
+
+def gradient_checkpointing(model, config) -> None:
+    """Recompute activations in backward (non-reentrant) when the recipe asks; no KV cache then."""
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+
+
 def add_lora(model, config, task_type: str):
     """Gradient checkpointing, k-bit preparation and LoRA adapters, as QLoRA prescribes."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.load_in_4bit:
         keep_4bit_training_layout(model)
-    gc_kwargs = {"use_reentrant": False}
     if config.load_in_4bit or config.load_in_8bit:
         # casts norms to fp32 and enables input grads; gradient checkpointing set up here too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=gc_kwargs)
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        gradient_checkpointing(model, config)
     if not config.use_peft:
         return model
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

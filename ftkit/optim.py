@@ -36,6 +36,12 @@ def build_optimizer(model, config) -> torch.optim.Optimizer:
     return cls(groups, lr=lr, betas=betas, eps=eps)
 
 
+def build(model, config, total_steps: int):
+    """The optimizer over the trainable parameters and its learning-rate schedule over ``total_steps``."""
+    optimizer = build_optimizer(model, config)
+    return optimizer, build_scheduler(optimizer, config, total_steps)
+
+
 def warmup_steps(config, total_steps: int) -> int:
     return config.warmup_steps if config.warmup_steps > 0 else math.ceil(config.warmup_ratio * total_steps)
 

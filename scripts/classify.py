@@ -1,15 +1,12 @@
 """Sequence classification: BERT on MRPC pairs (S000), BERT on IMDB (S002), GPT-2 SMS spam (S003).
 
-One hand-written accelerate loop for any ``AutoModelForSequenceClassification`` (encoders with
-token type ids, decoders read at their last non-pad token). Features: hub datasets or local
-csv/tsv/jsonl/parquet (TSV read without quoting), single texts or pairs, labels as ints, strings
-(``label_map``, or inferred and saved) or hub ClassLabels, class balancing by undersampling,
-train/validation/test split of one file (``split_ratios``), seeded subsets, dynamic padding and
-length grouping, freezing all but ``trainable_modules``, gradient accumulation (loss averaged over
-the examples of the whole window, on all processes), clipping, atomic checkpoints with exact
-resume, evaluation every ``eval_steps`` or epoch with accuracy / F1 / confusion matrix gathered
-without duplicates, the best checkpoint kept and reloaded at the end, metrics on every split,
-test predictions, and ``--predict`` for new texts.
+One accelerate loop for any ``AutoModelForSequenceClassification`` (encoders with token type ids,
+decoders read at their last non-pad token). Features: hub or local csv/tsv/jsonl/parquet data (TSV
+unquoted), texts or pairs, int / string (``label_map``) / ClassLabel labels, undersampling, one file
+split by ``split_ratios``, seeded subsets, dynamic padding, length grouping, ``trainable_modules``,
+accumulation (loss averaged over the window's examples on all processes), exact resume, evaluation
+every ``eval_steps`` or epoch (accuracy / F1 / confusion matrix, each example once), the best
+checkpoint kept and reloaded, metrics on every split, test predictions, ``--predict`` for new texts.
 
     # tiny model, CPU, offline (seconds)
     accelerate launch scripts/classify.py --config recipes/tiny/spam.yaml
@@ -78,13 +75,8 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
         if self.load_in_4bit or self.load_in_8bit:
             raise ConfigError("load_in_4bit/load_in_8bit: quantized weights cannot be fine-tuned without "
                               "adapters; classification trains full weights or trainable_modules")
-        if self.split_ratios is not None:
-            if len(self.split_ratios) not in (2, 3) or not all(isinstance(r, (int, float)) and r > 0
-                                                               for r in self.split_ratios):
-                raise ConfigError(f"split_ratios: give 2 or 3 positive fractions (train, validation[, test]), "
-                                  f"got {self.split_ratios}")
-            if self.validation_file:
-                raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
+        if self.split_ratios is not None and self.validation_file:
+            raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
         if self.label_map is not None:
             flags = [k for k in self.label_map if isinstance(k, bool)]
             if flags:
@@ -105,11 +97,9 @@ def load_classification_splits(config) -> dict:
     if config.balance == "undersample":  # S003 balances the one file, then splits it
         data.require_columns(splits["train"], {"label_column": config.label_column}, "the train data")
         splits["train"] = data.undersample(splits["train"], config.label_column, config.split_seed)
-    if config.split_ratios:
+    if config.split_ratios is not None:
         splits.update(data.split_by_ratios(splits["train"], config.split_ratios, config.split_seed))
-    columns = {"text_column": config.text_column, "label_column": config.label_column}
-    if config.text_pair_column:
-        columns["text_pair_column"] = config.text_pair_column
+    columns = {**text_columns(config), "label_column": config.label_column}
     for name, ds in splits.items():
         data.require_columns(ds, columns, f"the {name} data")
     if "validation" not in splits:
@@ -117,6 +107,12 @@ def load_classification_splits(config) -> dict:
     splits["train"] = data.take_first(splits["train"], config.max_train_samples, config.subset_seed)
     splits["validation"] = data.take_first(splits["validation"], config.max_eval_samples, config.subset_seed)
     return splits
+
+
+def text_columns(config) -> dict:
+    """The model's input columns (option -> column): the text, and the pair's second text if any."""
+    return {"text_column": config.text_column, **({"text_pair_column": config.text_pair_column}
+                                                   if config.text_pair_column else {})}
 
 
 def label_names(config, train_ds) -> list[str]:
@@ -153,9 +149,9 @@ def label_ids(config, ds, names: list[str], split: str) -> list[int]:
         elif str(value) in lookup:
             ids.append(lookup[str(value)])
         else:
-            known = ", ".join(lookup) if config.label_map else ", ".join(names)
             hint = "label_map" if config.label_map else "the training labels (set label_map to name them all)"
-            raise ConfigError(f"label_column: label {value!r} in the {split} data (row {row + 1}) is not in {hint}: {known}")
+            raise ConfigError(f"label_column: label {value!r} in the {split} data (row {row + 1}) is not in {hint}: "
+                              f"{', '.join(lookup)}")
     return ids
 
 
@@ -189,20 +185,17 @@ def evaluate(acc, model, dl, num_labels: int) -> tuple[dict, list[int], list[flo
     """Loss, accuracy, F1 and confusion matrix over ``dl`` (every example once, across processes),
     plus the predicted class and its probability for each example, in the data's order."""
     model.eval()
-    preds, labels, probs, loss_sum = [], [], [], 0.0
+    parts = []
     for batch in dl:
         logits = model(**model_inputs(batch)).logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-        p = logits.softmax(-1).max(-1)
+        best = logits.softmax(-1).max(-1)
         # gather_for_metrics drops the samples a prepared loader repeats to even out the last batch
-        pred, prob, label, loss = acc.gather_for_metrics((p.indices, p.values, batch["labels"], loss))
-        preds += pred.tolist()
-        probs += prob.tolist()
-        labels += label.tolist()
-        loss_sum += loss.sum().item()
+        parts.append(acc.gather_for_metrics((best.indices, best.values, batch["labels"], loss)))
     model.train()
+    preds, probs, labels, losses = (torch.cat(column).tolist() for column in zip(*parts))
     result = metrics.classification(preds, labels, num_labels)
-    result["loss"] = loss_sum / max(len(labels), 1)
+    result["loss"] = sum(losses) / max(len(labels), 1)
     return result, preds, probs
 
 
@@ -225,22 +218,19 @@ def main(config):
     if len(set(labels["train"])) < 2:
         logger.warning("the training set holds a single class (%s): the model can only learn to predict it",
                        names[labels["train"][0]])
-    model_kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)),
-                    "label2id": {n: i for i, n in enumerate(names)}}
+    model_kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
     acc = distributed.accelerator(config)
     source = modeling.prepare_source(config, acc, AutoModel, **model_kwargs)
     model_cfg = modeling.load_config(source, config, **model_kwargs)
-    limit = modeling.max_positions(model_cfg)
-    if config.max_length and config.max_length > limit:
-        raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")
+    max_length = modeling.max_length_of(config, model_cfg)
     if config.trainable_modules is not None:
         modeling.check_trainable_modules(model_cfg, AutoModel, config.trainable_modules)
     tokenizer = modeling.load_tokenizer(source, config.trust_remote_code)
     token_types = getattr(model_cfg, "type_vocab_size", 0) > 1  # GPT-2 would add them as extra embeddings
     with acc.main_process_first():
-        tokenized = {name: tokenize_split(ds, labels[name], tokenizer, config, config.max_length or limit,
-                                          token_types, name) for name, ds in splits.items()}
+        tokenized = {name: tokenize_split(ds, labels[name], tokenizer, config, max_length, token_types, name)
+                     for name, ds in splits.items()}
 
     train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
     eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
@@ -250,15 +240,12 @@ def main(config):
     model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders pool at the last token that is not padding
     modeling.freeze_except(model, config.trainable_modules)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    modeling.gradient_checkpointing(model, config)
     logger.info(modeling.describe_parameters(model))
 
-    optimizer = optim.build_optimizer(model, config)
-    scheduler = optim.build_scheduler(optimizer, config, total_steps)
+    optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
     eval_dls = {name: acc.prepare(dl) for name, dl in eval_dls.items()}
-    checkpoint.register_trainable_only_hooks(acc)
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl))
     ga = config.gradient_accumulation_steps
@@ -316,13 +303,11 @@ def main(config):
 
 
 def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
-    rows = []
-    for i, (pred, prob) in enumerate(zip(preds, probs)):
-        row = {"text": ds[i][config.text_column]}
-        if config.text_pair_column:
-            row["text_pair"] = ds[i][config.text_pair_column]
-        rows.append({**row, "prediction": names[pred], "probability": prob,
-                     **({"label": names[gold[i]]} if gold is not None else {})})
+    texts = {key.removesuffix("_column"): ds[column] for key, column in text_columns(config).items()}
+    rows = [{**{key: values[i] for key, values in texts.items()}, "prediction": names[pred], "probability": prob}
+            for i, (pred, prob) in enumerate(zip(preds, probs))]
+    for row, label in zip(rows, gold or []):
+        row["label"] = names[label]
     return rows
 
 
@@ -332,18 +317,14 @@ def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
 
 
 def predict(config):
+    import datasets
     from transformers import AutoModelForSequenceClassification
 
     config = cfg.with_saved_run(ClassifyConfig, config, "model", "config.json")  # and the run's data options
     if config.input_file:
         ds = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
-        columns = {"text_column": config.text_column}
-        if config.text_pair_column:
-            columns["text_pair_column"] = config.text_pair_column
-        data.require_columns(ds, columns, config.input_file)
+        data.require_columns(ds, text_columns(config), config.input_file)
     else:
-        import datasets
-
         rows = {config.text_column: [config.text]}
         if config.text_pair_column or config.text_pair:
             config.text_pair_column = config.text_pair_column or "text_pair"

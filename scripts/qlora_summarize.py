@@ -163,10 +163,7 @@ def main(config):
     acc = distributed.accelerator(config)
     source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
     model_cfg = modeling.load_config(source, config)
-    limit = modeling.max_positions(model_cfg)
-    if config.max_length and config.max_length > limit:
-        raise ConfigError(f"max_length: {config.max_length} exceeds the model's position limit {limit}")
-    max_length = config.max_length or limit
+    max_length = modeling.max_length_of(config, model_cfg)
     if config.use_peft:
         modeling.check_lora_targets(model_cfg, AutoModelForCausalLM, config.lora_target_modules)
     tokenizer = modeling.load_tokenizer(source, config.trust_remote_code)
@@ -198,10 +195,8 @@ def main(config):
         if acc.is_main_process:
             json.dump(base_scores, open(base_file, "w"))
 
-    optimizer = optim.build_optimizer(model, config)
-    scheduler = optim.build_scheduler(optimizer, config, total_steps)
+    optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
-    checkpoint.register_trainable_only_hooks(acc)
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl),
                      dropped_overlong=dropped)

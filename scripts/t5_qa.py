@@ -151,21 +151,14 @@ def encode_source(tokenizer, config, question: str, context: str, max_length: in
 def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
     """Model inputs and labels, plus counts of truncated contexts and of answers cut away by it."""
 
-    def encode(batch):
-        out = {"input_ids": [], "labels": [], "length": [], "truncated": [], "answer_cut": [], "too_long": []}
-        for question, context, answers in zip(batch["question"], batch["context"], batch["answers"]):
-            ids, truncated, kept = encode_source(tokenizer, config, question, context, max_length)
-            target = tokenizer(answers[0], truncation=True, max_length=config.max_target_length)["input_ids"]
-            out["input_ids"].append(ids)
-            out["labels"].append(target)
-            out["length"].append(len(ids))
-            out["truncated"].append(truncated)
-            out["answer_cut"].append(truncated and any(a in context for a in answers)
-                                     and not any(a in kept for a in answers))
-            out["too_long"].append(len(ids) > max_length)
-        return out
+    def encode(row):
+        ids, truncated, kept = encode_source(tokenizer, config, row["question"], row["context"], max_length)
+        answers = row["answers"]
+        return {"input_ids": ids, "length": len(ids), "too_long": len(ids) > max_length, "truncated": truncated,
+                "labels": tokenizer(answers[0], truncation=True, max_length=config.max_target_length)["input_ids"],
+                "answer_cut": truncated and any(a in row["context"] for a in answers) and not any(a in kept for a in answers)}
 
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+    tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenize {name}")
     counts = {"truncated": sum(tokenized["truncated"]), "answer_cut": sum(tokenized["answer_cut"])}
     kept = tokenized.filter(lambda long: not long, input_columns="too_long")
     counts["dropped_long_question"] = len(tokenized) - len(kept)
@@ -211,13 +204,6 @@ def score(acc, model, tokenizer, config, ds, max_length: int) -> tuple[dict, lis
     return metrics.squad(predictions, ds["answers"]), predictions
 
 
-def eval_entry(loss: float, scores: dict | None) -> dict:
-    entry = {"eval/loss": loss}
-    if scores:
-        entry.update({"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]})
-    return entry
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -248,26 +234,23 @@ def main(config):
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
     model = modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    modeling.gradient_checkpointing(model, config)
     pad = model.config.pad_token_id
     # transformers 5 keeps it in the generation config; T5 starts decoding from the pad token
     decoder_start = getattr(model.generation_config, "decoder_start_token_id", None)
     decoder_start = pad if decoder_start is None else decoder_start
     logger.info(modeling.describe_parameters(model))
 
-    optimizer = optim.build_optimizer(model, config)
-    scheduler = optim.build_scheduler(optimizer, config, total_steps)
+    optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
-    checkpoint.register_trainable_only_hooks(acc)
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), truncation=counts)
     ga = config.gradient_accumulation_steps
 
     def evaluate() -> dict:
         scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length)
-        return eval_entry(eval_loss(acc, model, eval_dl, decoder_start, pad), scores)
+        return {"eval/loss": eval_loss(acc, model, eval_dl, decoder_start, pad),
+                "eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
 
     model.train()
     for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
