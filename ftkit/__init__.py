@@ -1,4 +1,5 @@
-"""ftkit: the shared library of the fine-tuning scripts (configs, data, models, checkpoints, tracking)."""
+"""ftkit: the library the scripts share, in the order data flows: config, data, modeling, optim, loop,
+checkpoint, tracking (with distributed and metrics). The training loops themselves are in scripts/."""
 
 import os as _os
 

@@ -1,12 +1,8 @@
-"""Checkpoint files: atomic save, rotation, resume-path resolution and loading, RNG state, export.
+"""Checkpoint files: atomic save, rotation, resume matching and loading, RNG state, export.
 Not here: when to save or evaluate, the trainer state's counters (loop.py).
 
-Layout: ``output_dir/checkpoints/step_<N>/`` holds ``accelerator.save_state`` (trainable weights,
-optimizer, RNG states of every process) plus ``scheduler.json``, ``trainer_state.json`` and
-``rng_state_<rank>.safetensors``. A checkpoint is written to ``.tmp_step_<N>`` and renamed when
-complete, so a folder named ``step_<N>`` is always whole; ``trainer_state.json`` is written last.
-Rotation renames a folder to ``.trash_step_<N>`` before deleting it, so a kill never leaves a
-half-deleted ``step_<N>`` either.
+``checkpoints/step_<N>/`` is written as ``.tmp_step_<N>`` and renamed when whole (``trainer_state.json``
+last); rotation renames to ``.trash_step_<N>`` before deleting: a kill never leaves a partial ``step_<N>``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
-"""Recipe configuration: dataclasses, YAML recipes, ``--name value`` overrides, validation.
+"""Recipe configs: shared dataclass groups, YAML recipe + ``--name value`` parsing, validation, ``--help``.
+Not here: what a run does with its options; resume matching of configs (checkpoint.py).
 
-A recipe's config is a dataclass assembled from the shared groups below (model, LoRA, data,
-training, tracking) plus the recipe's own fields. Every field has one name, one default and one
-help text (``metadata["help"]``), which is what ``--help`` prints. Constraints live in the field
-metadata (``choices``, ``min``, ``max``, ``min_exclusive``) and are checked in one place,
-:func:`validate`. Every problem is reported as a :class:`ConfigError`: one line, exit code 2,
-raised before any data or model is loaded.
+Every field has one name, one default and one help text (``metadata["help"]``, what ``--help`` prints);
+constraints (``choices``, ``min``, ``max``, ``min_exclusive``) are checked in :func:`validate`. A problem
+is a :class:`ConfigError`: one line, exit code 2, before any data or model is loaded.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Data: load hub or local datasets, tokenize, batch and pad.
-
-Shared by every recipe. What is recipe-specific (prompt text, which columns form the input)
-stays in the script; this module knows files, tokens and batches.
+"""Data: local/hub loading with one-line errors, tokenization helpers, batch sampler, padding, packing.
+Not here: what is recipe-specific (prompt text, which columns form the input): the scripts.
 """
 
 from __future__ import annotations

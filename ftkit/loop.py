@@ -1,7 +1,6 @@
-"""The training loop's state and cadence: counters, accumulation windows (one all-reduce per step),
-the resume position, when to log/evaluate/save, the non-finite guard and stop signals.
-
-Not here: forward, backward and the optimizer step (each script's loop), checkpoint files (checkpoint.py).
+"""The training loop's state and cadence: counters, accumulation windows (one all-reduce per step), the
+resume position, when to log/evaluate/save, the non-finite guard, stop signals. Not here: forward, backward and
+the optimizer step (each script's own loop), checkpoint files (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -47,6 +46,8 @@ class WindowCounts(NamedTuple):
     units: int  # what the step's loss is averaged over: target tokens or examples
     samples: int  # examples (a packed row counts the examples it holds)
     tokens: int  # non-pad input tokens
+    padded: int  # input tokens with padding: what the model computed
+    rows: int  # rows of the micro-batches
     stop: bool  # a stop signal reached some process
 
 
@@ -84,8 +85,8 @@ class LoopState:
         self.total_steps, self.windows_per_epoch = total_steps, windows_per_epoch
         self.batches_per_epoch = batches_per_epoch
         self.log_ = tracking.start(acc, config, state)
-        self.speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config))
-        self.running = tracking.RunningLoss(acc)
+        self.speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config), acc.num_processes)
+        self.loss_sum, self.loss_units = torch.zeros((), device=acc.device), 0  # since the last log event
         self.stop = StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
@@ -130,17 +131,16 @@ class LoopState:
         from ftkit.distributed import reduce_sum
 
         device = self.acc.device
-        for batch in window:
-            self.speed.add(batch)
-        local = torch.stack([torch.as_tensor(units, device=device).long().sum(),
-                             torch.as_tensor(sum(examples_in(b) for b in window), device=device).long(),
-                             sum(b["attention_mask"].sum() for b in window).to(device).long(),
-                             torch.tensor(int(self.stop.signal_name is not None), device=device)])
-        units, samples, tokens, stopping = reduce_sum(self.acc, local).tolist()
-        return WindowCounts(units, samples, tokens, bool(stopping))
+        on_device = torch.stack([torch.as_tensor(units, device=device).long().sum(),
+                                 torch.as_tensor(sum(examples_in(b) for b in window), device=device).long(),
+                                 sum(b["attention_mask"].sum() for b in window).to(device).long()])
+        from_shapes = [sum(b["attention_mask"].numel() for b in window), sum(len(b["attention_mask"]) for b in window),
+                       int(self.stop.signal_name is not None)]  # padded tokens, rows, stop: known on the host
+        *counts, stopping = reduce_sum(self.acc, torch.cat([on_device, torch.tensor(from_shapes, device=device)])).tolist()
+        return WindowCounts(*counts, bool(stopping))
 
     def add_loss(self, loss_sum: torch.Tensor) -> None:
-        self.running.add(loss_sum)
+        self.loss_sum += loss_sum.detach()  # stays on the device until a log event: no host sync
 
     def finite(self, grad_norm) -> bool:
         """Take this optimizer step? A non-finite gradient norm skips it with a warning; more than
@@ -164,7 +164,8 @@ class LoopState:
         self.state["batches_in_epoch"] += len(window)
         self.state["samples_seen"] += counts.samples
         self.state["tokens_seen"] = self.state.get("tokens_seen", 0) + counts.tokens
-        self.running.count += counts.units
+        self.loss_units += counts.units
+        self.speed.add(counts)
         self.new_best = False
         self.progress.update(1)
         return self.step
@@ -173,9 +174,17 @@ class LoopState:
         return self.step % self.config.logging_steps == 0 or self.step == self.total_steps
 
     def log_train(self, scheduler) -> None:
-        """Log the mean loss since the last log event, the learning rate, throughput and memory."""
-        entry = tracking.train_entry(self.running.pop(), scheduler, self.state, self.batches_per_epoch, self.speed,
-                                     self.grad_norm, self.acc.num_processes, self.total_steps)
+        """Log the mean loss since the last log event (all processes), the learning rate, throughput, memory."""
+        from ftkit.distributed import reduce_sum
+
+        loss = (reduce_sum(self.acc, self.loss_sum) / self.loss_units).item()
+        self.loss_sum.zero_()
+        self.loss_units = 0
+        entry = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
+                 "train/epoch": self.state["epoch"] + self.state["batches_in_epoch"] / max(self.batches_per_epoch, 1),
+                 **self.speed.report(self.step, self.total_steps)}
+        if self.grad_norm is not None:
+            entry["train/grad_norm"] = float(self.grad_norm)
         self.log(entry)
         self.progress.set_postfix(tracking.progress_fields(entry))
 

@@ -1,4 +1,5 @@
-"""Task metrics: ROUGE (rouge-score, offline), accuracy/F1, SQuAD exact match/F1."""
+"""Task metrics: token-weighted eval loss, ROUGE (offline), accuracy/F1/confusion, SQuAD EM/F1.
+Not here: when to evaluate (loop.py) or what to generate (the scripts)."""
 
 from __future__ import annotations
 

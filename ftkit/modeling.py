@@ -1,5 +1,5 @@
-"""Models and tokenizers: hub or local checkpoints, tiny models built from a config, 4/8-bit
-quantization, LoRA, freezing, gradient checkpointing, and the token-summed loss."""
+"""Models and tokenizers: hub or tiny-from-config models, offline tokenizers, 4/8-bit loading, LoRA,
+freezing, checkpointing, the token-summed loss. Not here: optimizers (optim.py), devices (distributed.py)."""
 
 from __future__ import annotations
 

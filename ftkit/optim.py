@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate scheduler factory (only trainable parameters are optimized)."""
+"""Optimizer and learning-rate schedule of the trainable parameters (AdamW, bitsandbytes 8-bit/paged, SGD).
+Not here: the optimizer step itself (the scripts) or its cadence (loop.py)."""
 
 from __future__ import annotations
 

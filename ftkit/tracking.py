@@ -1,4 +1,5 @@
-"""Tracking: accelerate trackers (W&B, TensorBoard), an always-on metrics.jsonl, throughput."""
+"""Tracking: W&B/TensorBoard via accelerate, the always-on metrics.jsonl, curves, throughput and MFU.
+Not here: when to log (loop.py)."""
 
 from __future__ import annotations
 
@@ -136,42 +137,6 @@ def debug_summary(events: list[dict], state: dict) -> str:
             f"checkpoint at step {state['global_step']}, peak memory {memory:.2f} GB")
 
 
-class RunningLoss:
-    """Sum of the loss (``add``, per micro-batch, this process) and of what it is averaged over
-    (``count``, per optimizer step, all processes: tokens or examples) between log events.
-
-    The sum stays on the device until a log event, so the hot loop has no host sync.
-    """
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.total = torch.zeros((), device=accelerator.device)
-        self.count = 0
-
-    def add(self, loss_sum: "torch.Tensor") -> None:
-        self.total += loss_sum.detach()
-
-    def pop(self) -> float:
-        """The mean over all processes since the last call."""
-        from ftkit.distributed import reduce_sum
-
-        mean = (reduce_sum(self.accelerator, self.total) / self.count).item()
-        self.total.zero_()
-        self.count = 0
-        return mean
-
-
-def train_entry(loss: float, scheduler, state: dict, batches_per_epoch: int, speed, grad_norm,
-                num_processes: int, total_steps: int) -> dict:
-    """The ``train/*`` and ``perf/*`` values of one log event."""
-    entry = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-             "train/epoch": state["epoch"] + state["batches_in_epoch"] / max(batches_per_epoch, 1),
-             **speed.report(num_processes, state["global_step"], total_steps)}
-    if grad_norm is not None:
-        entry["train/grad_norm"] = float(grad_norm)
-    return entry
-
-
 def progress_fields(entry: dict) -> dict:
     """What the progress bar shows next to the step count."""
     fields = {"loss": f"{entry['train/loss']:.4f}", "lr": f"{entry['train/lr']:.2e}",
@@ -221,15 +186,13 @@ def flops_per_token(model_config, trainable: int, frozen: int, seq_len: float) -
 
 
 class Throughput:
-    """Counts real (non-pad) tokens, computed (padded) tokens and samples between log events.
+    """Tokens (real and padded), rows and samples of all processes between log events, from the
+    loop's per-step counts: tokens and samples per second, padding efficiency, step time and ETA;
+    with ``model`` and a peak FLOP/s (:func:`peak_tflops`), the model FLOPs utilisation per device
+    (``perf/mfu``) by :func:`flops_per_token`, counting real tokens only."""
 
-    With ``model`` and a peak FLOP/s (:func:`peak_tflops`), also reports the model FLOPs
-    utilisation (``perf/mfu``) by :func:`flops_per_token`, counting real tokens only.
-    """
-
-    def __init__(self, model=None, peak: float | None = None):
-        self.last_step = None
-        self.mfu_terms = None
+    def __init__(self, model=None, peak: float | None = None, num_processes: int = 1):
+        self.last_step, self.mfu_terms, self.num_processes = None, None, num_processes
         if model is not None and peak:
             from ftkit.modeling import parameter_counts
 
@@ -238,32 +201,24 @@ class Throughput:
         self.reset()
 
     def reset(self) -> None:
-        self.tokens = 0
-        self.samples = 0
-        self.rows = 0
-        self.padded = 0
+        self.tokens = self.padded = self.rows = self.samples = 0
         self.start = time.perf_counter()
 
-    def add(self, batch) -> None:
-        from ftkit.data import examples_in
+    def add(self, counts) -> None:
+        """One optimizer step's counts (summed over processes, see ``loop.WindowCounts``)."""
+        self.tokens += counts.tokens
+        self.padded += counts.padded
+        self.rows += counts.rows
+        self.samples += counts.samples
 
-        mask = batch["attention_mask"]
-        self.tokens = self.tokens + mask.sum()  # stays on the device: no host sync per micro-step
-        self.padded += mask.numel()
-        self.rows += mask.shape[0]
-        self.samples = self.samples + examples_in(batch)  # packed rows hold several examples
-
-    def report(self, num_processes: int = 1, step: int | None = None, total_steps: int | None = None) -> dict:
+    def report(self, step: int | None = None, total_steps: int | None = None) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        tokens, samples = int(self.tokens), int(self.samples)
-        out = {"perf/tokens_per_s": tokens * num_processes / elapsed,
-               "perf/samples_per_s": samples * num_processes / elapsed,
-               "perf/padding_efficiency": tokens / max(self.padded, 1),
-               "perf/peak_memory_gb": peak_memory_gb()}
+        out = {"perf/tokens_per_s": self.tokens / elapsed, "perf/samples_per_s": self.samples / elapsed,
+               "perf/padding_efficiency": self.tokens / max(self.padded, 1), "perf/peak_memory_gb": peak_memory_gb()}
         if self.mfu_terms and self.rows:
             model_config, trainable, frozen, peak = self.mfu_terms
             per_token = flops_per_token(model_config, trainable, frozen, self.padded / self.rows)
-            out["perf/mfu"] = tokens * per_token / elapsed / peak
+            out["perf/mfu"] = self.tokens / self.num_processes * per_token / elapsed / peak
         if step is not None:
             steps = step - (self.last_step if self.last_step is not None else step - 1)
             out["perf/step_time_s"] = elapsed / max(steps, 1)
