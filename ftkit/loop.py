@@ -74,8 +74,9 @@ class LoopState:
     """The counting and deciding around a script's loop; the script itself trains.
 
     ``state`` is the trainer state saved in every checkpoint (global step, epoch, position in the
-    epoch, samples and tokens seen, best metric). Per optimizer step the loop makes one host sync:
-    :meth:`count`'s all-reduce; the loss sums stay on the device until a log event.
+    epoch, samples and tokens seen, best metric). Per optimizer step the loop makes two host syncs,
+    none per micro-batch: :meth:`count`'s all-reduce and :meth:`finite`'s check of the gradient norm
+    (tests/test_loop.py counts them); the loss sums stay on the device until a log event.
     """
 
     def __init__(self, acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch):
@@ -123,8 +124,8 @@ class LoopState:
         return batches
 
     def count(self, window: list, units) -> WindowCounts:
-        """Count an optimizer step's micro-batches on all processes with ONE all-reduce (the loop's one
-        host sync per step): the loss denominator ``units`` (this process's share), samples, non-pad
+        """Count an optimizer step's micro-batches on all processes with ONE all-reduce (and one host
+        sync, before the step's first forward): the loss denominator ``units`` (this process's share), samples, non-pad
         tokens, and whether a stop signal arrived (so every rank stops at the same step). The counts
         come from the batches alone: nothing waits for a forward pass."""
         from ftkit.data import examples_in

@@ -36,3 +36,29 @@ def test_record_eval_tracks_the_best_by_direction():
 def test_unknown_best_metric_names_the_computed_ones():
     with pytest.raises(ConfigError, match=r"metric_for_best_model: 'bleu' is not computed \(metrics: loss, f1\)"):
         loop.record_eval({"global_step": 1}, {"eval/loss": 1.0, "eval/f1": 0.2}, _config("bleu"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, recipe, accumulation", [
+    ("qlora_summarize.py", "qlora_summarize.yaml", 1), ("qlora_summarize.py", "qlora_summarize.yaml", 3),
+    ("t5_qa.py", "t5_qa.yaml", 2)])
+def test_the_loop_makes_two_host_syncs_per_optimizer_step_whatever_the_accumulation(tmp_path, script, recipe,
+                                                                                     accumulation):
+    # the step's all-reduce of counts (.tolist) and the gradient-norm finiteness check (.item): none per
+    # micro-batch; a log event adds the loss and the norm (here only at the last step)
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT, script_env
+
+    extra = ["--num_eval_generate", "0", "--num_test_compare", "2"] if script.startswith("qlora") else \
+        ["--max_eval_samples", "2"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "count_host_syncs.py"),
+                           os.path.join(ROOT, "scripts", script), "--config", os.path.join(ROOT, "recipes", "tiny", recipe),
+                           "--output_dir", str(tmp_path), "--max_steps", "5", "--logging_steps", "100",
+                           "--gradient_accumulation_steps", str(accumulation), *extra],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    syncs = json.loads(proc.stdout.strip().splitlines()[-1])["ours"]
+    assert syncs == [2, 2, 2, 2, 4], syncs
