@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/padding_efficiency.py
 	$(BIN)/python benchmarks/training_speed.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/chunked_loss.py
 	$(BIN)/python benchmarks/gpu.py
 	$(BIN)/python benchmarks/gpu_smoke.py
 

@@ -109,8 +109,9 @@ class TrainingArguments:
     adam_beta2: float = opt(0.999, "Adam beta2.", min=0, max=1)
     adam_epsilon: float = opt(1e-8, "Adam epsilon.", min_exclusive=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables clipping).", min=0)
-    optim: str = opt("adamw_torch", "Optimizer.",
-                     choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"])
+    optim: str = opt("adamw_torch", "Optimizer (adamw_torch_fused: one fused kernel instead of a loop over tensors).",
+                     choices=["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+                              "paged_adamw_32bit", "sgd"])
     lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warmup.",
                                  choices=["linear", "cosine", "constant", "constant_with_warmup"])
     warmup_steps: int = opt(0, "Linear warmup steps (wins over warmup_ratio when > 0).", min=0)

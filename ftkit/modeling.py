@@ -439,6 +439,36 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool =
     return (per_token * mask).sum(dim=1), mask.sum(dim=1)
 
 
+def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None):
+    """The forward pass and :func:`causal_lm_loss_sum` over its logits.
+
+    With ``chunk_tokens`` the batch's logits (batch x length x vocabulary, fp32 for the loss) are never
+    held whole: the model computes logits for its last position only, its final hidden states are
+    kept (a forward hook on the decoder), and they pass through the output layer ``chunk_tokens``
+    positions at a time, each chunk's logits recomputed in backward. Same loss, same gradients.
+    """
+    if not chunk_tokens:
+        return causal_lm_loss_sum(model(**inputs).logits, labels)
+    net = getattr(model, "module", model)  # DDP / DeepSpeed wrapper: the forward still goes through it
+    kept = []
+    hook = net.get_decoder().register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden, targets = kept[-1][:, :-1].reshape(-1, kept[-1].size(-1)), labels[:, 1:].reshape(-1)
+    head = net.get_output_embeddings()
+    per_token = torch.cat([torch.utils.checkpoint.checkpoint(_token_losses, head, hidden[s:s + chunk_tokens],
+                                                             targets[s:s + chunk_tokens], use_reentrant=False)
+                           for s in range(0, len(targets), chunk_tokens)]).view(labels[:, 1:].shape)
+    mask = labels[:, 1:].ne(-100)
+    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="none")
+
+
 def count_target_tokens(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """Tokens that contribute to the loss (for a causal LM, the labels shifted by one)."""
     return (labels[:, 1:] if shift else labels).ne(-100).sum()

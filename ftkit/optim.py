@@ -26,8 +26,8 @@ def build_optimizer(model, config) -> torch.optim.Optimizer:
     if not groups:
         raise ValueError("the model has no trainable parameters")
     lr, betas, eps = config.learning_rate, (config.adam_beta1, config.adam_beta2), config.adam_epsilon
-    if config.optim == "adamw_torch":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if config.optim in ("adamw_torch", "adamw_torch_fused"):  # fused: one kernel for all parameters
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=config.optim == "adamw_torch_fused")
     if config.optim == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     import bitsandbytes as bnb

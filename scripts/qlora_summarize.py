@@ -50,6 +50,9 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
                                 "per example and no token attends across examples.")
     overlong: str = opt("drop", "Examples longer than max_length: drop them, or truncate the dialogue.",
                         choices=["drop", "truncate"])
+    cross_entropy_chunk_tokens: int | None = opt(None, "Compute the training loss this many tokens at a time from the "
+                                                       "final hidden states, so the batch's logits (x vocabulary, fp32) "
+                                                       "are never held whole; none: all at once.", min=1)
     num_eval_generate: int = opt(16, "Validation examples summarized for ROUGE at each evaluation (0: none).", min=0)
     num_test_compare: int = opt(50, "Test examples for the final base-vs-fine-tuned ROUGE table.", min=1)
     max_new_tokens: int = opt(100, "Generation limit for summaries.", min=1)
@@ -161,6 +164,9 @@ def main(config):
     raw_test = splits.get("test", splits["validation"])
 
     acc = distributed.accelerator(config)
+    if config.cross_entropy_chunk_tokens and getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3:
+        raise ConfigError("cross_entropy_chunk_tokens: not with ZeRO-3 (the output layer's weights are partitioned "
+                          "outside the forward pass); unset it or use ZeRO-2")
     source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
     model_cfg = modeling.load_config(source, config)
     max_length = modeling.max_length_of(config, model_cfg)
@@ -210,8 +216,9 @@ def main(config):
             return run.save_and_stop()
         for batch in window:
             with acc.accumulate(model):
-                logits = model(**data.model_inputs(batch)).logits  # packed rows: position ids, no mask
-                loss_sum, _ = modeling.causal_lm_loss_sum(logits, batch["labels"])
+                # packed rows: position ids, no mask; cross_entropy_chunk_tokens: never the whole batch's logits
+                loss_sum, _ = modeling.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
+                                                              config.cross_entropy_chunk_tokens)
                 run.add_loss(loss_sum.sum())
                 # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                 acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)

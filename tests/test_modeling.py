@@ -44,7 +44,8 @@ def test_loss_sum_matches_mean_cross_entropy_times_tokens():
     assert modeling.count_target_tokens(labels) == 5
 
 
-@pytest.mark.parametrize("name", ["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"])
+@pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
+                                  "paged_adamw_32bit", "sgd"])
 def test_every_optimizer_steps_only_trainable_parameters(name):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     model[0].requires_grad_(False)
@@ -56,6 +57,26 @@ def test_every_optimizer_steps_only_trainable_parameters(name):
     model(torch.randn(4, 8)).sum().backward()
     opt.step()
     assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight, before)
+
+
+def test_fused_adamw_follows_the_loop_adamw():
+    def train(name):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        opt = optim.build_optimizer(model, tiny_config(optim=name, learning_rate=3e-2, weight_decay=0.1))
+        inputs, targets, losses = torch.randn(64, 16), torch.randint(0, 4, (64,)), []
+        for _ in range(30):
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    (plain, w_plain), (fused, w_fused) = train("adamw_torch"), train("adamw_torch_fused")
+    assert fused == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < 0.5 * plain[0], plain
+    assert (w_fused - w_plain).abs().max() <= 1e-5 * w_plain.abs().max()
 
 
 def test_scheduler_warms_up_then_decays():
@@ -149,3 +170,30 @@ def test_a_4bit_weight_already_in_the_cpu_inference_layout_is_restored_for_train
     # double quantization re-quantizes the block scales on the way back: equal to their 8-bit precision
     assert torch.allclose(after, before, atol=1e-2 * before.abs().max().item())
     assert torch.isfinite(train_step_after_an_evaluation(model, tiny_tokenizer))
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_batch(tmp_path, tiny_tokenizer, quantized):
+    from transformers import AutoModelForCausalLM
+
+    model, config = tiny_4bit_base(tmp_path, tiny_tokenizer, load_in_4bit=quantized)
+    if not quantized:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = modeling.add_lora(model, config, "CAUSAL_LM")  # lm_head is a LoRA target in the tiny recipe
+    model.eval()  # no LoRA dropout: the two passes must see the same network
+    texts = ["#Person1#: Hello there, how are you? #Person2#: Fine.", "#Person1#: Bye."]
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"].eq(0), -100)
+    labels[:, :3] = -100
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        loss_sum, count = modeling.causal_lm_forward_loss(model, dict(enc), labels, chunk)
+        loss_sum.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss_sum.detach(), count, grads))
+    (plain, n_plain, g_plain), (chunked, n_chunked, g_chunked) = results
+    assert torch.equal(n_plain, n_chunked) and torch.allclose(chunked, plain, rtol=1e-5)
+    assert any("lm_head" in n for n in g_plain) and g_plain.keys() == g_chunked.keys()
+    for name, grad in g_plain.items():
+        assert torch.allclose(g_chunked[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
