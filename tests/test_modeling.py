@@ -197,3 +197,27 @@ def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_batch(t
     assert any("lm_head" in n for n in g_plain) and g_plain.keys() == g_chunked.keys()
     for name, grad in g_plain.items():
         assert torch.allclose(g_chunked[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
+
+
+@pytest.mark.parametrize("model_type", ["phi", "t5"])
+def test_sdpa_attention_the_default_gives_the_loss_of_eager_attention(model_type):
+    # transformers picks sdpa for both (T5 with its position bias as an additive mask); eager is the reference
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    sizes = {"phi": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0),
+             "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, dropout_rate=0.0)}[model_type]
+    cls = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = cls.from_config(AutoConfig.for_model(model_type, vocab_size=100, **sizes))
+    assert model.config._attn_implementation == "sdpa"
+    ids, mask = torch.randint(1, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask.eq(0), -100)
+    extra = {"decoder_input_ids": modeling.shift_right(labels, 0, 0)} if model_type == "t5" else {}
+    losses = {}
+    for kernel in ("sdpa", "eager"):
+        model.set_attn_implementation(kernel)
+        logits = model(input_ids=ids, attention_mask=mask, **extra).logits
+        losses[kernel] = modeling.causal_lm_loss_sum(logits, labels, shift=model_type != "t5")[0]
+    assert torch.allclose(losses["sdpa"], losses["eager"], rtol=1e-5)
