@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny/qlora_summarize.yaml
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/training_speed.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/chunked_loss.py
+	$(MAKE) bench-gpu
+
+# GPU only (each says it skipped where there is no CUDA): real-size Phi-2 QLoRA and T5-base steps with
+# a profile of one step, then every real recipe at its hub model's size with a resume check.
+bench-gpu: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpu.py
 	$(BIN)/python benchmarks/gpu_smoke.py
 
