@@ -11,7 +11,6 @@ a CPU), the median step time and the last loss, which must agree between the set
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,11 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fixtures  # noqa: E402
 import harness  # noqa: E402
+import memory  # noqa: E402
 from memory import reset_peak_rss, rss_bytes  # noqa: E402
 
-PHI = {"model_type": "phi", "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
-       "num_attention_heads": 4, "max_position_embeddings": 1024, "partial_rotary_factor": 0.5,
-       "vocab_size": 51200, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0}
+# memory.py's Phi-shaped model, smaller, with Phi-2's vocabulary: the logits dominate
+PHI = {**memory.PHI, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
+       "vocab_size": 51200}
 BATCH, SEQ, STEPS = 4, 512, 3
 SETTINGS = {"whole batch": None, "chunks of 512 tokens": 512}
 
@@ -79,12 +79,8 @@ def build_model(workdir: str) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--probe", nargs=2, metavar=("MODEL_DIR", "CHUNK"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.probe:
-        print(json.dumps(probe(args.probe[0], json.loads(args.probe[1]))), flush=True)
+    args = harness.command_line(__doc__, probe)
+    if args is None:  # a probe process
         return 0
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = build_model(workdir)

@@ -95,3 +95,18 @@ def write_table(name: str, title: str, lines: list[str]) -> None:
 
 def verdict(value: float, target: float) -> str:
     return "meets" if value >= target else "MISSES"
+
+
+def command_line(doc: str, probe, repeats: int = 2):
+    """A benchmark's command line: ``--repeats N``; or, inside one of its own processes, ``--probe A B``,
+    which prints ``probe(A, json.loads(B))`` as JSON and returns None."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe[0], json.loads(args.probe[1]))), flush=True)
+        return None
+    return args

@@ -16,7 +16,6 @@ own transient peak, which differs by device).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -126,12 +125,8 @@ def build_model(workdir: str) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--probe", nargs=2, metavar=("MODEL_DIR", "OPTIONS"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.probe:
-        print(json.dumps(probe(args.probe[0], json.loads(args.probe[1]))), flush=True)
+    args = harness.command_line(__doc__, probe)
+    if args is None:  # a probe process
         return 0
     with tempfile.TemporaryDirectory() as workdir:
         model_dir = build_model(workdir)
