@@ -194,7 +194,7 @@ def main(config):
     logger.info(modeling.describe_parameters(model))
 
     base_file = os.path.join(config.output_dir, "base_eval.json")
-    if os.path.isfile(base_file):  # resumed run: the base model was scored before training began
+    if os.path.isfile(base_file) and not config.overwrite_output_dir:  # a resume: scored before training began
         base_scores = json.load(open(base_file))
     else:
         base_scores, _ = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)

@@ -26,6 +26,10 @@ def test_make_demo_on_a_fresh_checkout_exits_0_with_the_rouge_table(tmp_path):
     if not shutil.which("git") or not os.path.isdir(os.path.join(ROOT, ".git")):
         pytest.skip("needs a git checkout to copy")
     checkout_copy(tmp_path)
+    # an earlier run's base-model scores in that output_dir: --overwrite_output_dir (the demo's) scores anew
+    stale = tmp_path / "outputs" / "tiny_qlora_summarize" / "base_eval.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"rouge1": 99.0, "rouge2": 99.0, "rougeL": 99.0, "rougeLsum": 99.0}))
     venv = os.path.dirname(os.path.dirname(sys.executable))
     # the demo's own command line and recipe; only the venv is this one (-o: never reinstall it)
     proc = subprocess.run(["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed"], cwd=tmp_path,
@@ -37,3 +41,4 @@ def test_make_demo_on_a_fresh_checkout_exits_0_with_the_rouge_table(tmp_path):
     assert table, proc.stdout[-2000:]
     result = json.load(open(tmp_path / "outputs" / "tiny_qlora_summarize" / "metrics.json"))
     assert result["global_step"] == 100 and result["tuned"]["rougeL"] > result["base"]["rougeL"]
+    assert result["base"]["rouge1"] < 99.0
