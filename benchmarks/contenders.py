@@ -5,7 +5,8 @@
                                             [--group_by_length]
 
 ``bare``: the plainest PyTorch loop on the batches ftkit builds (same tokenization, same seeded
-length-grouped sampler, same collator): forward, loss, backward, optimizer step, nothing else.
+length-grouped sampler, same collator): forward, loss, backward, gradient clipping at the recipes'
+``max_grad_norm`` (1.0, as ftkit and the Trainer do; 0 skips it), optimizer step, nothing else.
 ``trainer``: ``transformers.Trainer`` with the same model, data and batch size, padding to
 ``max_length`` as S002 does, or with its own best settings (dynamic padding, length grouping).
 
@@ -76,6 +77,8 @@ def bare(args) -> dict:
                        token_type_ids=batch["token_type_ids"]).logits
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
         loss.backward()
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter())
@@ -128,6 +131,7 @@ def main() -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--padding", choices=["max_length", "dynamic"], default="dynamic")
     p.add_argument("--group_by_length", action="store_true")
     args = p.parse_args()
