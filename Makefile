@@ -37,9 +37,11 @@ bench: $(VENV)/.installed
 	$(MAKE) bench-gpu
 
 # GPU only (each says it skipped where there is no CUDA): real-size Phi-2 QLoRA and T5-base steps with
-# a profile of one step, then every real recipe at its hub model's size with a resume check.
+# a profile of one step; the Phi-2 QLoRA recipe against a bare loop and the HF Trainer; then every real
+# recipe at its hub model's size with a resume check.
 bench-gpu: $(VENV)/.installed
 	$(BIN)/python benchmarks/gpu.py
+	$(BIN)/python benchmarks/gpu_contenders.py
 	$(BIN)/python benchmarks/gpu_smoke.py
 
 clean:

@@ -56,6 +56,7 @@ def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = model(**inputs).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the recipes' max_grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -108,6 +109,15 @@ def _peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
+def qlora_config(model_dir: str, cuda: bool):
+    """recipes/phi2_qlora_dialogsum.yaml's model and optimizer settings (bf16 only on a GPU)."""
+    return fixtures.script_config("qlora_summarize", "SummarizeConfig", {
+        "model_name_or_path": model_dir, "output_dir": os.path.join(model_dir, "unused"), "train_file": "unused.jsonl",
+        "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16" if cuda else "float32",
+        "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05, "gradient_checkpointing": True,
+        "optim": "paged_adamw_8bit", "learning_rate": 2e-4, "bf16": cuda})
+
+
 def qlora(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -115,11 +125,7 @@ def qlora(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
     from ftkit import modeling, optim, tracking
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = fixtures.script_config("qlora_summarize", "SummarizeConfig", {
-        "model_name_or_path": model_dir, "output_dir": os.path.join(model_dir, "unused"), "train_file": "unused.jsonl",
-        "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16" if device == "cuda" else "float32",
-        "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05, "gradient_checkpointing": True,
-        "optim": "paged_adamw_8bit", "learning_rate": 2e-4, "bf16": device == "cuda"})
+    config = qlora_config(model_dir, device == "cuda")
     model = modeling.load_pretrained(AutoModelForCausalLM, model_dir, config, device=device)
     model.config.use_cache = False
     model = modeling.add_lora(model, config, task_type="CAUSAL_LM").to(device)
