@@ -44,3 +44,17 @@ def test_the_smoke_config_is_the_recipe_at_real_size_on_offline_data(name, tmp_p
         for path in value if isinstance(value, list) else [value] if value else []:
             assert os.path.isfile(path), (key, path)
     assert config.eval_steps == config.save_steps == 10 and config.max_steps == 20
+
+
+@pytest.mark.slow
+def test_gpu_contenders_run_their_code_path_on_a_cpu():
+    # make bench-gpu's contenders (ftkit's script, a bare loop, the HF Trainer), with the tiny model
+    import subprocess
+
+    from conftest import script_env
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_contenders.py"), "--tiny"], cwd=ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert "ftkit / bare" in line and "ftkit / Trainer" in line, line
