@@ -122,6 +122,8 @@ class TrainingArguments:
     per_device_eval_batch_size: int = opt(4, "Batch size per process for evaluation and generation.", min=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
+    torch_compile: bool = opt(False, "torch.compile each transformer block (one graph for all; batches padded to "
+                                     "multiples of 64 unless pad_to_multiple_of is set, so few lengths occur).")
     group_by_length: bool = opt(False, "Batch examples of similar length together (seeded) to cut padding.")
     pad_to_multiple_of: int | None = opt(None, "Pad batch lengths to a multiple of this (default: 8 on a GPU, for "
                                                 "tensor cores; none on a CPU).", min=1)

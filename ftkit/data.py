@@ -452,7 +452,10 @@ def examples_in(batch: dict) -> int | torch.Tensor:
 
 
 def pad_multiple(config) -> int | None:
-    """``pad_to_multiple_of``, defaulting to 8 on a GPU (tensor-core friendly shapes), none on a CPU."""
+    """``pad_to_multiple_of``, defaulting to 64 with ``torch_compile`` (few shapes to compile), else 8 on a GPU
+    (tensor-core friendly shapes), none on a CPU."""
+    if getattr(config, "torch_compile", False):
+        return config.pad_to_multiple_of or 64
     return config.pad_to_multiple_of or (8 if torch.cuda.is_available() else None)
 
 

@@ -373,11 +373,28 @@ def max_length_of(config, model_config) -> int:
     return config.max_length or limit
 
 
-def gradient_checkpointing(model, config) -> None:
-    """Recompute activations in backward (non-reentrant) when the recipe asks; no KV cache then."""
+def training_setup(model, config) -> None:
+    """Gradient checkpointing (non-reentrant, no KV cache) and compiled blocks, as the recipe asks."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    compile_blocks(model, config)
+
+
+def compile_blocks(model, config) -> int:
+    """With ``torch_compile``: ``torch.compile`` each transformer block (the model's ``_no_split_modules``
+    held in a ModuleList). The blocks share one graph, their weights being its inputs; a new sequence
+    length recompiles once, with dynamic shapes. Training runs without the KV cache: its per-layer state
+    would make every block a graph of its own. Returns the number of blocks compiled."""
+    if not getattr(config, "torch_compile", False):
+        return 0
+    model.config.use_cache = False
+    kinds = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [block for modules in model.modules() if isinstance(modules, torch.nn.ModuleList)
+              for block in modules if type(block).__name__ in kinds]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def add_lora(model, config, task_type: str):
@@ -390,13 +407,14 @@ def add_lora(model, config, task_type: str):
         # casts norms to fp32 and enables input grads; gradient checkpointing set up here too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        gradient_checkpointing(model, config)
-    if not config.use_peft:
-        return model
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      bias=config.lora_bias, target_modules=list(config.lora_target_modules), task_type=task_type)
-    return get_peft_model(model, lora)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.use_peft:
+        model = get_peft_model(model, LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias=config.lora_bias,
+            target_modules=list(config.lora_target_modules), task_type=task_type))
+    compile_blocks(model, config)  # after LoRA: the compiled blocks include the adapters
+    return model
 
 
 def parameter_counts(model) -> tuple[int, int]:

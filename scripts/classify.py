@@ -240,7 +240,7 @@ def main(config):
     model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders pool at the last token that is not padding
     modeling.freeze_except(model, config.trainable_modules)
-    modeling.gradient_checkpointing(model, config)
+    modeling.training_setup(model, config)  # gradient checkpointing, torch_compile
     logger.info(modeling.describe_parameters(model))
 
     optimizer, scheduler = optim.build(model, config, total_steps)

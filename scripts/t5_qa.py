@@ -234,7 +234,7 @@ def main(config):
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
 
     model = modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc)
-    modeling.gradient_checkpointing(model, config)
+    modeling.training_setup(model, config)  # gradient checkpointing, torch_compile
     pad = model.config.pad_token_id
     # transformers 5 keeps it in the generation config; T5 starts decoding from the pad token
     decoder_start = getattr(model.generation_config, "decoder_start_token_id", None)

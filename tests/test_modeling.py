@@ -221,3 +221,25 @@ def test_sdpa_attention_the_default_gives_the_loss_of_eager_attention(model_type
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits
         losses[kernel] = modeling.causal_lm_loss_sum(logits, labels, shift=model_type != "t5")[0]
     assert torch.allclose(losses["sdpa"], losses["eager"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_compiles_every_block_and_keeps_the_loss_and_gradients(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    _, config = tiny_4bit_base(tmp_path, tiny_tokenizer, load_in_4bit=False, lora_dropout=0.0)
+    enc = tiny_tokenizer(["#Person1#: Hello there, how are you? #Person2#: Fine, thanks."], return_tensors="pt")
+    results = []
+    for compiled in (False, True):
+        config.torch_compile = compiled
+        torch.manual_seed(0)  # the same LoRA initialisation
+        model = modeling.add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config, "CAUSAL_LM")
+        blocks = [m for m in model.modules() if type(m).__name__ == "PhiDecoderLayer"]
+        assert len(blocks) == 2 and all((getattr(b, "_compiled_call_impl", None) is not None) == compiled for b in blocks)
+        loss_sum, _ = modeling.causal_lm_forward_loss(model, dict(enc), enc["input_ids"])
+        loss_sum.sum().backward()
+        results.append((loss_sum.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert torch.allclose(compiled, eager, rtol=1e-5)
+    for name, grad in g_eager.items():
+        assert torch.allclose(g_compiled[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
