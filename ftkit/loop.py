@@ -125,9 +125,9 @@ class LoopState:
 
     def count(self, window: list, units) -> WindowCounts:
         """Count an optimizer step's micro-batches on all processes with ONE all-reduce (and one host
-        sync, before the step's first forward): the loss denominator ``units`` (this process's share), samples, non-pad
-        tokens, and whether a stop signal arrived (so every rank stops at the same step). The counts
-        come from the batches alone: nothing waits for a forward pass."""
+        sync, before the step's first forward): the loss denominator ``units`` (this process's share),
+        samples, real and padded tokens, rows, and whether a stop signal arrived (so every rank stops at
+        the same step). The counts come from the batches alone: nothing waits for a forward pass."""
         from ftkit.data import examples_in
         from ftkit.distributed import reduce_sum
 
