@@ -27,8 +27,12 @@ def start(out, extra=()):
 
 
 def logged_steps(out):
+    """Steps logged so far by a run that is still writing: a line being written (no newline yet) is skipped."""
     path = out / "metrics.jsonl"
-    return [r["step"] for r in read_jsonl(path) if "train/loss" in r] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n") and line.strip()]
+    return [r["step"] for r in map(json.loads, lines) if "train/loss" in r]
 
 
 def wait_until_step(proc, out, step, timeout=120):
