@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, ROOT, read_jsonl, script_env
+from conftest import BIN, ROOT, script_env
 
 pytestmark = pytest.mark.slow
 SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
