@@ -2,13 +2,13 @@
 Not here: when to save or evaluate, the trainer state's counters (loop.py).
 
 ``checkpoints/step_<N>/`` is written as ``.tmp_step_<N>`` and renamed when whole (``trainer_state.json``
-last); rotation renames to ``.trash_step_<N>`` before deleting: a kill never leaves a partial ``step_<N>``.
-"""
+last); rotation renames to ``.trash_step_<N>`` before deleting: a kill never leaves a partial ``step_<N>``."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -43,9 +43,8 @@ RESCHEDULE_KEYS = {"max_steps", "num_train_epochs", "eval_strategy", "eval_steps
 
 
 def config_hash(config, legacy: bool = False) -> str:
-    """Hash of the options that define the training computation (for resume matching).
-
-    ``legacy``: the hash of checkpoints written before RESCHEDULE_KEYS existed (it includes them)."""
+    """Hash of the options that define the training computation (for resume matching). ``legacy``: the hash of
+    checkpoints written before RESCHEDULE_KEYS existed (it includes them)."""
     skip = NON_TRAINING_KEYS if legacy else NON_TRAINING_KEYS | RESCHEDULE_KEYS
     data = {k: v for k, v in to_dict(config).items() if k not in skip}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -77,34 +76,20 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def check_output_dir(config) -> None:
-    """Refuse an ``output_dir`` that holds another run's config (before anything is loaded).
-
-    With ``overwrite_output_dir`` the old run's checkpoints are set aside (renamed), not resumed.
-    """
-    requested = config.resume_from_checkpoint
-    if requested and requested != "latest":  # checked now, before anything is built or loaded
-        if not os.path.isdir(requested):
-            raise ConfigError(f"resume_from_checkpoint: no such directory: {requested}")
-        if not os.path.isfile(os.path.join(requested, STATE_FILE)):
-            raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})")
+    """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
+    ``overwrite_output_dir`` the old run's checkpoints are set aside (renamed), not resumed."""
+    explicit = _explicit_checkpoint(config)  # checked now, before anything is built or loaded
     saved = os.path.join(config.output_dir, "config.yaml")
-    if not os.path.isfile(saved):
+    if config.overwrite_output_dir or not os.path.isfile(saved):
         return
-    import yaml
-
-    from ftkit.config import build
+    from ftkit.config import build, load_yaml_recipe
 
     try:
-        with open(saved, encoding="utf-8") as f:
-            previous = build(type(config), yaml.safe_load(f) or {}, where=saved)
-        allowed, refused = config_changes(previous, config)
+        allowed, refused = config_changes(build(type(config), load_yaml_recipe(saved), where=saved), config)
         differs = f" ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in refused)})" if refused else ""
-    except (ConfigError, TypeError, ValueError, yaml.YAMLError) as e:
+    except (ConfigError, TypeError, ValueError) as e:
         allowed, refused, differs = [], [("config.yaml", None, None)], f" (unreadable: {e})"
-    if config.overwrite_output_dir:
-        return
-    if refused and not (config.resume_from_checkpoint not in (None, "latest")
-                        and not list_checkpoints(config.output_dir)):
+    if refused and not (explicit and not list_checkpoints(config.output_dir)):
         raise ConfigError(f"output_dir: {config.output_dir} holds a run with a different config{differs}; "
                           f"a resume may change only {', '.join(sorted(RESCHEDULE_KEYS))}; choose another "
                           f"output_dir or pass --overwrite_output_dir true")
@@ -117,43 +102,42 @@ def set_aside_old_checkpoints(config, accelerator) -> None:
     """With ``overwrite_output_dir``, move an earlier run's checkpoints out of the way (kept, not deleted)."""
     root = checkpoints_dir(config)
     if accelerator.is_main_process and config.overwrite_output_dir and os.path.isdir(root):
-        n = 0
-        while os.path.exists(f"{root}.old{n}"):
-            n += 1
+        n = next(n for n in itertools.count() if not os.path.exists(f"{root}.old{n}"))
         os.rename(root, f"{root}.old{n}")
         logger.info("overwrite_output_dir: earlier checkpoints moved to %s.old%d", root, n)
     accelerator.wait_for_everyone()
 
 
+def _explicit_checkpoint(config) -> bool:
+    """Whether ``resume_from_checkpoint`` names a directory; it must hold a complete checkpoint."""
+    requested = config.resume_from_checkpoint
+    if requested in (None, "latest"):
+        return False
+    if not os.path.isfile(os.path.join(requested, STATE_FILE)):
+        raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})"
+                          if os.path.isdir(requested) else f"resume_from_checkpoint: no such directory: {requested}")
+    return True
+
+
 def resolve_resume_path(config) -> str | None:
     """The checkpoint to resume from: explicit path, 'latest', or automatic when output_dir has one."""
-    requested = config.resume_from_checkpoint
-    if requested and requested != "latest":
-        if not os.path.isdir(requested):
-            raise ConfigError(f"resume_from_checkpoint: no such directory: {requested}")
-        if not os.path.isfile(os.path.join(requested, STATE_FILE)):
-            raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})")
-        return requested
+    if _explicit_checkpoint(config):
+        return config.resume_from_checkpoint
     found = list_checkpoints(config.output_dir)
     if not found:
-        if requested == "latest":
+        if config.resume_from_checkpoint == "latest":
             logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", config.output_dir)
         return None
     return found[-1][1]
 
 
-# --------------------------------------------------------------------------------------------
-# Trainable-only model state (LoRA adapters, partly frozen models)
-# --------------------------------------------------------------------------------------------
+# --- Trainable-only model state (LoRA adapters, partly frozen models) -----------------------------
 
 
 def register_trainable_only_hooks(accelerator) -> None:
-    """Store only trainable weights in checkpoints, and load them back strictly.
-
-    A 4-bit base model's state dict carries bitsandbytes quantization-state entries that a strict
-    load rejects, and a frozen base needs no copy in every checkpoint: the frozen weights come
-    from the base model at resume.
-    """
+    """Store only trainable weights in checkpoints, and load them back strictly. A 4-bit base model's state dict
+    carries bitsandbytes quantization-state entries that a strict load rejects, and a frozen base needs no copy in
+    every checkpoint: the frozen weights come from the base model at resume."""
     from safetensors.torch import load_file
 
     def trainable_names(model):  # names as in the unwrapped model's state dict (no DDP "module.")
@@ -185,9 +169,7 @@ def register_trainable_only_hooks(accelerator) -> None:
         accelerator.register_load_state_pre_hook(load_hook)
 
 
-# --------------------------------------------------------------------------------------------
-# RNG state, restored *after* the dataloader iterator is created (creating it draws a seed)
-# --------------------------------------------------------------------------------------------
+# --- RNG state, restored *after* the dataloader iterator is created (creating it draws a seed) ----
 
 
 def _rng_file(path, rank):
@@ -197,10 +179,8 @@ def _rng_file(path, rank):
 def save_rng(path: str, rank: int) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = s
+    tensors = {"torch": torch.get_rng_state(), **{f"cuda_{i}": s for i, s in enumerate(
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])}}
     py_version, py_state, py_gauss = random.getstate()
     tensors["python"] = torch.tensor(py_state, dtype=torch.int64)
     np_state = np.random.get_state()
@@ -230,13 +210,10 @@ def restore_rng(path: str, rank: int) -> None:
 
 
 def restore_rng_once_started(batches, path: str, rank: int):
-    """Iterate ``batches``, restoring the checkpoint's RNG state right after the first batch.
-
-    Starting a DataLoader iterator draws a seed from the global RNG, and accelerate's dataloader
-    only starts its inner iterator at the first ``next()``. The uninterrupted run drew that seed
-    at the start of the epoch, so the saved RNG state must be put back after it, or dropout
-    masks (e.g. LoRA dropout) differ from the uninterrupted run.
-    """
+    """Iterate ``batches``, restoring the checkpoint's RNG state right after the first batch. Starting a DataLoader
+    iterator draws a seed from the global RNG, and accelerate's dataloader only starts its inner iterator at the first
+    ``next()``. The uninterrupted run drew that seed at the start of the epoch, so the saved RNG state must be put
+    back after it, or dropout masks (e.g. LoRA dropout) differ from the uninterrupted run."""
     iterator = iter(batches)
     try:
         first = next(iterator)
@@ -248,9 +225,7 @@ def restore_rng_once_started(batches, path: str, rank: int):
     yield from iterator
 
 
-# --------------------------------------------------------------------------------------------
-# Save / load
-# --------------------------------------------------------------------------------------------
+# --- Save / load ----------------------------------------------------------------------------------
 
 
 def check_finite_weights(model, step: int) -> None:
@@ -311,10 +286,8 @@ def save(accelerator, config, state: dict) -> str:
 
 
 def _rotate(root: str, limit: int | None, scores: dict | None = None, greater: bool = True) -> None:
-    """Keep the last ``limit`` checkpoints and, among those scored by an evaluation, the best ``limit``.
-
-    ``scores`` maps a step (as a string, from trainer_state.json) to its ``metric_for_best_model``.
-    """
+    """Keep the last ``limit`` checkpoints and, among those scored by an evaluation, the best ``limit``. ``scores``
+    maps a step (as a string, from trainer_state.json) to its ``metric_for_best_model``."""
     if not limit:
         return
     found = list_checkpoints(os.path.dirname(root))
@@ -322,26 +295,17 @@ def _rotate(root: str, limit: int | None, scores: dict | None = None, greater: b
     best = {step for _, step in sorted(scored, key=lambda t: -t[0] if greater else t[0])[:limit]}
     for step, path in found[:-limit]:
         if step not in best:
-            _discard(path)
+            shutil.rmtree(_to_trash(path), ignore_errors=True)
 
 
-def _discard(path: str) -> None:
-    """Delete a folder so that a kill at any moment leaves it whole or gone, never half deleted.
-
-    It is first renamed (atomic) to a hidden ``.trash_`` name, which nothing resumes from.
-    """
-    trash = _to_trash(path)
-    if trash:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _to_trash(path: str) -> str | None:
-    if not os.path.exists(path):
-        return None
+def _to_trash(path: str) -> str:
+    """Rename ``path`` (if it exists) to a hidden ``.trash_`` name, which nothing resumes from, and return
+    that name: deleting it afterwards, a kill at any moment leaves the folder whole or gone, never half."""
     parent, name = os.path.split(path.rstrip(os.sep))
     trash = os.path.join(parent, f".trash_{name}")
     shutil.rmtree(trash, ignore_errors=True)  # leftover of an earlier kill
-    os.rename(path, trash)
+    if os.path.exists(path):
+        os.rename(path, trash)
     return trash
 
 
@@ -349,25 +313,14 @@ def _replace(tmp: str, final: str) -> None:
     """Put the complete folder ``tmp`` in place of ``final``; the old one is deleted only afterwards."""
     trash = _to_trash(final)
     os.rename(tmp, final)
-    if trash:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _load_scheduler(accelerator, path: str) -> None:
-    scheduler = getattr(accelerator, "ftkit_scheduler", None)
-    file = os.path.join(path, SCHEDULER_FILE)
-    if scheduler is not None and os.path.isfile(file):
-        with open(file) as f:
-            scheduler.load_state_dict(json.load(f))
-        _replan_learning_rates(scheduler)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _replan_learning_rates(scheduler) -> None:
-    """Set the optimizer's learning rates from the scheduler's current plan at the checkpoint's step.
-
-    The loaded optimizer holds the rate the *old* plan chose for the next step; after a resume with
-    another ``max_steps`` / ``num_train_epochs`` the plan (the scheduler's lambdas, built for the new
-    total) says otherwise. With an unchanged plan this writes back the same numbers."""
+    """Set the optimizer's learning rates from the scheduler's current plan at the checkpoint's step. The loaded
+    optimizer holds the rate the *old* plan chose for the next step; after a resume with another ``max_steps`` /
+    ``num_train_epochs`` the plan (the scheduler's lambdas, built for the new total) says otherwise. With an unchanged
+    plan this writes back the same numbers."""
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if not lambdas:
         return
@@ -393,12 +346,10 @@ def _deepspeed_safe_globals() -> list:
 
 @contextlib.contextmanager
 def _weights_only_loads(path: str):
-    """Every ``torch.load`` inside runs with ``weights_only=True``.
-
-    accelerate already loads its own files that way, but DeepSpeed's checkpoint engine asks for
-    ``weights_only=False`` (full unpickling). Here its request is overridden and only the plain-data
-    DeepSpeed classes above are allowed, so a tampered checkpoint cannot run code on load.
-    """
+    """Every ``torch.load`` inside runs with ``weights_only=True``. accelerate already loads its own files that way,
+    but DeepSpeed's checkpoint engine asks for ``weights_only=False`` (full unpickling). Here its request is
+    overridden and only the plain-data DeepSpeed classes above are allowed, so a tampered checkpoint cannot run code
+    on load."""
     original = torch.load
     allowed = _deepspeed_safe_globals()
 
@@ -428,7 +379,11 @@ def _load_state(accelerator, config, path: str) -> None:
         kwargs["load_module_strict"] = False
     with _weights_only_loads(path):
         accelerator.load_state(path, **kwargs)
-    _load_scheduler(accelerator, path)
+    scheduler, file = getattr(accelerator, "ftkit_scheduler", None), os.path.join(path, SCHEDULER_FILE)
+    if scheduler is not None and os.path.isfile(file):
+        with open(file) as f:
+            scheduler.load_state_dict(json.load(f))
+        _replan_learning_rates(scheduler)
 
 
 def load(accelerator, config, path: str) -> dict:
@@ -457,17 +412,13 @@ def load_best(accelerator, config, state: dict) -> None:
     logger.info("loaded the best checkpoint %s (%s = %.4f)", best, config.metric_for_best_model, state["best_metric"])
 
 
-# --------------------------------------------------------------------------------------------
-# Export: output_dir/final
-# --------------------------------------------------------------------------------------------
+# --- Export: output_dir/final ---------------------------------------------------------------------
 
 
 def export(accelerator, model, tokenizer, config, name: str = "final", **save_kwargs) -> str:
-    """Write ``output_dir/<name>``: model (or adapter) + tokenizer + the run's config, atomically.
-
-    Every rank calls it (gathering the state dict is collective under ZeRO-3); rank 0 writes to a
-    temporary folder and renames it, so ``final/`` is never half written.
-    """
+    """Write ``output_dir/<name>``: model (or adapter) + tokenizer + the run's config, atomically. Every rank calls it
+    (gathering the state dict is collective under ZeRO-3); rank 0 writes to a temporary folder and renames it, so
+    ``final/`` is never half written."""
     from ftkit.config import save as save_config
 
     accelerator.wait_for_everyone()

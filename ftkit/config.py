@@ -3,13 +3,13 @@ Not here: what a run does with its options; resume matching of configs (checkpoi
 
 Every field has one name, one default and one help text (``metadata["help"]``, what ``--help`` prints);
 constraints (``choices``, ``min``, ``max``, ``min_exclusive``) are checked in :func:`validate`. A problem
-is a :class:`ConfigError`: one line, exit code 2, before any data or model is loaded.
-"""
+is a :class:`ConfigError`: one line, exit code 2, before any data or model is loaded."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import operator
 import os
 import sys
 import types
@@ -37,9 +37,7 @@ def opt(default, help: str, **constraints):
     return field(default=default, metadata={"help": help, **constraints})
 
 
-# --------------------------------------------------------------------------------------------
-# Shared groups. Names follow transformers.TrainingArguments where one exists.
-# --------------------------------------------------------------------------------------------
+# --- Shared groups. Names follow transformers.TrainingArguments where one exists. -----------------
 
 
 @dataclass
@@ -172,16 +170,10 @@ def greater_is_better(config) -> bool:
     return not config.metric_for_best_model.endswith("loss")
 
 
-# --------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------
+# --- Parsing --------------------------------------------------------------------------------------
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _base_type(tp):
@@ -201,44 +193,26 @@ def _coerce(name: str, value: Any, tp) -> Any:
             return None
         raise ConfigError(f"{name}: a value is required (got null)")
     if base is bool:
-        if isinstance(value, bool):
-            return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if base is int:
+            value = value.lower() in _TRUE
         if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
-    if base is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        try:
-            return float(value)  # YAML 1.1 reads "2e-4" as a string; float() accepts it
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if base is list:
-        if isinstance(value, str):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if base in (int, float):
+        try:  # YAML 1.1 reads "2e-4" as a string; float() accepts it
+            number = float(value) if not isinstance(value, (bool, int)) else value
+            if isinstance(number, bool) or (base is int and not float(number).is_integer()):
+                raise ValueError
+            return int(number) if base is int else float(number)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{name}: expected {'an integer' if base is int else 'a number'}, got {value!r}") from None
+    if base in (list, dict):
+        if isinstance(value, str):  # a YAML flow list or mapping, or comma-separated list items
             text = value.strip()
-            if text.startswith("["):
-                value = _yaml_value(name, text)
-            else:
-                value = [v.strip() for v in text.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return value
-    if base is dict:
-        if isinstance(value, str):
-            value = _yaml_value(name, value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+            value = (_yaml_value(name, text) if base is dict or text.startswith("[")
+                     else [v.strip() for v in text.split(",") if v.strip()])
+        if not isinstance(value, base):
+            raise ConfigError(f"{name}: expected {'a list' if base is list else 'a mapping'}, got {value!r}")
         return value
     if base is str:
         if isinstance(value, (dict, list)):
@@ -266,11 +240,9 @@ def load_yaml_recipe(path: str) -> dict:
         raise ConfigError(f"{where}: invalid YAML: {e.problem or e.context}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of option: value, got {type(data).__name__}")
-    return data
+    return data or {}
 
 
 def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
@@ -280,13 +252,10 @@ def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
 
 
 def help_text(cls, prog: str) -> str:
-    lines = [
-        f"usage: {prog} [--config RECIPE.yaml] [--OPTION VALUE ...] [--print_config] [--help]",
-        "",
-        (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
-        "Options (YAML recipe keys; a command-line --OPTION VALUE overrides the recipe):",
-    ]
-    hints = _field_types(cls)
+    lines = [f"usage: {prog} [--config RECIPE.yaml] [--OPTION VALUE ...] [--print_config] [--help]", "",
+             (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
+             "Options (YAML recipe keys; a command-line --OPTION VALUE overrides the recipe):"]
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base, _ = _base_type(hints[f.name])
@@ -300,11 +269,9 @@ def help_text(cls, prog: str) -> str:
 
 
 def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
-    """Build ``cls`` from ``--config recipe.yaml`` plus ``--name value`` overrides, then validate.
-
-    On bad input prints one line ``error: ...`` to stderr and exits with code 2 (or raises
-    ConfigError when ``exit_on_error`` is False). ``--help`` and ``--print_config`` print and exit 0.
-    """
+    """Build ``cls`` from ``--config recipe.yaml`` plus ``--name value`` overrides, then validate. On bad input prints
+    one line ``error: ...`` to stderr and exits with code 2 (or raises ConfigError when ``exit_on_error`` is False).
+    ``--help`` and ``--print_config`` print and exit 0."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "script"
     try:
@@ -370,7 +337,7 @@ def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
 
 def _split_argv(argv, cls):
     names = {f.name for f in dataclasses.fields(cls)}
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     config_path, print_config, overrides = None, False, {}
     i = 0
     while i < len(argv):
@@ -409,7 +376,7 @@ def build(cls, values: dict, overrides: dict | None = None, where: str = "the re
         if key not in names:
             raise _unknown(str(key), names, where)
     merged = {**values, **(overrides or {})}
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(k, v, hints[k]) for k, v in merged.items()}
     config = cls(**kwargs)
     validate(config)
@@ -426,12 +393,10 @@ def validate(config) -> None:
             raise ConfigError(f"{f.name}: {value!r} is not one of: {choices}")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if "min" in m and value < m["min"]:
-            raise ConfigError(f"{f.name}: must be >= {m['min']}, got {value!r}")
-        if "max" in m and value > m["max"]:
-            raise ConfigError(f"{f.name}: must be <= {m['max']}, got {value!r}")
-        if "min_exclusive" in m and value <= m["min_exclusive"]:
-            raise ConfigError(f"{f.name}: must be > {m['min_exclusive']}, got {value!r}")
+        for key, holds, word in (("min", operator.ge, ">="), ("max", operator.le, "<="),
+                                 ("min_exclusive", operator.gt, ">")):
+            if key in m and not holds(value, m[key]):
+                raise ConfigError(f"{f.name}: must be {word} {m[key]}, got {value!r}")
     check = getattr(config, "check", None)
     if callable(check):
         check()

@@ -1,6 +1,5 @@
 """Data: local/hub loading with one-line errors, tokenization helpers, batch sampler, padding, packing.
-Not here: what is recipe-specific (prompt text, which columns form the input): the scripts.
-"""
+Not here: what is recipe-specific (prompt text, which columns form the input): the scripts."""
 
 from __future__ import annotations
 
@@ -20,9 +19,7 @@ from ftkit.config import ConfigError
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# --- Loading --------------------------------------------------------------------------------------
 
 
 def _check_local_file(path: str, key: str, file_format: str | None = None) -> str:
@@ -58,16 +55,11 @@ def _scan_text_file(path: str, ext: str) -> None:
                 raise ConfigError(f"{path}:{number}: each JSON line must be an object, got {type(obj).__name__}")
 
 
-def load_squad_json(path: str):
-    """The official SQuAD layout (``data -> paragraphs -> qas -> answers``) as one row per question:
-    ``id, title, context, question, answers`` (list of answer texts) and ``answer_start``."""
+def load_squad_json(path: str, doc: dict):
+    """``doc``, read from ``path`` in the official SQuAD layout (``data -> paragraphs -> qas -> answers``), as
+    one row per question: ``id, title, context, question, answers`` (list of answer texts) and ``answer_start``."""
     import datasets
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     rows = {k: [] for k in ("id", "title", "context", "question", "answers", "answer_start")}
 
     def need(obj, key, where, kind):
@@ -93,32 +85,30 @@ def load_squad_json(path: str):
     return datasets.Dataset.from_dict(rows)
 
 
-def _is_squad_json(path: str) -> bool:
-    """A .json file holding one object with a ``data`` list (JSON lines fail to parse as one document)."""
+def _squad_json(path: str) -> dict | None:
+    """A .json file holding one object with a ``data`` key, read (JSON lines fail to parse as one document)."""
     with open(path, "rb") as f:
         if not f.read(64).lstrip().startswith(b"{"):
-            return False
+            return None
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(doc, dict) and "data" in doc
+        return None
+    return doc if isinstance(doc, dict) and "data" in doc else None
 
 
 def load_local_file(path: str, key: str = "train_file", column_names: list | None = None,
                     file_format: str | None = None):
-    """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled).
-
-    ``column_names`` names the columns of a csv/tsv file that has no header row (the UCI SMS
-    Spam Collection is ``label<TAB>text`` with none). ``file_format`` reads a file whose name has no
-    telling extension (``SMSSpamCollection``) as that format.
-    """
+    """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled). ``column_names`` names
+    the columns of a csv/tsv file without a header row (the UCI SMS Spam Collection is ``label<TAB>text``);
+    ``file_format`` reads a file whose name tells no format (``SMSSpamCollection``) as that format."""
     import datasets
 
     ext = _check_local_file(path, key, file_format)
-    if ext == ".json" and _is_squad_json(path):
-        return load_squad_json(path)
+    squad = _squad_json(path) if ext == ".json" else None
+    if squad is not None:
+        return load_squad_json(path, squad)
     if ext in (".json", ".jsonl", ".csv", ".tsv"):
         _scan_text_file(path, ext)
     if ext != ".parquet":
@@ -126,8 +116,7 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
             if not f.read(65536).strip():
                 raise ConfigError(f"{path}: holds no examples (empty file)")
     kwargs = {"encoding": "utf-8-sig"} if ext in (".csv", ".tsv") else {}  # a byte-order mark is not a column name
-    if ext == ".tsv":
-        # Real TSV corpora (MRPC, SMS spam) contain stray quote characters: no quoting at all.
+    if ext == ".tsv":  # real TSV corpora (MRPC, SMS spam) hold stray quote characters: no quoting at all
         kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
     if column_names and ext in (".csv", ".tsv"):
         kwargs["column_names"] = list(column_names)
@@ -141,10 +130,8 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
 
 
 def load_splits(config, splits=("train", "validation", "test")) -> dict:
-    """Return ``{"train": Dataset, "validation": Dataset, "test": Dataset}`` for the splits available.
-
-    Local files win over a hub dataset. Hub loading needs network access (or a warm cache).
-    """
+    """Return ``{"train": Dataset, "validation": Dataset, "test": Dataset}`` for the splits available. Local files win
+    over a hub dataset. Hub loading needs network access (or a warm cache)."""
     files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
     out = {}
     if config.train_file:
@@ -199,29 +186,21 @@ def take_first(ds, n: int | None, seed: int | None = None):
 
 
 def undersample(ds, label_column: str, seed: int):
-    """Balance classes by drawing, for every class, as many examples as the rarest class has (S003).
-
-    Deterministic for a seed; the result keeps the original row order.
-    """
+    """Balance classes by drawing, for every class, as many examples as the rarest class has (S003);
+    deterministic for a seed, the original row order kept."""
     import numpy as np
 
     labels = np.asarray(ds[label_column], dtype=object)
     classes = sorted(set(labels.tolist()), key=str)
     count = min(int((labels == c).sum()) for c in classes)
     rng = np.random.default_rng(seed)
-    keep = []
-    for c in classes:
-        rows = np.flatnonzero(labels == c)
-        keep.extend(rng.choice(rows, size=count, replace=False).tolist())
+    keep = [i for c in classes for i in rng.choice(np.flatnonzero(labels == c), size=count, replace=False).tolist()]
     return ds.select(sorted(keep))
 
 
 def split_by_ratios(ds, ratios: list[float], seed: int) -> dict:
-    """Shuffle once with ``seed`` and cut into train/validation[/test] by ``ratios`` (S003: 70/10/20).
-
-    Sizes are ``floor(ratio * n)`` for all but the last part, which takes the rest, so no example is
-    lost or shared between parts.
-    """
+    """Shuffle once with ``seed`` and cut into train/validation[/test] by ``ratios`` (S003: 70/10/20). Sizes are
+    ``floor(ratio * n)`` but for the last part, which takes the rest: no example lost or shared between parts."""
     import numpy as np
 
     if len(ratios) not in (2, 3) or not all(isinstance(r, (int, float)) and r > 0 for r in ratios):
@@ -232,26 +211,19 @@ def split_by_ratios(ds, ratios: list[float], seed: int) -> dict:
     out, start = {}, 0
     for i, (name, ratio) in enumerate(zip(names, ratios)):
         end = len(ds) if i == len(ratios) - 1 else start + int(len(ds) * ratio / total)
-        out[name] = ds.select(order[start:end])
-        start = end
-    for name, part in out.items():
-        if len(part) == 0:
+        if end == start:
             raise ConfigError(f"split_ratios: {ratios} leaves the {name} split of {len(ds)} examples empty")
+        out[name], start = ds.select(order[start:end]), end
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenization
-# --------------------------------------------------------------------------------------------
+# --- Tokenization ---------------------------------------------------------------------------------
 
 
 def tokenize_prompt_completion(tokenizer, prompts: list[str], completions: list[str], train_on_prompt: bool):
-    """Tokenize ``prompt + completion`` as one text and mask the prompt's tokens in the labels.
-
-    The text is tokenized whole (so tokens are exactly those generation will see) and a token
-    belongs to the prompt when it starts before the prompt's last character: the character
-    offsets of a fast tokenizer make the split exact.
-    """
+    """Tokenize ``prompt + completion`` as one text and mask the prompt's tokens in the labels. The text is tokenized
+    whole (so tokens are exactly those generation will see) and a token belongs to the prompt when it starts before
+    the prompt's last character: the character offsets of a fast tokenizer make the split exact."""
     texts = [p + c for p, c in zip(prompts, completions)]
     enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
     eos = tokenizer.eos_token_id
@@ -288,30 +260,21 @@ def fit_text(tokenizer, text: str, length_with, max_length: int) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------------------------
-# Batching
-# --------------------------------------------------------------------------------------------
+# --- Batching -------------------------------------------------------------------------------------
 
 
 class TrainBatchSampler(Sampler):
-    """Seeded batches of example indices; optionally grouped by length.
-
-    The order is a pure function of ``(seed, epoch)`` so a resumed run sees exactly the batches the
-    uninterrupted run saw. With ``group_by_length`` the shuffled indices are cut into mega-batches
-    of ``mega_batch_mult`` batches, each sorted by length, so a batch holds similar lengths while
-    the data order stays random; the longest batch goes first so memory problems show at step 1.
-    """
+    """Seeded batches of example indices; optionally grouped by length. The order is a pure function of ``(seed,
+    epoch)`` so a resumed run sees exactly the batches the uninterrupted run saw. With ``group_by_length`` the
+    shuffled indices are cut into mega-batches of ``mega_batch_mult`` batches, each sorted by length, so a batch holds
+    similar lengths while the data order stays random; the longest batch goes first so memory problems show at step
+    1."""
 
     def __init__(self, lengths, batch_size, seed, shuffle=True, group_by_length=False, drop_last=False,
                  mega_batch_mult=50):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.group_by_length = group_by_length
-        self.drop_last = drop_last
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self.shuffle, self.group_by_length, self.drop_last = shuffle, group_by_length, drop_last
         self.mega = mega_batch_mult
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -345,18 +308,19 @@ class PadCollator:
     """Pads each batch to its longest member (dynamic padding), key by key; labels are padded with -100.
 
     Keys are padded by their own value: ``input_ids`` with ``pad_token_id``, ``labels`` with
-    -100, everything else (``attention_mask``, ``token_type_ids``) with 0.
-    """
+    -100, everything else (``attention_mask``, ``token_type_ids``) with 0."""
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
 
     def __call__(self, features: list[dict]) -> dict:
-        keys = [k for k in features[0] if isinstance(features[0][k], (list, tuple))]
-        batch = {}
-        for key in keys:  # each key to its own longest: seq2seq labels are shorter than the inputs
-            longest = self._padded_length(max(len(f[key]) for f in features))
+        if "attention_mask" not in features[0]:
+            features = [{**f, "attention_mask": [1] * len(f["input_ids"])} for f in features]
+        batch, m = {}, self.pad_to_multiple_of
+        for key in [k for k in features[0] if isinstance(features[0][k], (list, tuple))]:
+            longest = max(len(f[key]) for f in features)  # each key to its own: seq2seq labels are shorter
+            longest = math.ceil(longest / m) * m if m else longest
             fill = {"input_ids": self.pad_token_id, "labels": -100}.get(key, 0)
             rows = []
             for f in features:
@@ -364,34 +328,19 @@ class PadCollator:
                 pad = [fill] * (longest - len(row))
                 rows.append(pad + row if self.padding_side == "left" else row + pad)
             batch[key] = torch.tensor(rows, dtype=torch.long)
-        if "attention_mask" not in batch:
-            longest = batch["input_ids"].shape[1]
-            mask = []
-            for f in features:
-                ones, zeros = [1] * len(f["input_ids"]), [0] * (longest - len(f["input_ids"]))
-                mask.append(zeros + ones if self.padding_side == "left" else ones + zeros)
-            batch["attention_mask"] = torch.tensor(mask, dtype=torch.long)
         for key in features[0]:
             if key not in batch and isinstance(features[0][key], (int, float)):
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch
 
-    def _padded_length(self, n: int) -> int:
-        m = self.pad_to_multiple_of
-        return math.ceil(n / m) * m if m else n
 
-
-# --------------------------------------------------------------------------------------------
-# Packing (causal LM): several examples per row, each attending only to itself
-# --------------------------------------------------------------------------------------------
+# --- Packing (causal LM): several examples per row, each attending only to itself -----------------
 
 
 def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into rows of at most ``capacity`` tokens: best-fit decreasing.
-
-    Longest first, each into the open row whose free space fits it most tightly (a sorted list of
-    free spaces and bisect: O(n log n)); examples are never split. Deterministic.
-    """
+    """Indices grouped into rows of at most ``capacity`` tokens: best-fit decreasing. Longest first, each into the
+    open row whose free space fits it most tightly (a sorted list of free spaces and bisect: O(n log n)); examples are
+    never split. Deterministic."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     free: list[tuple[int, int]] = []  # (free tokens, row), sorted
     rows: list[list[int]] = []
@@ -411,15 +360,12 @@ def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack(ds, max_length: int):
-    """Pack tokenized examples (``input_ids``, ``labels``) into rows of up to ``max_length`` tokens.
-
-    Each row carries ``position_ids`` that restart at 0 for every example: given position ids and
-    no attention mask, transformers builds a block-diagonal causal mask (sdpa/eager) or runs
-    varlen flash attention, so no token attends across examples. The first label of every example
-    is -100: in an unpacked row the first token is never a target, and in a packed one it would be
-    predicted from the previous example's last token. Per-example losses are therefore unchanged.
-    ``examples`` counts the examples of each row.
-    """
+    """Pack tokenized examples (``input_ids``, ``labels``) into rows of up to ``max_length`` tokens. Each row carries
+    ``position_ids`` that restart at 0 for every example: given position ids and no attention mask, transformers
+    builds a block-diagonal causal mask (sdpa/eager) or runs varlen flash attention, so no token attends across
+    examples. The first label of every example is -100: in an unpacked row the first token is never a target, and in a
+    packed one it would be predicted from the previous example's last token. Per-example losses are therefore
+    unchanged. ``examples`` counts the examples of each row."""
     from datasets import Dataset
 
     bins = best_fit_bins(list(ds["length"]), max_length)

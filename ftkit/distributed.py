@@ -20,8 +20,7 @@ def accelerator(config):
     - No CUDA: the process group is created with gloo *before* the Accelerator, so that
       multi-process CPU runs (and DeepSpeed on CPU) count every process.
     - Gradient accumulation is driven by the script's accumulation windows (always complete), so
-      accelerate must not force a sync at the end of the dataloader.
-    """
+      accelerate must not force a sync at the end of the dataloader."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 
@@ -142,10 +141,8 @@ def generate_in_order(acc, model, tokenizer, inputs: list, batch_size: int, enco
 
 
 def gather_by_index(acc, pairs: list[tuple[int, object]], n: int) -> list:
-    """Gather ``(index, value)`` pairs from all processes into one list ordered by index.
-
-    Each index appears exactly once in the result: no duplicates, none missing.
-    """
+    """Gather ``(index, value)`` pairs from all processes into one list ordered by index. Each index appears exactly
+    once in the result: no duplicates, none missing."""
     from accelerate.utils import gather_object
 
     everything = gather_object(pairs) if acc.num_processes > 1 else pairs

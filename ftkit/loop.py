@@ -1,7 +1,6 @@
 """The training loop's state and cadence: counters, accumulation windows (one all-reduce per step), the
 resume position, when to log/evaluate/save, the non-finite guard, stop signals. Not here: forward, backward and
-the optimizer step (each script's own loop), checkpoint files (checkpoint.py).
-"""
+the optimizer step (each script's own loop), checkpoint files (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -71,13 +70,11 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
 
 
 class LoopState:
-    """The counting and deciding around a script's loop; the script itself trains.
-
-    ``state`` is the trainer state saved in every checkpoint (global step, epoch, position in the
-    epoch, samples and tokens seen, best metric). Per optimizer step the loop makes two host syncs,
-    none per micro-batch: :meth:`count`'s all-reduce and :meth:`finite`'s check of the gradient norm
-    (tests/test_loop.py counts them); the loss sums stay on the device until a log event.
-    """
+    """The counting and deciding around a script's loop; the script itself trains. ``state`` is the trainer state
+    saved in every checkpoint (global step, epoch, position in the epoch, samples and tokens seen, best metric). Per
+    optimizer step the loop makes two host syncs, none per micro-batch: :meth:`count`'s all-reduce and
+    :meth:`finite`'s check of the gradient norm (tests/test_loop.py counts them); the loss sums stay on the device
+    until a log event."""
 
     def __init__(self, acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch):
         from tqdm.auto import tqdm
@@ -232,11 +229,9 @@ class LoopState:
 
 
 def record_eval(state: dict, metrics: dict, config) -> bool:
-    """Note an evaluation's ``metric_for_best_model`` in ``state``; True when it is a new best.
-
-    ``metrics`` holds ``eval/<name>`` keys. Every score is kept in ``state["scores"]``, so that the
-    checkpoint rotation keeps the best checkpoints; a save is due at each new best.
-    """
+    """Note an evaluation's ``metric_for_best_model`` in ``state``; True when it is a new best. ``metrics`` holds
+    ``eval/<name>`` keys. Every score is kept in ``state["scores"]``, so that the checkpoint rotation keeps the best
+    checkpoints; a save is due at each new best."""
     key = f"eval/{config.metric_for_best_model}"
     if key not in metrics:
         names = ", ".join(k.split("/", 1)[1] for k in metrics)
@@ -253,13 +248,10 @@ def record_eval(state: dict, metrics: dict, config) -> bool:
 
 
 class StopRequest:
-    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0.
-
-    The handler only records the signal; :meth:`LoopState.count` sums the flag over processes
-    before each optimizer step, and when any rank got it the script calls :meth:`LoopState.save_and_stop`
-    instead of running the next step, so every rank stops at the same step and takes part in the
-    checkpoint. A second signal during the save changes nothing.
-    """
+    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0. The handler only
+    records the signal; :meth:`LoopState.count` sums the flag over processes before each optimizer step, and when any
+    rank got it the script calls :meth:`LoopState.save_and_stop` instead of running the next step, so every rank stops
+    at the same step and takes part in the checkpoint. A second signal during the save changes nothing."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 

@@ -48,18 +48,13 @@ def comparison_table(base: dict[str, float], tuned: dict[str, float], keys=ROUGE
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# Classification
-# --------------------------------------------------------------------------------------------
+# --- Classification -------------------------------------------------------------------------------
 
 
 def classification(predictions, labels, num_labels: int) -> dict:
     """Accuracy, F1 (binary: of class 1; more classes: macro over classes) and the confusion matrix.
-
-    ``confusion[i][j]`` counts examples of true class ``i`` predicted as ``j``. A class with no
-    predicted and no true examples contributes F1 0 to the macro mean (as scikit-learn does with
-    ``zero_division=0``).
-    """
+    ``confusion[i][j]`` counts examples of true class ``i`` predicted as ``j``. A class with no predicted and no true
+    examples contributes F1 0 to the macro mean (as scikit-learn does with ``zero_division=0``)."""
     predictions, labels = [int(p) for p in predictions], [int(y) for y in labels]
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
@@ -78,9 +73,7 @@ def classification(predictions, labels, num_labels: int) -> dict:
     return {"accuracy": correct / max(len(labels), 1), "f1": f1, "examples": len(labels), "confusion": confusion}
 
 
-# --------------------------------------------------------------------------------------------
-# SQuAD exact match and F1 (the official answer normalisation)
-# --------------------------------------------------------------------------------------------
+# --- SQuAD exact match and F1 (the official answer normalisation) ---------------------------------
 
 
 def normalize_answer(text: str) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import pathlib
 
 import torch
 
@@ -20,9 +21,7 @@ POSITION_KEYS = ("n_positions", "max_position_embeddings", "seq_length")
 DEFAULT_MAX_LENGTH = 1024
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------------------------
+# --- Tokenizers -----------------------------------------------------------------------------------
 
 
 def _texts_of(path: str):
@@ -59,12 +58,20 @@ def special_tokens_for(model_type: str) -> dict | None:
     return T5_SPECIAL_TOKENS if model_type in SEQ2SEQ_TYPES else None
 
 
-def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tokens: dict | None = None):
-    """Train a byte-level BPE tokenizer on ``files`` and save it to ``out_dir`` (reused if present).
+def _stamp(directory: str, what: str, inputs):
+    """None when ``directory`` already holds what ``inputs`` build (its stamp file says so), else a function
+    that writes that stamp once the build is saved."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = pathlib.Path(directory, f"ftkit_{what}_stamp")
+    if path.is_file() and path.read_text() == digest:
+        return None
+    return lambda: path.write_text(digest)
 
-    Byte-level BPE can encode any text, so a tokenizer trained on a few kilobytes still round-trips
-    unseen input. ``special_tokens`` maps roles (bos/eos/pad/unk/...) to token strings.
-    """
+
+def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tokens: dict | None = None):
+    """Train a byte-level BPE tokenizer on ``files`` and save it to ``out_dir`` (reused if present). Byte-level BPE
+    can encode any text, so a tokenizer trained on a few kilobytes still round-trips unseen input. ``special_tokens``
+    maps roles (bos/eos/pad/unk/...) to token strings."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -73,10 +80,9 @@ def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tok
     for path in files:
         if not os.path.isfile(path):
             raise ConfigError(f"tokenizer_files: file not found: {path}")
-    stamp = hashlib.sha256(json.dumps([sorted(special_tokens.items()), vocab_size] + [
-        [p, os.path.getsize(p)] for p in files]).encode()).hexdigest()[:16]
-    stamp_file = os.path.join(out_dir, "ftkit_tokenizer_stamp")
-    if os.path.isfile(stamp_file) and open(stamp_file).read() == stamp:
+    stamp = _stamp(out_dir, "tokenizer", [sorted(special_tokens.items()), vocab_size] + [
+        [p, os.path.getsize(p)] for p in files])
+    if stamp is None:
         return PreTrainedTokenizerFast.from_pretrained(out_dir)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,8 +103,7 @@ def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tok
             single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens)
     fast.save_pretrained(out_dir)
-    with open(stamp_file, "w") as f:
-        f.write(stamp)
+    stamp()
     return fast
 
 
@@ -123,9 +128,7 @@ def _offline_hint(error: Exception) -> str:
     return text
 
 
-# --------------------------------------------------------------------------------------------
-# Model source: a hub id / directory, or a model built from a config
-# --------------------------------------------------------------------------------------------
+# --- Model source: a hub id / directory, or a model built from a config ---------------------------
 
 
 def auto_config(config):
@@ -139,10 +142,7 @@ def auto_config(config):
             return AutoConfig.for_model(model_type, **kwargs)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model_config: {e}") from None
-    try:
-        return AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model_name_or_path: cannot load {config.model_name_or_path!r} ({_offline_hint(e)})") from None
+    return load_config(config.model_name_or_path, config)
 
 
 def load_config(source: str, config, **kwargs):
@@ -168,20 +168,15 @@ def max_positions(model_config) -> int:
 
 
 def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
-    """Return a directory or hub id holding the base model *and* its tokenizer.
-
-    For ``model_config`` recipes the model is built with random weights (seeded), saved with its
-    tokenizer to ``output_dir/base_model/`` and then loaded like any pretrained checkpoint, so
-    the offline runs follow exactly the code path of real ones.
-    """
+    """Return a directory or hub id holding the base model *and* its tokenizer. For ``model_config`` recipes the model
+    is built with random weights (seeded), saved with its tokenizer to ``output_dir/base_model/`` and then loaded like
+    any pretrained checkpoint, so the offline runs follow exactly the code path of real ones."""
     if config.model_config is None:
         return config.model_name_or_path
     path = os.path.abspath(os.path.join(config.output_dir, "base_model"))
-    stamp = hashlib.sha256(json.dumps([config.model_config, config.seed, config.tokenizer_files,
-                                       config.tokenizer_vocab_size, config.tokenizer_name_or_path, model_kwargs],
-                                      sort_keys=True, default=str).encode()).hexdigest()[:16]
-    stamp_file = os.path.join(path, "ftkit_model_stamp")
-    if accelerator.is_main_process and not (os.path.isfile(stamp_file) and open(stamp_file).read() == stamp):
+    stamp = _stamp(path, "model", [config.model_config, config.seed, config.tokenizer_files,
+                                   config.tokenizer_vocab_size, config.tokenizer_name_or_path, model_kwargs])
+    if accelerator.is_main_process and stamp is not None:
         os.makedirs(path, exist_ok=True)
         if config.tokenizer_files:
             tok = build_tokenizer(config.tokenizer_files, config.tokenizer_vocab_size, path,
@@ -203,15 +198,12 @@ def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
         if model_cfg.is_encoder_decoder and model.generation_config.decoder_start_token_id is None:
             model.generation_config.decoder_start_token_id = tok.pad_token_id  # as T5 does
         model.save_pretrained(path)
-        with open(stamp_file, "w") as f:
-            f.write(stamp)
+        stamp()
     accelerator.wait_for_everyone()
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# --- Loading --------------------------------------------------------------------------------------
 
 
 def linear_module_names(model) -> list[str]:
@@ -219,10 +211,8 @@ def linear_module_names(model) -> list[str]:
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf not in ("lm_head",):
-                names.add(leaf)
-    return sorted(names)
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names - {"lm_head"})
 
 
 @contextlib.contextmanager
@@ -299,14 +289,11 @@ def freeze_except(model, patterns: list[str] | None) -> None:
 def quantization_config(config):
     from transformers import BitsAndBytesConfig
 
-    if config.load_in_4bit:
-        storage = config.bnb_4bit_quant_storage
-        from accelerate.utils import is_deepspeed_available
-        if storage is None and is_deepspeed_available():
-            from transformers.integrations import is_deepspeed_zero3_enabled
-            # ZeRO-3 shards parameters by dtype; 4-bit weights must be stored in the compute dtype.
-            if is_deepspeed_zero3_enabled():
-                storage = config.bnb_4bit_compute_dtype
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if config.load_in_4bit:  # ZeRO-3 shards parameters by dtype: 4-bit weights stored in the compute dtype
+        storage = config.bnb_4bit_quant_storage or (config.bnb_4bit_compute_dtype if is_deepspeed_zero3_enabled()
+                                                    else None)
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=config.bnb_4bit_quant_type,
@@ -321,9 +308,8 @@ def quantization_config(config):
 
 def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quantize: bool = True, device=None,
                     **kwargs):
-    """``from_pretrained`` with the recipe's dtype, quantization and attention options.
-
-    Quantized weights are created on ``device`` (default: the accelerator's device, else the CPU)."""
+    """``from_pretrained`` with the recipe's dtype, quantization and attention options. Quantized weights are created
+    on ``device`` (default: the accelerator's device, else the CPU)."""
     qconfig = quantization_config(config) if quantize else None
     dtype = config.torch_dtype if config.torch_dtype == "auto" else DTYPES[config.torch_dtype]
     if qconfig is not None and config.torch_dtype == "auto":
@@ -351,8 +337,7 @@ def keep_4bit_training_layout(model) -> int:
     On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place into an
     inference-only layout at its first no-grad forward in eval mode (an evaluation or ``generate``);
     the training forward afterwards crashes on it. A model that trains never takes that layout (we
-    clear the layer's CPU-feature flag, and undo a repacking already done); ``--predict`` keeps it.
-    """
+    clear the layer's CPU-feature flag, and undo a repacking already done); ``--predict`` keeps it."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
 
@@ -435,19 +420,14 @@ def describe_parameters(model) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
 
 
-# --------------------------------------------------------------------------------------------
-# Loss
-# --------------------------------------------------------------------------------------------
+# --- Loss -----------------------------------------------------------------------------------------
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy over labelled tokens, and their count (per example).
-
-    Returns two tensors of shape [batch]: the loss sum and the number of target tokens, so callers
-    can normalise by the tokens of a whole accumulation window, across processes. ``shift``: a
-    causal LM predicts token t+1 at position t; a seq2seq decoder's logits already line up with
-    its labels (``shift=False``).
-    """
+    """Summed token cross-entropy over labelled tokens, and their count (per example). Returns two tensors of shape
+    [batch]: the loss sum and the number of target tokens, so callers can normalise by the tokens of a whole
+    accumulation window, across processes. ``shift``: a causal LM predicts token t+1 at position t; a seq2seq
+    decoder's logits already line up with its labels (``shift=False``)."""
     if shift:
         logits, labels = logits[:, :-1, :], labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(
@@ -458,13 +438,11 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool =
 
 
 def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None):
-    """The forward pass and :func:`causal_lm_loss_sum` over its logits.
-
-    With ``chunk_tokens`` the batch's logits (batch x length x vocabulary, fp32 for the loss) are never
-    held whole: the model computes logits for its last position only, its final hidden states are
-    kept (a forward hook on the decoder), and they pass through the output layer ``chunk_tokens``
-    positions at a time, each chunk's logits recomputed in backward. Same loss, same gradients.
-    """
+    """The forward pass and :func:`causal_lm_loss_sum` over its logits. With ``chunk_tokens`` the batch's logits
+    (batch x length x vocabulary, fp32 for the loss) are never held whole: the model computes logits for its last
+    position only, its final hidden states are kept (a forward hook on the decoder), and they pass through the output
+    layer ``chunk_tokens`` positions at a time, each chunk's logits recomputed in backward. Same loss, same
+    gradients."""
     if not chunk_tokens:
         return causal_lm_loss_sum(model(**inputs).logits, labels)
     net = getattr(model, "module", model)  # DDP / DeepSpeed wrapper: the forward still goes through it

@@ -17,12 +17,7 @@ SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
 def without_secrets(values: dict) -> dict:
     """Drop every entry whose name looks like a credential (recursively)."""
-    clean = {}
-    for k, v in values.items():
-        if SECRET.search(str(k)):
-            continue
-        clean[k] = without_secrets(v) if isinstance(v, dict) else v
-    return clean
+    return {k: without_secrets(v) if isinstance(v, dict) else v for k, v in values.items() if not SECRET.search(str(k))}
 
 
 def check_wandb_login() -> None:
@@ -44,11 +39,8 @@ def check_wandb_login() -> None:
 
 
 def start(accelerator, config, state: dict) -> "MetricsLog":
-    """Initialise the configured trackers (their files under output_dir); returns the run's log.
-
-    The W&B run id is kept in the trainer state (and so in every checkpoint): a resumed run,
-    e.g. a requeued SLURM job, continues the same W&B run.
-    """
+    """Initialise the configured trackers (their files under output_dir); returns the run's log. The W&B run
+    id is kept in the trainer state (so in every checkpoint): a resumed run (a requeued job) continues it."""
     log = MetricsLog(accelerator, config)
     if not accelerator.log_with:
         return log
@@ -69,8 +61,7 @@ class MetricsLog:
     at the end draws ``output_dir/curves.png`` and, in ``--debug``, prints a summary."""
 
     def __init__(self, accelerator, config):
-        self.accelerator = accelerator
-        self.config = config
+        self.accelerator, self.config = accelerator, config
         self.path = os.path.join(config.output_dir, "metrics.jsonl")
 
     def log(self, metrics: dict, step: int) -> None:
@@ -103,25 +94,15 @@ def plot_curves(events: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(key):
-        points = [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))]
-        return [p[0] for p in points], [p[1] for p in points]
-
     others = sorted({k for e in events for k in e if k.startswith("eval/") and k != "eval/loss"})
     fig, axes = plt.subplots(1, 1 + bool(others), figsize=(6 + 5 * bool(others), 4), squeeze=False)
-    loss_ax = axes[0][0]
-    for key in ("train/loss", "eval/loss"):
-        x, y = series(key)
-        if x:
-            loss_ax.plot(x, y, marker="o" if key == "eval/loss" else None, label=key)
-    loss_ax.set(xlabel="optimizer step", ylabel="loss", title="loss")
-    loss_ax.legend()
-    if others:
-        for key in others:
-            x, y = series(key)
-            axes[0][1].plot(x, y, marker="o", label=key)
-        axes[0][1].set(xlabel="optimizer step", title="evaluation")
-        axes[0][1].legend()
+    for ax, title, keys in zip(axes[0], ("loss", "evaluation"), (("train/loss", "eval/loss"), others)):
+        for key in keys:
+            points = [(e["step"], e[key]) for e in events if isinstance(e.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker=None if key == "train/loss" else "o", label=key)
+        ax.set(xlabel="optimizer step", title=title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -170,12 +151,10 @@ def peak_tflops(config) -> float | None:
 
 
 def flops_per_token(model_config, trainable: int, frozen: int, seq_len: float) -> float:
-    """Training FLOPs per token: 6 x trainable + 4 x frozen parameters + 12 x layers x hidden x T.
-
-    Forward is 2 FLOPs per weight; backward 4 for a trained weight (input and weight gradients) and
-    2 for a frozen one (input gradients only); the attention score and value products add 12·L·H·T
-    per token for a sequence of T tokens (PaLM's convention; encoder-decoders count both stacks).
-    """
+    """Training FLOPs per token: 6 x trainable + 4 x frozen parameters + 12 x layers x hidden x T. Forward is 2 FLOPs
+    per weight; backward 4 for a trained weight (input and weight gradients) and 2 for a frozen one (input gradients
+    only); the attention score and value products add 12·L·H·T per token for a sequence of T tokens (PaLM's
+    convention; encoder-decoders count both stacks)."""
     layers = next((getattr(model_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
                    if isinstance(getattr(model_config, k, None), int)), 0)
     if getattr(model_config, "is_encoder_decoder", False):

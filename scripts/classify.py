@@ -87,9 +87,7 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
                 raise ConfigError(f"label_map: class ids must be 0..N-1 integers, got {self.label_map}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: splits, labels, tokens
-# ---------------------------------------------------------------------------------------------
+# --- Data: splits, labels, tokens -----------------------------------------------------------------
 
 
 def load_classification_splits(config) -> dict:
@@ -171,9 +169,7 @@ def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, to
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation -----------------------------------------------------------------------------------
 
 
 def model_inputs(batch) -> dict:
@@ -203,9 +199,7 @@ def eval_entry(result: dict, prefix: str = "eval") -> dict:
     return {f"{prefix}/{k}": v for k, v in result.items() if k in EVAL_METRICS}
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# --- Training -------------------------------------------------------------------------------------
 
 
 def main(config):
@@ -311,9 +305,7 @@ def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Prediction with a trained model (S003's classify-new-text)
-# ---------------------------------------------------------------------------------------------
+# --- Prediction with a trained model (S003's classify-new-text) -----------------------------------
 
 
 def predict(config):

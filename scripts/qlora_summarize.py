@@ -72,9 +72,7 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
         cfg.check_common(self)
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompt format: one template for training and generation (S001 used two different ones)
-# ---------------------------------------------------------------------------------------------
+# --- Prompt format: one template for training and generation (S001 used two different ones) -------
 
 
 def prompt_of(config, dialogue: str) -> str:
@@ -116,9 +114,7 @@ def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int
     return data.fit_text(tokenizer, dialogue, length, max_length - 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation -----------------------------------------------------------------------------------
 
 
 def eval_loss(acc, model, eval_dl) -> float:
@@ -144,9 +140,7 @@ def rouge_on(acc, model, tokenizer, config, ds, n: int) -> tuple[dict, list[str]
     return metrics.rouge(predictions, ds[config.summary_column]), predictions
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# --- Training -------------------------------------------------------------------------------------
 
 
 def main(config):
@@ -281,9 +275,7 @@ def _base_of(adapter_dir: str) -> str:
         return json.load(f)["base_model_name_or_path"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Prediction with a trained adapter
-# ---------------------------------------------------------------------------------------------
+# --- Prediction with a trained adapter ------------------------------------------------------------
 
 
 def predict(config):

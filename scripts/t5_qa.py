@@ -86,9 +86,7 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
             raise ConfigError("val_split: splits train_file; remove it or validation_file")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: three shapes -> (id, context, question, answers); inputs that truncate only the context
-# ---------------------------------------------------------------------------------------------
+# --- Data: three shapes -> (id, context, question, answers); inputs that truncate only the context ---
 
 
 def clean(config, text) -> str:
@@ -171,9 +169,7 @@ def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
     return kept.remove_columns(["truncated", "answer_cut", "too_long"]), counts
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
+# --- Evaluation -----------------------------------------------------------------------------------
 
 
 def seq2seq_loss(model, batch, decoder_start: int, pad: int):
@@ -204,9 +200,7 @@ def score(acc, model, tokenizer, config, ds, max_length: int) -> tuple[dict, lis
     return metrics.squad(predictions, ds["answers"]), predictions
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# --- Training -------------------------------------------------------------------------------------
 
 
 def main(config):
@@ -310,9 +304,7 @@ def prediction_rows(ds, predictions, per_example=None) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# Prediction with a trained model
-# ---------------------------------------------------------------------------------------------
+# --- Prediction with a trained model --------------------------------------------------------------
 
 
 def predict(config):
