@@ -154,6 +154,20 @@ class TrackingArguments:
 
 
 @dataclass
+class PreflightArguments:
+    preflight: bool = opt(False, "Check the run before it runs, without loading weights: data kept and dropped, steps, "
+                                 "memory per device and time; prints a table, writes output_dir/preflight.json; exit 0 "
+                                 "if it fits, 3 if not (with the cheapest change that fits).")
+    device_memory_gb: float | None = opt(None, "Memory of one device for --preflight's verdict (default: the visible "
+                                               "GPU's, else this machine's RAM per process).", min_exclusive=0)
+    preflight_device: str = opt("auto", "What --preflight estimates for: auto (a GPU if one is visible, else the CPU), "
+                                        "cuda (e.g. a GPU job checked on a login node) or cpu.",
+                                choices=["auto", "cuda", "cpu"])
+    assumed_mfu: float = opt(0.35, "Model FLOPs utilisation --preflight assumes for its time estimate.",
+                             min_exclusive=0, max=1)
+
+
+@dataclass
 class EvaluationArguments:
     """When to evaluate and which checkpoint counts as the best (recipes that pick a best model)."""
 

@@ -169,7 +169,7 @@ class LoopState:
         return self.step
 
     def log_due(self) -> bool:
-        return self.step % self.config.logging_steps == 0 or self.step == self.total_steps
+        return log_due(self.config, self.step, self.total_steps)
 
     def log_train(self, scheduler) -> None:
         """Log the mean loss since the last log event (all processes), the learning rate, throughput, memory."""
@@ -191,11 +191,8 @@ class LoopState:
 
     def evaluation_due(self) -> bool:
         """Evaluate now? Every ``eval_steps``, or at the end of each epoch (the final one is separate)."""
-        if self.step >= self.total_steps:
-            return False
-        if getattr(self.config, "eval_strategy", "steps") == "epoch":
-            return self.state["batches_in_epoch"] >= self.windows_per_epoch * self.config.gradient_accumulation_steps
-        return bool(self.config.eval_steps) and self.step % self.config.eval_steps == 0
+        epoch_end = self.state["batches_in_epoch"] >= self.windows_per_epoch * self.config.gradient_accumulation_steps
+        return evaluation_due(self.config, self.step, self.total_steps, epoch_end)
 
     def record_eval(self, entry: dict) -> None:
         """Rank an evaluation by ``metric_for_best_model``; a new best makes a save due now."""
@@ -203,8 +200,7 @@ class LoopState:
 
     def save_due(self) -> bool:
         """Save now? Every ``save_steps`` and at each new best (the last checkpoint is :meth:`finish`'s)."""
-        cadence = bool(self.config.save_steps) and self.step % self.config.save_steps == 0
-        return (cadence or self.new_best) and self.step < self.total_steps
+        return (save_due(self.config, self.step, self.total_steps) or self.new_best) and self.step < self.total_steps
 
     def save_and_stop(self) -> None:
         """A stop signal: save the last completed step, say how to go on; the script returns (exit 0)."""
@@ -226,6 +222,32 @@ class LoopState:
     def close(self) -> None:
         """Close the trackers, draw the curves (and the --debug summary)."""
         self.log_.finish(self.state)
+
+
+def log_due(config, step: int, total_steps: int) -> bool:
+    return step % config.logging_steps == 0 or step == total_steps
+
+
+def evaluation_due(config, step: int, total_steps: int, epoch_end: bool) -> bool:
+    """Evaluate after ``step``? Every ``eval_steps``, or at each epoch's end; the final evaluation is the script's."""
+    if step >= total_steps:
+        return False
+    if getattr(config, "eval_strategy", "steps") == "epoch":
+        return epoch_end
+    return bool(config.eval_steps) and step % config.eval_steps == 0
+
+
+def save_due(config, step: int, total_steps: int) -> bool:
+    """A checkpoint by the ``save_steps`` cadence (the last one is saved at the end, others at each new best)."""
+    return bool(config.save_steps) and step % config.save_steps == 0 and step < total_steps
+
+
+def planned(config, total_steps: int, windows_per_epoch: int) -> dict:
+    """The steps after which a fresh run evaluates and saves by its cadence, and its number of log events."""
+    steps = range(1, total_steps + 1)
+    return {"evaluation_steps": [s for s in steps if evaluation_due(config, s, total_steps, s % windows_per_epoch == 0)],
+            "save_steps": [s for s in steps if save_due(config, s, total_steps)],
+            "log_events": sum(log_due(config, s, total_steps) for s in steps)}
 
 
 def record_eval(state: dict, metrics: dict, config) -> bool:

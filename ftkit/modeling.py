@@ -167,10 +167,11 @@ def max_positions(model_config) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
+def prepare_source(config, accelerator, auto_model_cls, weights: bool = True, **model_kwargs) -> str:
     """Return a directory or hub id holding the base model *and* its tokenizer. For ``model_config`` recipes the model
     is built with random weights (seeded), saved with its tokenizer to ``output_dir/base_model/`` and then loaded like
-    any pretrained checkpoint, so the offline runs follow exactly the code path of real ones."""
+    any pretrained checkpoint, so the offline runs follow exactly the code path of real ones; without ``weights``
+    (``--preflight``) only the tokenizer and the model's config are written there."""
     if config.model_config is None:
         return config.model_name_or_path
     path = os.path.abspath(os.path.join(config.output_dir, "base_model"))
@@ -192,6 +193,10 @@ def prepare_source(config, accelerator, auto_model_cls, **model_kwargs) -> str:
             token_id = getattr(tok, f"{role}_token_id")
             if token_id is not None:
                 setattr(model_cfg, f"{role}_token_id", token_id)
+        if not weights:
+            model_cfg.save_pretrained(path)
+            accelerator.wait_for_everyone()
+            return path
         torch.manual_seed(config.seed)
         with whole_model_init():
             model = auto_model_cls.from_config(model_cfg)
@@ -228,6 +233,20 @@ def whole_model_init():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The whole weights of a model that ZeRO-3 partitioned as it loaded (before its engine exists), e.g. to
+    evaluate the base model; a no-op otherwise."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
 
 
 def skeleton_of(model_cfg, auto_model_cls):
@@ -358,12 +377,13 @@ def max_length_of(config, model_config) -> int:
     return config.max_length or limit
 
 
-def training_setup(model, config) -> None:
-    """Gradient checkpointing (non-reentrant, no KV cache) and compiled blocks, as the recipe asks."""
+def training_setup(model, config):
+    """Gradient checkpointing (non-reentrant, no KV cache) and compiled blocks, as the recipe asks; returns the model."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     compile_blocks(model, config)
+    return model
 
 
 def compile_blocks(model, config) -> int:

@@ -155,13 +155,20 @@ def flops_per_token(model_config, trainable: int, frozen: int, seq_len: float) -
     per weight; backward 4 for a trained weight (input and weight gradients) and 2 for a frozen one (input gradients
     only); the attention score and value products add 12·L·H·T per token for a sequence of T tokens (PaLM's
     convention; encoder-decoders count both stacks)."""
+    layers, hidden = model_dims(model_config)
+    return 6.0 * trainable + 4.0 * frozen + 12.0 * layers * hidden * seq_len
+
+
+def model_dims(model_config) -> tuple[int, int]:
+    """(layers, hidden size) of a transformers config, whatever the model calls them (both stacks of an
+    encoder-decoder); 0 when unknown."""
     layers = next((getattr(model_config, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
                    if isinstance(getattr(model_config, k, None), int)), 0)
     if getattr(model_config, "is_encoder_decoder", False):
         layers += getattr(model_config, "num_decoder_layers", None) or layers
     hidden = next((getattr(model_config, k) for k in ("hidden_size", "n_embd", "d_model")
                    if isinstance(getattr(model_config, k, None), int)), 0)
-    return 6.0 * trainable + 4.0 * frozen + 12.0 * layers * hidden * seq_len
+    return layers, hidden
 
 
 class Throughput:

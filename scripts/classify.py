@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
+from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -40,7 +40,7 @@ EVAL_METRICS = ("loss", "accuracy", "f1")
 
 @dataclass
 class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg.EvaluationArguments,
-                     cfg.TrackingArguments):
+                     cfg.TrackingArguments, cfg.PreflightArguments):
     """Fine-tune a sequence classifier (BERT, GPT-2, ...) on single texts or text pairs."""
 
     text_column: str = opt("text", "Column holding the text (the first sentence of a pair).")
@@ -154,14 +154,15 @@ def label_ids(config, ds, names: list[str], split: str) -> list[int]:
 
 
 def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, token_types: bool, name: str):
-    """Batched tokenization (Arrow-backed, S000); truncation to max_length, padding left to the collator."""
+    """Batched tokenization (Arrow-backed, S000); truncation to max_length (marked), padding left to the collator."""
 
     def encode(batch, indices):
         texts = [t if t is not None else "" for t in batch[config.text_column]]
         pairs = [t if t is not None else "" for t in batch[config.text_pair_column]] if config.text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=token_types)
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-               "labels": [labels[i] for i in indices], "length": [len(x) for x in enc["input_ids"]]}
+               "labels": [labels[i] for i in indices], "length": [len(x) for x in enc["input_ids"]],
+               "truncated": [bool(e.overflowing) for e in enc.encodings]}
         if token_types:
             out["token_type_ids"] = enc["token_type_ids"]
         return out
@@ -174,6 +175,19 @@ def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, to
 
 def model_inputs(batch) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def setup(model, config, pad_token_id: int):
+    """The loaded model made ready to train: its padding id, trainable_modules, checkpointing, torch_compile."""
+    model.config.pad_token_id = pad_token_id  # decoders pool at the last token that is not padding
+    modeling.freeze_except(model, config.trainable_modules)
+    return modeling.training_setup(model, config)
+
+
+def step_loss(model, batch: dict):
+    """A micro-batch's summed cross-entropy; the training loop's and --preflight's."""
+    logits = model(**model_inputs(batch)).logits.float()
+    return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
 
 
 @torch.no_grad()
@@ -215,7 +229,7 @@ def main(config):
     model_kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
     acc = distributed.accelerator(config)
-    source = modeling.prepare_source(config, acc, AutoModel, **model_kwargs)
+    source = modeling.prepare_source(config, acc, AutoModel, weights=not config.preflight, **model_kwargs)
     model_cfg = modeling.load_config(source, config, **model_kwargs)
     max_length = modeling.max_length_of(config, model_cfg)
     if config.trainable_modules is not None:
@@ -225,16 +239,21 @@ def main(config):
     with acc.main_process_first():
         tokenized = {name: tokenize_split(ds, labels[name], tokenizer, config, max_length, token_types, name)
                      for name, ds in splits.items()}
+    counts = {name: {"truncated": sum(ds["truncated"])} for name, ds in tokenized.items()}
+    tokenized = {name: ds.remove_columns("truncated") for name, ds in tokenized.items()}
 
     train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
     eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
     windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
+        preflight.run(acc, config, model_cfg=model_cfg, auto_cls=AutoModel, step_loss=step_loss,
+                      setup=lambda model, c: setup(model, c, tokenizer.pad_token_id), splits=tokenized, counts=counts,
+                      pad_token_id=tokenizer.pad_token_id, windows_per_epoch=windows_per_epoch,
+                      total_steps=total_steps, num_batches=len(train_dl))
 
-    model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
-    model.config.pad_token_id = tokenizer.pad_token_id  # decoders pool at the last token that is not padding
-    modeling.freeze_except(model, config.trainable_modules)
-    modeling.training_setup(model, config)  # gradient checkpointing, torch_compile
+    model = setup(modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs), config,
+                  tokenizer.pad_token_id)
     logger.info(modeling.describe_parameters(model))
 
     optimizer, scheduler = optim.build(model, config, total_steps)
@@ -252,8 +271,7 @@ def main(config):
             return run.save_and_stop()
         for batch in window:
             with acc.accumulate(model):
-                logits = model(**model_inputs(batch)).logits.float()
-                loss_sum = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+                loss_sum = step_loss(model, batch)
                 run.add_loss(loss_sum)
                 # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                 acc.backward(loss_sum * acc.num_processes * ga / counts.units)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
+from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -35,7 +35,7 @@ logger = logging.getLogger("ftkit")
 
 @dataclass
 class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, cfg.TrainingArguments,
-                      cfg.TrackingArguments):
+                      cfg.TrackingArguments, cfg.PreflightArguments):
     """Fine-tune a causal LM (QLoRA by default) to summarize dialogues."""
 
     dialogue_column: str = opt("dialogue", "Column holding the dialogue.")
@@ -84,7 +84,7 @@ def completion_of(config, summary: str) -> str:
 
 
 def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
-    """Prompt + summary tokens with the prompt masked; over-long examples dropped or truncated."""
+    """Prompt + summary tokens with the prompt masked; over-long examples dropped or truncated (and counted)."""
 
     def encode(batch):
         dialogues = batch[config.dialogue_column]
@@ -93,17 +93,18 @@ def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
                          for d, s in zip(dialogues, batch[config.summary_column])]
         prompts = [prompt_of(config, d) for d in dialogues]
         completions = [completion_of(config, s) for s in batch[config.summary_column]]
-        return data.tokenize_prompt_completion(tokenizer, prompts, completions, config.train_on_prompt)
+        return {**data.tokenize_prompt_completion(tokenizer, prompts, completions, config.train_on_prompt),
+                "truncated": [a != b for a, b in zip(dialogues, batch[config.dialogue_column])]}
 
     tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
     kept = tokenized.filter(lambda n: n < max_length, input_columns="length")  # S001 drops len >= max
-    dropped = len(tokenized) - len(kept)
-    if dropped:
+    counts = {"dropped": len(tokenized) - len(kept), "truncated": sum(kept["truncated"])}
+    if counts["dropped"]:
         logger.warning("%s: dropped %d of %d examples with >= %d tokens (overlong=truncate keeps them)",
-                       name, dropped, len(tokenized), max_length)
+                       name, counts["dropped"], len(tokenized), max_length)
     if len(kept) == 0:
-        raise ConfigError(f"{name}: no examples left: all {dropped} have >= max_length={max_length} tokens")
-    return kept, dropped
+        raise ConfigError(f"{name}: no examples left: all {counts['dropped']} have >= max_length={max_length} tokens")
+    return kept.remove_columns("truncated"), counts
 
 
 def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int) -> str:
@@ -115,6 +116,19 @@ def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int
 
 
 # --- Evaluation -----------------------------------------------------------------------------------
+
+
+def setup(model, config):
+    """The loaded model made ready to train: no KV cache, k-bit preparation, checkpointing, LoRA (add_lora)."""
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return modeling.add_lora(model, config, task_type="CAUSAL_LM")
+
+
+def step_loss(model, batch: dict, config):
+    """A micro-batch's summed token loss (packed rows: position ids, no mask; cross_entropy_chunk_tokens: the batch's
+    logits are never held whole); the training loop's and --preflight's."""
+    return modeling.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
+                                           config.cross_entropy_chunk_tokens)[0].sum()
 
 
 def eval_loss(acc, model, eval_dl) -> float:
@@ -161,15 +175,15 @@ def main(config):
     if config.cross_entropy_chunk_tokens and getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3:
         raise ConfigError("cross_entropy_chunk_tokens: not with ZeRO-3 (the output layer's weights are partitioned "
                           "outside the forward pass); unset it or use ZeRO-2")
-    source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
+    source = modeling.prepare_source(config, acc, AutoModelForCausalLM, weights=not config.preflight)
     model_cfg = modeling.load_config(source, config)
     max_length = modeling.max_length_of(config, model_cfg)
     if config.use_peft:
         modeling.check_lora_targets(model_cfg, AutoModelForCausalLM, config.lora_target_modules)
     tokenizer = modeling.load_tokenizer(source, config.trust_remote_code)
     with acc.main_process_first():
-        train_ds, dropped = tokenize_split(raw_train, tokenizer, config, max_length, "train")
-        eval_ds, _ = tokenize_split(raw_eval, tokenizer, config, max_length, "validation")
+        train_ds, train_counts = tokenize_split(raw_train, tokenizer, config, max_length, "train")
+        eval_ds, eval_counts = tokenize_split(raw_eval, tokenizer, config, max_length, "validation")
     if config.packing:  # training rows only: evaluation stays one example per row
         examples, train_ds = len(train_ds), data.pack(train_ds, max_length)
         logger.info("packing: %d examples in %d rows of <= %d tokens (%.1f%% real tokens); attention stays within "
@@ -181,17 +195,21 @@ def main(config):
     eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
     windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
+        preflight.run(acc, config, model_cfg=model_cfg, auto_cls=AutoModelForCausalLM, setup=setup,
+                      step_loss=lambda m, b: step_loss(m, b, config), splits={"train": train_ds, "validation": eval_ds},
+                      counts={"train": train_counts, "validation": eval_counts}, pad_token_id=tokenizer.pad_token_id,
+                      windows_per_epoch=windows_per_epoch, total_steps=total_steps, num_batches=len(train_dl))
 
-    model = modeling.load_pretrained(AutoModelForCausalLM, source, config, acc)
-    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
-    model = modeling.add_lora(model, config, task_type="CAUSAL_LM")
+    model = setup(modeling.load_pretrained(AutoModelForCausalLM, source, config, acc), config)
     logger.info(modeling.describe_parameters(model))
 
     base_file = os.path.join(config.output_dir, "base_eval.json")
     if os.path.isfile(base_file) and not config.overwrite_output_dir:  # a resume: scored before training began
         base_scores = json.load(open(base_file))
     else:
-        base_scores, _ = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
+        with modeling.gathered(model):  # ZeRO-3 partitions an unquantized model as it loads
+            base_scores, _ = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
         if acc.is_main_process:
             json.dump(base_scores, open(base_file, "w"))
 
@@ -199,7 +217,7 @@ def main(config):
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl),
-                     dropped_overlong=dropped)
+                     dropped_overlong=train_counts["dropped"])
     ga = config.gradient_accumulation_steps
     model.train()
     for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
@@ -210,12 +228,10 @@ def main(config):
             return run.save_and_stop()
         for batch in window:
             with acc.accumulate(model):
-                # packed rows: position ids, no mask; cross_entropy_chunk_tokens: never the whole batch's logits
-                loss_sum, _ = modeling.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
-                                                              config.cross_entropy_chunk_tokens)
-                run.add_loss(loss_sum.sum())
+                loss_sum = step_loss(model, batch, config)
+                run.add_loss(loss_sum)
                 # DDP averages gradients over processes and accelerate divides by `ga`: undo both
-                acc.backward(loss_sum.sum() * acc.num_processes * ga / counts.units)
+                acc.backward(loss_sum * acc.num_processes * ga / counts.units)
                 if acc.sync_gradients:  # the norm is also the step's finiteness check
                     grad_norm = acc.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
                     if run.finite(grad_norm):  # a non-finite step is skipped; too many in a row stop the run

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim
+from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -40,7 +40,7 @@ EVAL_METRICS = ("loss", "exact_match", "f1")
 
 @dataclass
 class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg.EvaluationArguments,
-               cfg.TrackingArguments):
+               cfg.TrackingArguments, cfg.PreflightArguments):
     """Fine-tune T5 (or any seq2seq LM) to answer questions about a context."""
 
     context_column: str = opt("context", "Column holding the context passage.")
@@ -209,7 +209,7 @@ def main(config):
     checkpoint.check_output_dir(config)
     splits = load_qa_splits(config)
     acc = distributed.accelerator(config)
-    source = modeling.prepare_source(config, acc, AutoModelForSeq2SeqLM)
+    source = modeling.prepare_source(config, acc, AutoModelForSeq2SeqLM, weights=not config.preflight)
     model_cfg = modeling.load_config(source, config)
     max_length = config.max_length or 512  # T5's relative positions have no hard limit; S004 uses 512
     limit = modeling.max_positions(model_cfg) if hasattr(model_cfg, "max_position_embeddings") else None
@@ -226,9 +226,13 @@ def main(config):
     eval_dl = data.eval_loader(tokenized["validation"], tokenizer.pad_token_id, config)
     windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    if config.preflight:  # what the run will need, on fake tensors (token ids do not matter): exits 0 (fits) or 3
+        preflight.run(acc, config, model_cfg=model_cfg, auto_cls=AutoModelForSeq2SeqLM, setup=modeling.training_setup,
+                      step_loss=lambda model, batch: seq2seq_loss(model, batch, 0, 0)[0].sum(), splits=tokenized,
+                      counts=counts, pad_token_id=tokenizer.pad_token_id, windows_per_epoch=windows_per_epoch,
+                      total_steps=total_steps, num_batches=len(train_dl))
 
-    model = modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc)
-    modeling.training_setup(model, config)  # gradient checkpointing, torch_compile
+    model = modeling.training_setup(modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc), config)
     pad = model.config.pad_token_id
     # transformers 5 keeps it in the generation config; T5 starts decoding from the pad token
     decoder_start = getattr(model.generation_config, "decoder_start_token_id", None)

@@ -60,10 +60,10 @@ def test_overlong_examples_are_dropped_and_counted(tiny_tokenizer):
     ds = data.load_local_file(TRAIN)
     full, _ = qs.tokenize_split(ds, tiny_tokenizer, config, 10_000, "train")
     limit = sorted(full["length"])[len(full) // 2]
-    kept, dropped = qs.tokenize_split(ds, tiny_tokenizer, config, limit, "train")
+    kept, counts = qs.tokenize_split(ds, tiny_tokenizer, config, limit, "train")
     expected_dropped = sum(1 for n in full["length"] if n >= limit)
-    assert dropped == expected_dropped > 0
-    assert len(kept) == len(ds) - dropped and max(kept["length"]) < limit
+    assert counts == {"dropped": expected_dropped, "truncated": 0} and expected_dropped > 0
+    assert len(kept) == len(ds) - expected_dropped and max(kept["length"]) < limit
 
 
 def test_overlong_truncate_keeps_every_example_within_the_limit(tiny_tokenizer):
@@ -71,8 +71,10 @@ def test_overlong_truncate_keeps_every_example_within_the_limit(tiny_tokenizer):
     ds = data.load_local_file(TRAIN)
     full, _ = qs.tokenize_split(ds, tiny_tokenizer, config, 10_000, "train")
     limit = sorted(full["length"])[len(full) // 2]
-    kept, dropped = qs.tokenize_split(ds, tiny_tokenizer, config, limit, "train")
-    assert dropped == 0 and len(kept) == len(ds) and max(kept["length"]) < limit
+    kept, counts = qs.tokenize_split(ds, tiny_tokenizer, config, limit, "train")
+    # every example that was too long had its dialogue cut (and is counted), none dropped
+    assert counts == {"dropped": 0, "truncated": sum(1 for n in full["length"] if n >= limit)}
+    assert len(kept) == len(ds) and max(kept["length"]) < limit
     # the summary survives intact: its tokens are still all labelled
     assert all(sum(1 for t in lab if t != -100) > 5 for lab in kept["labels"])
 

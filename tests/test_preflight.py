@@ -1,0 +1,160 @@
+"""--preflight: its memory estimate against the peak a real run then reaches (tests/peak_memory.py), its schedule
+against what the run then does, the verdict and advice when a recipe does not fit, and bad input. Real scripts,
+real accelerate launch and DeepSpeed engines for the runs it is compared with."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, launch, read_jsonl, run_python, script_env
+
+pytestmark = pytest.mark.slow
+RECIPES = os.path.join(ROOT, "recipes", "tiny")
+SUMMARIZE = ["--config", os.path.join(RECIPES, "qlora_summarize.yaml"), "--num_test_compare", "1",
+             "--num_eval_generate", "0"]
+# Phi-shaped and big enough that weights, optimizer state and activations all count (14M parameters)
+PHI = SUMMARIZE + ["--tokenizer_vocab_size", "4096", "--model_config",
+                   "{model_type: phi, hidden_size: 512, intermediate_size: 2048, num_hidden_layers: 4, "
+                   "num_attention_heads: 8, max_position_embeddings: 512, partial_rotary_factor: 0.5, resid_pdrop: 0.0, "
+                   "embd_pdrop: 0.0, attention_dropout: 0.0}"]
+FULL = ["--use_peft", "false", "--load_in_4bit", "false", "--optim", "adamw_torch"]
+LORA = ["--load_in_4bit", "false"]
+NO_CHECKPOINTING = ["--gradient_checkpointing", "false"]
+ZERO = {2: os.path.join(ROOT, "launch", "accelerate", "deepspeed_zero2.yaml"),
+        3: os.path.join(ROOT, "launch", "accelerate", "deepspeed_zero3.yaml")}
+
+
+def test_live_tensor_bytes_counts_each_storage_from_creation_to_free():
+    from ftkit.preflight import LiveTensorBytes
+
+    live = LiveTensorBytes()
+    with live:
+        a = torch.zeros(1000)  # 4,000 bytes
+        b = torch.zeros(500, dtype=torch.float64)  # 4,000
+        view = a[:10]  # same storage: not counted again
+        del a, b
+        c = torch.ones(250)  # 1,000
+    assert (live.peak, live.now) == (8000, 5000)  # a's storage lives on in its view
+    del view, c
+    assert live.now == 0
+
+
+def preflight_of(tmp_path, script: str, args: list, processes: int = 1, zero: int | None = None, code: int = 0):
+    """--preflight's report and output: ``python`` for one process (its exit code is the verdict's), else
+    ``accelerate launch`` (whose launcher turns any non-zero exit into 1; the verdict stays in the report)."""
+    out = tmp_path / "preflight"
+    args = args + ["--output_dir", str(out), "--preflight", "true"]
+    if processes == 1:
+        proc = run_python(script, args)
+    else:
+        proc = launch(script, args, num_processes=processes, launcher_config=ZERO.get(zero), check=False)
+    assert proc.returncode == (code if processes == 1 else min(code, 1)), proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["base_model", "preflight.json"]  # no checkpoint, no config.yaml, no metrics
+    assert not os.path.exists(out / "base_model" / "model.safetensors")  # no weights were built
+    return json.load(open(out / "preflight.json")), proc.stdout
+
+
+def measured_peak(tmp_path, script: str, args: list, processes: int = 1, zero: int | None = None) -> float:
+    """The most tensor bytes a real run holds at once while training, on the busiest process."""
+    out, peak = tmp_path / "run", tmp_path / "peak"
+    measure = [os.path.join(ROOT, "tests", "peak_memory.py"), str(peak), os.path.join(ROOT, "scripts", script), *args,
+               "--output_dir", str(out)]
+    if processes == 1:
+        proc = subprocess.run([sys.executable, *measure], cwd=ROOT, env=script_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    else:
+        launch(measure[0], measure[1:], num_processes=processes, launcher_config=ZERO.get(zero))
+    return max(json.load(open(f"{peak}.{rank}.json"))["peak"] for rank in range(processes))
+
+
+CASES = {  # name: script, options, processes, ZeRO stage
+    "tiny qlora": ("qlora_summarize.py", SUMMARIZE, 1, None),
+    "tiny t5": ("t5_qa.py", ["--config", os.path.join(RECIPES, "t5_qa.yaml")], 1, None),
+    "tiny bert pairs": ("classify.py", ["--config", os.path.join(RECIPES, "mrpc.yaml")], 1, None),
+    "phi full": ("qlora_summarize.py", PHI + FULL, 1, None),
+    "phi full, no checkpointing": ("qlora_summarize.py", PHI + FULL + NO_CHECKPOINTING, 1, None),
+    "phi lora": ("qlora_summarize.py", PHI + LORA, 1, None),
+    "phi lora, no checkpointing": ("qlora_summarize.py", PHI + LORA + NO_CHECKPOINTING, 1, None),
+    "phi qlora": ("qlora_summarize.py", PHI, 1, None),
+    "phi qlora, no checkpointing": ("qlora_summarize.py", PHI + NO_CHECKPOINTING, 1, None),
+    "phi full, zero-2": ("qlora_summarize.py", PHI + FULL, 2, 2),
+    "phi lora, zero-3": ("qlora_summarize.py", PHI + LORA, 2, 3),
+    "phi qlora, zero-3": ("qlora_summarize.py", PHI, 2, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_memory_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, name):
+    script, args, processes, zero = CASES[name]
+    args = args + ["--max_steps", "2", "--eval_steps", "1000", "--save_steps", "1000"]
+    report, _ = preflight_of(tmp_path, script, args, processes, zero)
+    estimate = report["memory"]["total_gb"] * 2**30
+    measured = measured_peak(tmp_path, script, args, processes, zero)
+    assert 0.75 <= estimate / measured <= 1.25, (name, estimate / 2**20, measured / 2**20, report["memory"]["parts_gb"])
+
+
+def test_schedule_is_what_the_run_then_does_with_two_processes_epochs_and_accumulation(tmp_path):
+    # tiny MRPC: 80 examples, batches of 8 -> 10 micro-batches, 5 per process, 2 optimizer steps per epoch (GA 2)
+    args = ["--config", os.path.join(RECIPES, "mrpc.yaml"), "--num_train_epochs", "3", "--gradient_accumulation_steps",
+            "2", "--logging_steps", "1", "--save_total_limit", "100"]
+    report, _ = preflight_of(tmp_path, "classify.py", args, processes=2)
+    s = report["schedule"]
+    assert (s["processes"], s["micro_batches_per_epoch"], s["micro_batches_per_epoch_per_process"]) == (2, 10, 5)
+    assert (s["optimizer_steps_per_epoch"], s["total_steps"], s["evaluation_steps"]) == (2, 6, [2, 4])
+    out = tmp_path / "run"
+    launch("classify.py", args + ["--output_dir", str(out)], num_processes=2)
+    assert_run_follows(report, out)
+
+
+def test_schedule_is_what_the_run_then_does_with_max_steps_and_cadences(tmp_path):
+    args = ["--config", os.path.join(RECIPES, "t5_qa.yaml"), "--max_steps", "7", "--eval_steps", "3", "--save_steps",
+            "2", "--logging_steps", "2", "--max_eval_samples", "4", "--save_total_limit", "100"]
+    report, _ = preflight_of(tmp_path, "t5_qa.py", args)
+    s = report["schedule"]
+    assert (s["total_steps"], s["evaluation_steps"], s["save_steps"], s["log_events"]) == (7, [3, 6], [2, 4, 6], 4)
+    out = tmp_path / "run"
+    launch("t5_qa.py", args + ["--output_dir", str(out)])
+    assert_run_follows(report, out)
+
+
+def assert_run_follows(report: dict, out):
+    s = report["schedule"]
+    events = read_jsonl(out / "metrics.jsonl")
+    trained = [e["step"] for e in events if "train/loss" in e]
+    assert trained[-1] == s["total_steps"] and len(trained) == s["log_events"], trained
+    evaluated = [e["step"] for e in events if "eval/loss" in e]
+    assert evaluated == s["evaluation_steps"] + [s["total_steps"]], evaluated  # the last one is the final evaluation
+    saved = {int(name.split("_")[1]) for name in os.listdir(out / "checkpoints")}
+    planned = set(s["save_steps"]) | {s["total_steps"]}
+    assert planned <= saved and saved - planned <= set(s["evaluation_steps"]), (saved, planned)  # extras: new bests
+
+
+def test_a_recipe_that_does_not_fit_exits_3_naming_the_cheapest_change_that_fits(tmp_path):
+    args = PHI + FULL + ["--max_steps", "2"]
+    report, _ = preflight_of(tmp_path, "qlora_summarize.py", args)
+    parts, total = report["memory"]["parts_gb"], report["memory"]["total_gb"]
+    # a device on which the run misses by a quarter of its optimizer state: 8-bit state (a quarter of it) fits
+    budget = (total - parts["optimizer"] / 4) / report["memory"]["headroom"]
+    shutil.rmtree(tmp_path / "preflight")
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args + ["--device_memory_gb", str(budget)], code=3)
+    advice = report["memory"]["advice"]
+    assert advice["change"] == {"optim": "paged_adamw_8bit"}, advice
+    assert advice["total_gb"] <= budget * report["memory"]["headroom"]
+    assert "does NOT fit" in stdout and "cheapest change that fits: optim: paged_adamw_8bit" in stdout
+    shutil.rmtree(tmp_path / "preflight")
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args + ["--device_memory_gb", "0.001"], code=3)
+    assert report["memory"]["advice"] is None and "none found" in stdout
+
+
+@pytest.mark.parametrize("option, message", [(["--device_memory_gb", "0"], "device_memory_gb: must be > 0"),
+                                             (["--train_file", "missing.jsonl"], "train_file: file not found")])
+def test_bad_input_to_preflight_is_one_line_and_exit_2_writing_nothing(tmp_path, option, message):
+    out = tmp_path / "run"
+    proc = run_python("qlora_summarize.py", SUMMARIZE + ["--output_dir", str(out), "--preflight", "true", *option])
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
