@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/training_speed.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/chunked_loss.py
+	$(BIN)/python benchmarks/preflight.py
 	$(MAKE) bench-gpu
 
 # GPU only (each says it skipped where there is no CUDA): real-size Phi-2 QLoRA and T5-base steps with

@@ -163,8 +163,8 @@ class PreflightArguments:
     preflight_device: str = opt("auto", "What --preflight estimates for: auto (a GPU if one is visible, else the CPU), "
                                         "cuda (e.g. a GPU job checked on a login node) or cpu.",
                                 choices=["auto", "cuda", "cpu"])
-    assumed_mfu: float = opt(0.35, "Model FLOPs utilisation --preflight assumes for its time estimate.",
-                             min_exclusive=0, max=1)
+    assumed_mfu: float = opt(0.1, "Model FLOPs utilisation --preflight assumes for its time estimate (measured on "
+                                  "an H100: 2-13%, benchmarks/README.md).", min_exclusive=0, max=1)
 
 
 @dataclass

@@ -377,8 +377,13 @@ def max_length_of(config, model_config) -> int:
     return config.max_length or limit
 
 
-def training_setup(model, config):
-    """Gradient checkpointing (non-reentrant, no KV cache) and compiled blocks, as the recipe asks; returns the model."""
+def training_setup(model, config, pad_token_id: int | None = None):
+    """The loaded model made ready to train as the recipe asks: its padding id (decoders classify at the last token
+    that is not padding), ``trainable_modules``, gradient checkpointing (non-reentrant, no KV cache), compiled
+    blocks; returns the model."""
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    freeze_except(model, getattr(config, "trainable_modules", None))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

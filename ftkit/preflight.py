@@ -134,6 +134,9 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                      and m is not model.get_output_embeddings() and name.rsplit(".", 1)[-1] not in HEAD_NAMES]
         model.is_loaded_in_4bit, model.is_loaded_in_8bit = config.load_in_4bit, config.load_in_8bit
     model = setup(model, dataclasses.replace(config, torch_compile=False))
+    compute = modeling.DTYPES[config.bnb_4bit_compute_dtype] if config.load_in_4bit else torch.float32
+    for m in quantized:  # k-bit preparation upcast them as it does every unquantized weight; bitsandbytes' stay
+        m.weight.data = m.weight.data.to(compute)  # and a matmul never saves a cast copy of them for backward
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
@@ -327,10 +330,15 @@ def time_section(config, model_cfg, memory: dict, data_info: dict, schedule: dic
     return out
 
 
-def run(acc, config, *, model_cfg, auto_cls, setup, step_loss, splits: dict, counts: dict, pad_token_id: int,
-        windows_per_epoch: int, total_steps: int, num_batches: int) -> None:
+def run(acc, config, model_cfg, auto_cls, step_loss, train_dl, splits: dict, counts: dict, setup) -> None:
     """``--preflight``: print the table, write ``output_dir/preflight.json`` and exit 0 if the run fits its device,
-    3 if not (with the cheapest change that fits); nothing else is written."""
+    3 if not (with the cheapest change that fits); nothing else is written. ``step_loss(model, batch)`` and
+    ``setup(model, config)`` are the script's own: a micro-batch's loss, the loaded model made ready to train;
+    ``train_dl`` the training loader (before ``prepare``), ``splits`` the tokenized data, ``counts`` what each
+    split dropped or truncated."""
+    num_batches, pad_token_id = len(train_dl), train_dl.collate_fn.pad_token_id
+    windows_per_epoch = loop.windows_per_epoch(config, num_batches, acc.num_processes, len(splits["train"]))
+    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
     device = config.preflight_device if config.preflight_device != "auto" else (
         "cuda" if torch.cuda.is_available() else "cpu")
     plugin = acc.state.deepspeed_plugin
@@ -386,14 +394,14 @@ def table(report: dict) -> str:
               f"  {s['micro_batches_per_epoch']} micro-batches per epoch ({s['micro_batches_per_epoch_per_process']} per "
               f"process), {s['optimizer_steps_per_epoch']} optimizer steps per epoch of {s['examples_per_step']} examples",
               f"  {s['total_steps']} steps ({s['epochs']:.2f} epochs), {s['warmup_steps']} warmup; "
-              f"{len(s['evaluation_steps'])} evaluations during training + 1 final; checkpoints at "
-              f"{len(s['save_steps'])} steps + the last (and at each new best)"]
+              f"evaluations: {len(s['evaluation_steps'])} during training + the final one; checkpoints: "
+              f"{len(s['save_steps'])} by save_steps + the last (and one at each new best)"]
     m = report["memory"]
     lines += ["", f"memory per device (longest micro-batch {m['longest_batch'][0]} x {m['longest_batch'][1]} tokens; "
                   f"{m['trainable_params']:,} trainable of {m['trainable_params'] + m['frozen_params']:,} parameters)"]
-    lines += [f"  {k:<24} {_gb(v):>10}" for k, v in m["parts_gb"].items()]
-    lines += [f"  {'activations ' + k.replace('_', ' '):<24} {_gb(v):>10}" for k, v in m["activations_gb"].items()]
-    lines.append(f"  {'total':<24} {_gb(m['total_gb']):>10} of {_gb(m['budget_gb'])} ({m['budget_from']}): "
+    lines += [f"  {k:<34} {_gb(v):>10}" for k, v in m["parts_gb"].items()]
+    lines += [f"  {'(activations ' + k.replace('_', ' ') + ')':<34} {_gb(v):>10}" for k, v in m["activations_gb"].items()]
+    lines.append(f"  {'total':<34} {_gb(m['total_gb']):>10} of {_gb(m['budget_gb'])} ({m['budget_from']}): "
                  + ("fits" if m["fits"] else f"does NOT fit ({100 * m['headroom']:.0f}% usable)"))
     if not m["fits"]:
         fix = m["advice"]

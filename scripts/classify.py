@@ -12,8 +12,6 @@ checkpoint kept and reloaded, metrics on every split, test predictions, ``--pred
     accelerate launch scripts/classify.py --config recipes/tiny/spam.yaml
     # BERT on MRPC, one GPU
     accelerate launch scripts/classify.py --config recipes/bert_mrpc.yaml
-    # 8 GPUs with DeepSpeed ZeRO-2
-    accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml scripts/classify.py --config recipes/bert_imdb.yaml
     # label a new text with a trained model
     python scripts/classify.py --predict --model outputs/gpt2_spam/final --text "WIN a FREE prize, call now"
 """
@@ -177,13 +175,6 @@ def model_inputs(batch) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
-def setup(model, config, pad_token_id: int):
-    """The loaded model made ready to train: its padding id, trainable_modules, checkpointing, torch_compile."""
-    model.config.pad_token_id = pad_token_id  # decoders pool at the last token that is not padding
-    modeling.freeze_except(model, config.trainable_modules)
-    return modeling.training_setup(model, config)
-
-
 def step_loss(model, batch: dict):
     """A micro-batch's summed cross-entropy; the training loop's and --preflight's."""
     logits = model(**model_inputs(batch)).logits.float()
@@ -247,13 +238,11 @@ def main(config):
     windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
-        preflight.run(acc, config, model_cfg=model_cfg, auto_cls=AutoModel, step_loss=step_loss,
-                      setup=lambda model, c: setup(model, c, tokenizer.pad_token_id), splits=tokenized, counts=counts,
-                      pad_token_id=tokenizer.pad_token_id, windows_per_epoch=windows_per_epoch,
-                      total_steps=total_steps, num_batches=len(train_dl))
+        preflight.run(acc, config, model_cfg, AutoModel, step_loss, train_dl, tokenized, counts,
+                      setup=lambda model, c: modeling.training_setup(model, c, tokenizer.pad_token_id))
 
-    model = setup(modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs), config,
-                  tokenizer.pad_token_id)
+    model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
+    model = modeling.training_setup(model, config, tokenizer.pad_token_id)  # trainable_modules, checkpointing
     logger.info(modeling.describe_parameters(model))
 
     optimizer, scheduler = optim.build(model, config, total_steps)

@@ -196,10 +196,9 @@ def main(config):
     windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
-        preflight.run(acc, config, model_cfg=model_cfg, auto_cls=AutoModelForCausalLM, setup=setup,
-                      step_loss=lambda m, b: step_loss(m, b, config), splits={"train": train_ds, "validation": eval_ds},
-                      counts={"train": train_counts, "validation": eval_counts}, pad_token_id=tokenizer.pad_token_id,
-                      windows_per_epoch=windows_per_epoch, total_steps=total_steps, num_batches=len(train_dl))
+        preflight.run(acc, config, model_cfg, AutoModelForCausalLM, lambda m, b: step_loss(m, b, config), train_dl,
+                      {"train": train_ds, "validation": eval_ds}, {"train": train_counts, "validation": eval_counts},
+                      setup=setup)
 
     model = setup(modeling.load_pretrained(AutoModelForCausalLM, source, config, acc), config)
     logger.info(modeling.describe_parameters(model))

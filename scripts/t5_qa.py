@@ -227,10 +227,8 @@ def main(config):
     windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
     if config.preflight:  # what the run will need, on fake tensors (token ids do not matter): exits 0 (fits) or 3
-        preflight.run(acc, config, model_cfg=model_cfg, auto_cls=AutoModelForSeq2SeqLM, setup=modeling.training_setup,
-                      step_loss=lambda model, batch: seq2seq_loss(model, batch, 0, 0)[0].sum(), splits=tokenized,
-                      counts=counts, pad_token_id=tokenizer.pad_token_id, windows_per_epoch=windows_per_epoch,
-                      total_steps=total_steps, num_batches=len(train_dl))
+        preflight.run(acc, config, model_cfg, AutoModelForSeq2SeqLM, lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(),
+                      train_dl, tokenized, counts, setup=modeling.training_setup)
 
     model = modeling.training_setup(modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc), config)
     pad = model.config.pad_token_id

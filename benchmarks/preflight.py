@@ -1,0 +1,102 @@
+"""Preflight at real size, on this machine without a GPU or the hub (``--preflight_device cuda``):
+
+1. The preflight of the Phi-2 QLoRA recipe (recipes/phi2_qlora_dialogsum.yaml) for one 80 GB GPU: Phi-2's
+   architecture from its published config (2.7B parameters, 32 layers, hidden 2560, vocabulary 51200), a
+   byte-level BPE tokenizer of that vocabulary size trained on the DialogSum training set, and DialogSum from
+   ../shared/realdata (this part is skipped when that folder is absent). Token counts follow that tokenizer, not
+   Phi-2's own; the memory estimate is of Phi-2's shapes.
+2. The estimate for the set-ups benchmarks/gpu.py measured on an H100 (results/gpu.json: Phi-2-shaped QLoRA at
+   1 x 512 and 4 x 1024 tokens, T5-base-shaped full fine-tune at 32 x (512 + 128)), against those measured
+   peaks (torch.cuda.max_memory_allocated). That run had the QLoRA model in eval mode: no gradient checkpointing
+   and no dropout, which the estimate here reproduces.
+
+Writes results/preflight.json and prints the table and the ratios."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import fixtures
+from gpu import PHI2, T5_BASE
+from harness import REAL, RESULTS, ROOT, env
+
+PHI2_YAML = "{" + ", ".join(f"{k}: {v}" for k, v in PHI2.items()) + "}"
+
+
+def recipe_preflight() -> dict | None:
+    folder = os.path.join(REAL, "dialogsum")
+    if not os.path.isdir(folder):
+        print(f"Phi-2 recipe preflight skipped: {folder} is absent")
+        return None
+    out = os.path.join(ROOT, "outputs", "preflight_phi2")
+    shutil.rmtree(out, ignore_errors=True)
+    train = os.path.join(folder, "dialogsum.train.jsonl")
+    args = ["--config", os.path.join(ROOT, "recipes", "phi2_qlora_dialogsum.yaml"), "--model_name_or_path", "null",
+            "--model_config", PHI2_YAML, "--tokenizer_files", train, "--tokenizer_vocab_size", "51200",
+            "--train_file", train, "--validation_file", os.path.join(folder, "dialogsum.dev.jsonl"),
+            "--report_to", "none", "--output_dir", out, "--preflight", "true", "--preflight_device", "cuda",
+            "--device_memory_gb", "80", "--peak_tflops", "989"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "qlora_summarize.py"), *args], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=1800)
+    if proc.returncode not in (0, 3):
+        raise RuntimeError(f"preflight failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    print(proc.stdout[proc.stdout.index("preflight:"):])
+    return json.load(open(os.path.join(out, "preflight.json")))
+
+
+def against_gpu_measurements() -> dict:
+    """Estimates for gpu.py's three set-ups next to the peaks it measured."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from ftkit import modeling, preflight
+
+    measured = json.load(open(os.path.join(RESULTS, "gpu.json")))
+    phi = dict(PHI2)
+    phi_cfg = AutoConfig.for_model(phi.pop("model_type"), **phi)
+    t5 = dict(T5_BASE)
+    t5_cfg = AutoConfig.for_model(t5.pop("model_type"), decoder_start_token_id=0, pad_token_id=0, **t5)
+    common = {"output_dir": "unused", "train_file": "unused.jsonl", "bf16": True, "max_grad_norm": 1.0}
+    qlora = fixtures.script_config("qlora_summarize", "SummarizeConfig", {
+        **common, "model_name_or_path": "phi-2-shaped", "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16",
+        "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.0, "gradient_checkpointing": False,
+        "optim": "paged_adamw_8bit"})
+    full = fixtures.script_config("t5_qa", "QAConfig", {
+        **common, "model_name_or_path": "t5-base-shaped", "torch_dtype": "bfloat16", "optim": "adamw_torch_fused"})
+
+    def qlora_setup(model, config):
+        model.config.use_cache = False
+        return modeling.add_lora(model, config, task_type="CAUSAL_LM")
+
+    def loss(model, batch):
+        return model(**batch).loss
+
+    rows = {}
+    for batch, seq in ((1, 512), (4, 1024)):
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        parts = preflight.fake_step(qlora, phi_cfg, AutoModelForCausalLM, qlora_setup, loss,
+                                    {"input_ids": ids, "labels": ids}, "cuda")
+        rows[f"qlora {batch}x{seq}"] = parts
+    ids, labels = torch.zeros(32, 512, dtype=torch.long), torch.zeros(32, 128, dtype=torch.long)
+    rows["t5-base full"] = preflight.fake_step(full, t5_cfg, AutoModelForSeq2SeqLM, modeling.training_setup, loss,
+                                               {"input_ids": ids, "labels": labels}, "cuda")
+    out = {}
+    for name, parts in rows.items():
+        estimate = sum(parts[k] for k in ("weights", "gradients", "optimizer", "activations")) / 2**30
+        peak = measured["results"][name]["peak_gib"]
+        out[name] = {"estimate_gib": estimate, "measured_gib": peak, "ratio": estimate / peak}
+        print(f"{name:<14} estimate {estimate:6.2f} GiB  measured {peak:6.2f} GiB  ratio {estimate / peak:.3f}")
+    return {"measured_on": measured["machine"], "measured_when": measured["when"], "rows": out}
+
+
+def main() -> None:
+    report = {"phi2_recipe": recipe_preflight(), "against_gpu_measurements": against_gpu_measurements()}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "preflight.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
