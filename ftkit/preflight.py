@@ -247,10 +247,10 @@ class Estimate:
                    key=lambda b: (padded_length(max(self.lengths[i] for i in b), config) * len(b), len(b)))
         return data.PadCollator(self.pad_token_id, data.pad_multiple(config))([self.train_ds[i] for i in rows])
 
-    def __call__(self, config, zero: dict | None = ..., num_processes: int | None = None) -> dict:
+    def __call__(self, config, zero: dict | None = ...) -> dict:
         batch = self.longest_batch(config)
         parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device)
-        on_device = per_device(parts, num_processes or self.num_processes, self.zero if zero is ... else zero,
+        on_device = per_device(parts, self.num_processes, self.zero if zero is ... else zero,
                                tracking.model_dims(self.model_cfg)[1], config.bf16)
         return {"parts": on_device, "total": sum(on_device.values()), "longest_batch": list(batch["input_ids"].shape),
                 "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"]}
@@ -268,27 +268,40 @@ def budget_bytes(config, num_processes: int) -> tuple[float, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(num_processes, 1), "RAM per process"
 
 
-def changes_to_try(config, num_processes: int, zero: dict | None) -> list[tuple[dict, dict | None]]:
-    """Changes that cut memory, cheapest first in lost speed: 8-bit optimizer state, chunked loss, ZeRO-2, a smaller
-    micro-batch with more accumulation (same effective batch), gradient checkpointing, ZeRO-3; as (options, zero)."""
-    out = []
+DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+def _zero_of(name: str) -> dict | None:
+    """The zero_optimization section of ds_configs/<name> (None where the repository's configs are absent)."""
+    path = os.path.join(DS_CONFIGS, name)
+    return json.load(open(path)).get("zero_optimization", {}) if os.path.isfile(path) else None
+
+
+def changes_to_try(config, num_processes: int, zero: dict | None) -> list[tuple[dict, dict, dict]]:
+    """Changes that cut memory, cheapest first in lost speed: DeepSpeed's gradient buckets sized to the model,
+    8-bit optimizer state, chunked loss, ZeRO-2, a smaller micro-batch with more accumulation (same effective
+    batch), gradient checkpointing, ZeRO-3; as (what to tell the user, config options, zero_optimization keys)."""
+    cheap, stage = [], int(zero.get("stage", 0)) if zero else -1
+    if 0 <= stage <= 2 and zero.get("reduce_bucket_size", 5e8) != "auto":
+        cheap.append(({"zero_optimization.reduce_bucket_size": "auto"}, {}, {"reduce_bucket_size": "auto"}))
     if config.optim in ("adamw_torch", "adamw_torch_fused"):
-        out.append(({"optim": "paged_adamw_8bit"}, ...))
-    if hasattr(config, "cross_entropy_chunk_tokens") and not config.cross_entropy_chunk_tokens and (
-            zero is None or int(zero.get("stage", 0)) < 3):
-        out.append(({"cross_entropy_chunk_tokens": 1024}, ...))
-    stage = int(zero.get("stage", 0)) if zero else -1
-    if num_processes > 1 and stage < 2:
-        out.append(({"deepspeed": "ds_configs/zero2.json"}, {"stage": 2}))
-    batch, accumulate = config.per_device_train_batch_size, config.gradient_accumulation_steps
+        cheap.append(({"optim": "paged_adamw_8bit"}, {"optim": "paged_adamw_8bit"}, {}))
+    if hasattr(config, "cross_entropy_chunk_tokens") and not config.cross_entropy_chunk_tokens and stage < 3:
+        cheap.append(({"cross_entropy_chunk_tokens": 1024}, {"cross_entropy_chunk_tokens": 1024}, {}))
+    zero2, zero3 = (_zero_of(name) if num_processes > 1 and stage < level else None
+                    for name, level in (("zero2.json", 2), ("zero3.json", 3)))
+    if zero2 is not None:
+        cheap.append(({"deepspeed": "ds_configs/zero2.json"}, {}, zero2))
+    batch, accumulate, slower = config.per_device_train_batch_size, config.gradient_accumulation_steps, []
     while batch > 1:
         batch, accumulate = batch // 2, accumulate * 2
-        out.append(({"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulate}, ...))
+        change = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accumulate}
+        slower.append((change, change, {}))
     if not config.gradient_checkpointing:
-        out.append(({"gradient_checkpointing": True}, ...))
-    if num_processes > 1 and stage < 3:
-        out.append(({"deepspeed": "ds_configs/zero3.json"}, {"stage": 3}))
-    return out
+        slower.append(({"gradient_checkpointing": True}, {"gradient_checkpointing": True}, {}))
+    if zero3 is not None:
+        slower.append(({"deepspeed": "ds_configs/zero3.json"}, {}, zero3))
+    return cheap + slower
 
 
 def cheapest_fix(config, estimate: Estimate, usable: float) -> dict | None:
@@ -296,18 +309,21 @@ def cheapest_fix(config, estimate: Estimate, usable: float) -> dict | None:
     the run fits (None if even all of them do not)."""
     import dataclasses
 
+    def total(options: dict, zero_keys: dict, base: dict | None) -> float:
+        zero = {**(base or {}), **zero_keys} if zero_keys else base
+        return estimate(dataclasses.replace(config, **options), zero)["total"]
+
     tried = changes_to_try(config, estimate.num_processes, estimate.zero)
-    for options, zero in tried:
-        result = estimate(dataclasses.replace(config, **options), zero)
-        if result["total"] <= usable:
-            return {"change": options, "total_gb": result["total"] / GB}
-    combined, zero, last = {}, ..., None
-    for options, z in tried:
+    for shown, options, zero_keys in tried:
+        if (size := total(options, zero_keys, estimate.zero)) <= usable:
+            return {"change": shown, "total_gb": size / GB}
+    shown_all, combined, zero = {}, {}, estimate.zero
+    for shown, options, zero_keys in tried:
+        shown_all.update(shown)
         combined.update(options)
-        zero = zero if z is ... else z
-        last = estimate(dataclasses.replace(config, **combined), zero)
-        if last["total"] <= usable:
-            return {"change": dict(combined), "total_gb": last["total"] / GB}
+        zero = {**(zero or {}), **zero_keys} if zero_keys else zero
+        if (size := total(combined, {}, zero)) <= usable:
+            return {"change": dict(shown_all), "total_gb": size / GB}
     return None
 
 

@@ -158,3 +158,13 @@ def test_bad_input_to_preflight_is_one_line_and_exit_2_writing_nothing(tmp_path,
     proc = run_python("qlora_summarize.py", SUMMARIZE + ["--output_dir", str(out), "--preflight", "true", *option])
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_under_zero2_the_advice_is_gradient_buckets_sized_to_the_model(tmp_path):
+    # ds_configs/zero2.json asks DeepSpeed for two buckets of 5e8 gradient elements (3.7 GiB in fp32), whatever
+    # the model: on a 1 GB device the tiny recipe fits only once the buckets are sized to it ("auto")
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", SUMMARIZE + ["--device_memory_gb", "1"],
+                                  processes=2, zero=2, code=3)
+    assert report["exit_code"] == 3 and report["memory"]["parts_gb"]["buckets"] > 3.5
+    assert report["memory"]["advice"]["change"] == {"zero_optimization.reduce_bucket_size": "auto"}
+    assert "cheapest change that fits: zero_optimization.reduce_bucket_size: auto" in stdout
