@@ -235,18 +235,15 @@ def whole_model_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-@contextlib.contextmanager
 def gathered(model):
-    """The whole weights of a model that ZeRO-3 partitioned as it loaded (before its engine exists), e.g. to
-    evaluate the base model; a no-op otherwise."""
+    """A context with the whole weights of a model that ZeRO-3 partitioned as it loaded (before its engine exists),
+    e.g. to evaluate the base model; a no-op otherwise."""
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
-        yield
-        return
+        return contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params):
-        yield
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def skeleton_of(model_cfg, auto_model_cls):
