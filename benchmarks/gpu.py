@@ -20,8 +20,6 @@ configs (CPU allowed), which is how the code path is tested without a GPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import tempfile
@@ -181,32 +179,21 @@ def build(workdir: str, kind: str, tiny: bool) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="tiny configs, CPU allowed: a smoke run of the code path")
-    p.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.probe:
-        kind, spec = args.probe[0], json.loads(args.probe[1])
-        fn = qlora if kind == "qlora" else t5_full
-        print(json.dumps(fn(*spec, tiny=args.tiny)), flush=True)
-        return 0
+    args = harness.probe_cli(__doc__, "tiny configs, CPU allowed: a smoke run of the code path",
+                             {"qlora": qlora, "t5": t5_full})
     import torch
 
     if not torch.cuda.is_available() and not args.tiny:
         print("gpu benchmarks: no CUDA device here, skipped (results/gpu.json is left as it was)")
         return 0
-    tiny = ["--tiny"] if args.tiny else []
     results = {}
     with tempfile.TemporaryDirectory() as workdir:
         phi = build(workdir, "phi", args.tiny)
         for batch, seq in QLORA_SHAPES:
-            proc = harness.run([sys.executable, os.path.abspath(__file__), *tiny, "--probe", "qlora",
-                                json.dumps([phi, batch, seq])])
-            results[f"qlora {batch}x{seq}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[f"qlora {batch}x{seq}"] = harness.probe(__file__, "qlora", [phi, batch, seq], args.tiny)
             print(f"Phi-2-shaped QLoRA {batch}x{seq}: {results[f'qlora {batch}x{seq}']}", flush=True)
         t5 = build(workdir, "t5", args.tiny)
-        proc = harness.run([sys.executable, os.path.abspath(__file__), *tiny, "--probe", "t5", json.dumps([t5, *T5_SHAPE])])
-        results["t5-base full"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["t5-base full"] = harness.probe(__file__, "t5", [t5, *T5_SHAPE], args.tiny)
         print(f"T5-base-shaped full fine-tune {T5_SHAPE}: {results['t5-base full']}", flush=True)
     if args.tiny:  # a smoke run: nothing to record
         return 0

@@ -24,7 +24,6 @@ Targets (ratios of tokens/s, measured in the same invocation): ftkit / bare >= 0
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -99,23 +98,9 @@ def trainer_probe(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
     return {"tokens_per_s": batch * seq / statistics.median(intervals)}
 
 
-def probe_in_process(kind: str, model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
-    tiny_flag = ["--tiny"] if tiny else []
-    proc = harness.run([sys.executable, os.path.abspath(__file__), *tiny_flag, "--probe", kind,
-                        json.dumps([model_dir, batch, seq])])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="the tiny recipe's model, CPU allowed: a check of the code path")
-    p.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.probe:
-        kind, (model_dir, batch, seq) = args.probe[0], json.loads(args.probe[1])
-        fn = trainer_probe if kind == "trainer" else gpu.qlora
-        print(json.dumps(fn(model_dir, batch, seq, tiny=args.tiny)), flush=True)
-        return 0
+    args = harness.probe_cli(__doc__, "the tiny recipe's model, CPU allowed: a check of the code path",
+                             {"trainer": trainer_probe, "bare": gpu.qlora})
     import torch
 
     if not torch.cuda.is_available() and not args.tiny:
@@ -127,8 +112,9 @@ def main() -> int:
             shape = f"{batch}x{seq}"
             ftkit = ftkit_run(workdir, batch, seq, args.tiny)
             model_dir = ftkit.pop("base_model")  # the very model ftkit trained (random init, offline vocabulary)
-            results[shape] = {"ftkit": ftkit, "bare loop": probe_in_process("bare", model_dir, batch, seq, args.tiny),
-                              "HF Trainer": probe_in_process("trainer", model_dir, batch, seq, args.tiny)}
+            results[shape] = {"ftkit": ftkit,
+                              "bare loop": harness.probe(__file__, "bare", [model_dir, batch, seq], args.tiny),
+                              "HF Trainer": harness.probe(__file__, "trainer", [model_dir, batch, seq], args.tiny)}
             tps = {name: r["tokens_per_s"] for name, r in results[shape].items()}
             ratios[shape] = {"vs_bare": tps["ftkit"] / tps["bare loop"], "vs_trainer": tps["ftkit"] / tps["HF Trainer"]}
             print(f"{shape}: tokens/s {tps}; ftkit / bare {ratios[shape]['vs_bare']:.3f} "

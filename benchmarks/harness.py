@@ -49,6 +49,27 @@ def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     return proc
 
 
+def probe(script: str, kind: str, args: list, tiny: bool) -> dict:
+    """``script --probe KIND JSON`` in a fresh interpreter (one model per process): the JSON its last line prints."""
+    proc = run([sys.executable, os.path.abspath(script), *(["--tiny"] if tiny else []), "--probe", kind, json.dumps(args)])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def probe_cli(doc: str, tiny_help: str, probes: dict):
+    """A GPU benchmark's command line: ``--tiny``, and the hidden ``--probe KIND JSON`` that :func:`probe` runs: it
+    prints ``probes[KIND](*JSON, tiny=...)`` as JSON and exits. Returns the parsed arguments otherwise."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    p.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.probe:
+        print(json.dumps(probes[args.probe[0]](*json.loads(args.probe[1]), tiny=args.tiny)), flush=True)
+        sys.exit(0)
+    return args
+
+
 def accelerate_launch(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """One CPU/GPU process through ``accelerate launch``, as the README runs the recipes."""
     return run([os.path.join(BIN, "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",

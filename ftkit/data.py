@@ -317,10 +317,10 @@ class PadCollator:
     def __call__(self, features: list[dict]) -> dict:
         if "attention_mask" not in features[0]:
             features = [{**f, "attention_mask": [1] * len(f["input_ids"])} for f in features]
-        batch, m = {}, self.pad_to_multiple_of
+        batch = {}
         for key in [k for k in features[0] if isinstance(features[0][k], (list, tuple))]:
-            longest = max(len(f[key]) for f in features)  # each key to its own: seq2seq labels are shorter
-            longest = math.ceil(longest / m) * m if m else longest
+            # each key to its own longest: seq2seq labels are shorter than the inputs
+            longest = round_up(max(len(f[key]) for f in features), self.pad_to_multiple_of)
             fill = {"input_ids": self.pad_token_id, "labels": -100}.get(key, 0)
             rows = []
             for f in features:
@@ -405,16 +405,26 @@ def pad_multiple(config) -> int | None:
     return config.pad_to_multiple_of or (8 if torch.cuda.is_available() else None)
 
 
+def round_up(n: int, multiple: int | None) -> int:
+    """``n`` padded to a multiple of ``multiple`` (None: unchanged)."""
+    return math.ceil(n / multiple) * multiple if multiple else n
+
+
 def pin_memory(config) -> bool:
     """Pinned host memory for the training batches: only useful (and only used) with a GPU."""
     return config.dataloader_pin_memory and torch.cuda.is_available()
 
 
+def train_sampler(lengths, config) -> TrainBatchSampler:
+    """The training batch sampler the recipe asks for: seeded, optionally length-grouped, dropping the last batch."""
+    return TrainBatchSampler(lengths, config.per_device_train_batch_size, config.seed,
+                             group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
+
+
 def train_loader(ds, pad_token_id: int, config) -> tuple[torch.utils.data.DataLoader, TrainBatchSampler]:
     """The training DataLoader of every script: the seeded (optionally length-grouped) batch sampler
     over ``ds["length"]``, dynamic padding to :func:`pad_multiple`, workers and pinning from the config."""
-    sampler = TrainBatchSampler(ds["length"], config.per_device_train_batch_size, config.seed,
-                                group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last)
+    sampler = train_sampler(ds["length"], config)
     collate = PadCollator(pad_token_id, pad_multiple(config))
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=config.dataloader_num_workers, pin_memory=pin_memory(config))

@@ -246,12 +246,12 @@ def gathered(model):
     return deepspeed.zero.GatheredParameters(params)
 
 
-def skeleton_of(model_cfg, auto_model_cls):
-    """The model's modules on the meta device (no memory, no weights) for checks before loading."""
+def skeleton_of(model_cfg, auto_model_cls, **kwargs):
+    """The model's modules on the meta device (no memory, no weights) for checks before loading and preflight."""
     from accelerate import init_empty_weights
 
     with whole_model_init(), init_empty_weights():
-        return auto_model_cls.from_config(model_cfg)
+        return auto_model_cls.from_config(model_cfg, **kwargs)
 
 
 def check_lora_targets(model_cfg, auto_model_cls, targets: list[str]) -> None:

@@ -4,6 +4,7 @@ no weights), time, a verdict and the cheapest change that fits. Not here: loadin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -14,7 +15,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ftkit import data, loop, optim, tracking
+from ftkit import data, distributed, loop, modeling, optim, tracking
 
 logger = logging.getLogger("ftkit")
 
@@ -60,13 +61,11 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def batches_of(lengths: list[int], config) -> list[list[int]]:
     """The first epoch's micro-batches (example indices) as the training sampler draws them."""
-    return data.TrainBatchSampler(lengths, config.per_device_train_batch_size, config.seed,
-                                  group_by_length=config.group_by_length, drop_last=config.dataloader_drop_last).batches()
+    return data.train_sampler(lengths, config).batches()
 
 
 def padded_length(n: int, config) -> int:
-    m = data.pad_multiple(config)
-    return math.ceil(n / m) * m if m else n
+    return data.round_up(n, data.pad_multiple(config))
 
 
 def data_section(splits: dict, counts: dict, config) -> dict:
@@ -74,13 +73,14 @@ def data_section(splits: dict, counts: dict, config) -> dict:
     efficiency of the configured batching (dynamic padding, length grouping, packing)."""
     out = {}
     for name, ds in splits.items():
-        lengths = sorted(ds["length"])
+        unsorted = list(ds["length"])
+        lengths = sorted(unsorted)
         entry = {"examples": len(ds), **counts.get(name, {}),
                  "tokens": {f"p{q}": lengths[min(len(lengths) - 1, int(q / 100 * len(lengths)))] for q in (50, 90, 99)}
                  | {"max": lengths[-1], "total": sum(lengths)}}
         if name == "train":
-            batches = batches_of(ds["length"], config)
-            padded = sum(padded_length(max(ds["length"][i] for i in b), config) * len(b) for b in batches)
+            batches = batches_of(unsorted, config)
+            padded = sum(padded_length(max(unsorted[i] for i in b), config) * len(b) for b in batches)
             entry["padding_efficiency"] = sum(lengths) / max(padded, 1)
             if "examples" in ds.column_names:  # packed rows
                 entry["packed_examples"] = sum(ds["examples"])
@@ -120,14 +120,9 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
     """Two training steps (forward, loss and backward of up to two micro-batches, clipping, optimizer) of the model
     as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive counted: returns the
     bytes by part on one device."""
-    import dataclasses
-
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ftkit import modeling
-
-    with modeling.whole_model_init(), torch.device("meta"):
-        model = auto_cls.from_config(model_cfg, dtype=weights_dtype(config, model_cfg))
+    model = modeling.skeleton_of(model_cfg, auto_cls, dtype=weights_dtype(config, model_cfg))
     quantized = []
     if config.load_in_4bit or config.load_in_8bit:  # bitsandbytes' layers: fake ones in the compute dtype
         quantized = [m for name, m in model.named_modules() if type(m) is torch.nn.Linear
@@ -174,7 +169,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                     for p in trainable)
     if quantized:  # their real size, and one weight dequantized at a time in the compute dtype
         weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
-        activations += max(m.weight.numel() for m in quantized) * (4 if config.bnb_4bit_compute_dtype == "float32" else 2)
+        activations += max(m.weight.numel() for m in quantized) * compute.itemsize
     trainable_params = sum(p.numel() for p in trainable)
     return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
             "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
@@ -184,8 +179,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
 
 def weights_dtype(config, model_cfg) -> torch.dtype:
     """The dtype ``modeling.load_pretrained`` gives the (unquantized) weights."""
-    from ftkit.modeling import DTYPES
-
+    DTYPES = modeling.DTYPES
     if config.torch_dtype != "auto":
         return DTYPES[config.torch_dtype]
     if config.load_in_4bit:
@@ -274,7 +268,8 @@ DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def _zero_of(name: str) -> dict | None:
     """The zero_optimization section of ds_configs/<name> (None where the repository's configs are absent)."""
     path = os.path.join(DS_CONFIGS, name)
-    return json.load(open(path)).get("zero_optimization", {}) if os.path.isfile(path) else None
+    return distributed.read_deepspeed_config(path, "deepspeed").get("zero_optimization", {}) if os.path.isfile(
+        path) else None
 
 
 def changes_to_try(config, num_processes: int, zero: dict | None) -> list[tuple[dict, dict, dict]]:
@@ -307,7 +302,6 @@ def changes_to_try(config, num_processes: int, zero: dict | None) -> list[tuple[
 def cheapest_fix(config, estimate: Estimate, usable: float) -> dict | None:
     """The first change of :func:`changes_to_try` that fits; else the changes together, one after another, until
     the run fits (None if even all of them do not)."""
-    import dataclasses
 
     def total(options: dict, zero_keys: dict, base: dict | None) -> float:
         zero = {**(base or {}), **zero_keys} if zero_keys else base
@@ -362,13 +356,10 @@ def run(acc, config, model_cfg, auto_cls, step_loss, train_dl, splits: dict, cou
     estimate = Estimate(config, model_cfg, auto_cls, setup, step_loss, splits["train"], pad_token_id,
                         acc.num_processes, zero, device)
     memory = estimate(config)
-    import dataclasses
-
     other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing))
-    memory["activations_gb"] = {("with" if config.gradient_checkpointing else "without") + "_checkpointing":
-                                memory["parts"]["activations"] / GB,
-                                ("without" if config.gradient_checkpointing else "with") + "_checkpointing":
-                                other["parts"]["activations"] / GB}
+    with_, without = (memory, other) if config.gradient_checkpointing else (other, memory)
+    memory["activations_gb"] = {"with_checkpointing": with_["parts"]["activations"] / GB,
+                                "without_checkpointing": without["parts"]["activations"] / GB}
     budget, source = budget_bytes(config, acc.num_processes)
     fits = memory["total"] <= HEADROOM * budget
     report = {"device": device, "processes": acc.num_processes, "zero_stage": (zero or {}).get("stage"),

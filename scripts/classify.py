@@ -336,7 +336,8 @@ def predict(config):
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     limit = config.max_length or modeling.max_positions(model.config)
     token_types = getattr(model.config, "type_vocab_size", 0) > 1
-    tokenized = tokenize_split(ds, [0] * len(ds), tokenizer, config, limit, token_types, "input")
+    tokenized = tokenize_split(ds, [0] * len(ds), tokenizer, config, limit, token_types, "input").remove_columns(
+        "truncated")
     dl = acc.prepare(data.eval_loader(tokenized, tokenizer.pad_token_id, config))
     _, preds, probs = evaluate(acc, model, dl, len(names))
     if not acc.is_main_process:

@@ -115,7 +115,7 @@ def fit_dialogue(tokenizer, config, dialogue: str, summary: str, max_length: int
     return data.fit_text(tokenizer, dialogue, length, max_length - 1)
 
 
-# --- Evaluation -----------------------------------------------------------------------------------
+# --- The model and its loss: the training loop's and --preflight's --------------------------------
 
 
 def setup(model, config):
@@ -129,6 +129,9 @@ def step_loss(model, batch: dict, config):
     logits are never held whole); the training loop's and --preflight's."""
     return modeling.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
                                            config.cross_entropy_chunk_tokens)[0].sum()
+
+
+# --- Evaluation -----------------------------------------------------------------------------------
 
 
 def eval_loss(acc, model, eval_dl) -> float:
