@@ -86,7 +86,9 @@ def check_output_dir(config) -> None:
     from ftkit.config import build, load_yaml_recipe
 
     try:
-        allowed, refused = config_changes(build(type(config), load_yaml_recipe(saved), where=saved), config)
+        previous = build(type(config), load_yaml_recipe(saved), where=saved)
+        adopt_auto_batch_size(previous, config)
+        allowed, refused = config_changes(previous, config)
         differs = f" ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in refused)})" if refused else ""
     except (ConfigError, TypeError, ValueError) as e:
         allowed, refused, differs = [], [("config.yaml", None, None)], f" (unreadable: {e})"
@@ -97,6 +99,17 @@ def check_output_dir(config) -> None:
     if allowed and list_checkpoints(config.output_dir):
         logger.warning("resuming with a changed schedule (%s): the learning-rate schedule is re-planned from the "
                        "checkpoint's step", ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed))
+
+
+def adopt_auto_batch_size(previous, config) -> None:
+    """``per_device_train_batch_size: auto`` in a resumed run keeps the micro-batch and accumulation the run chose
+    (saved in its config.yaml) when they make the same examples per step: the data order and the position of a
+    mid-epoch checkpoint depend on the micro-batch, and a new device would choose anew."""
+    b, ga = previous.per_device_train_batch_size, previous.gradient_accumulation_steps
+    if config.per_device_train_batch_size == "auto" and b != "auto" and b * ga == config.gradient_accumulation_steps:
+        config.per_device_train_batch_size, config.gradient_accumulation_steps = b, ga
+        logger.warning("per_device_train_batch_size auto: %d x gradient_accumulation_steps %d, as the run in %s chose",
+                       b, ga, config.output_dir)
 
 
 def set_aside_old_checkpoints(config, accelerator) -> None:

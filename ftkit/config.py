@@ -116,7 +116,10 @@ class TrainingArguments:
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total optimizer steps.", min=0, max=1)
     num_train_epochs: float = opt(1.0, "Epochs to train (ignored when max_steps > 0).", min_exclusive=0)
     max_steps: int = opt(-1, "Total optimizer steps; -1 means use num_train_epochs.", min=-1)
-    per_device_train_batch_size: int = opt(1, "Micro-batch size per process for training.", min=1)
+    per_device_train_batch_size: int = opt(1, "Micro-batch size per process for training; auto: the largest that fits "
+                                              "the device (--preflight's estimate, then one real step, halving on "
+                                              "out-of-memory), taken out of gradient_accumulation_steps, which then "
+                                              "counts the examples per process per optimizer step.", min=1, auto=True)
     per_device_eval_batch_size: int = opt(4, "Batch size per process for evaluation and generation.", min=1)
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (non-reentrant) to save memory.")
@@ -199,8 +202,8 @@ def _base_type(tp):
     return (typing.get_origin(tp) or tp), False
 
 
-def _coerce(name: str, value: Any, tp) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+def _coerce(name: str, value: Any, tp, auto: bool = False) -> Any:
+    """Convert a YAML or command-line value to the field's type (or "auto" where ``auto``), or raise ConfigError."""
     base, optional = _base_type(tp)
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
@@ -213,13 +216,16 @@ def _coerce(name: str, value: Any, tp) -> Any:
             return value
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if base in (int, float):
+        if auto and isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
         try:  # YAML 1.1 reads "2e-4" as a string; float() accepts it
             number = float(value) if not isinstance(value, (bool, int)) else value
             if isinstance(number, bool) or (base is int and not float(number).is_integer()):
                 raise ValueError
             return int(number) if base is int else float(number)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{name}: expected {'an integer' if base is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(f"{name}: expected {'an integer' if base is int else 'a number'}"
+                              f"{' or auto' if auto else ''}, got {value!r}") from None
     if base in (list, dict):
         if isinstance(value, str):  # a YAML flow list or mapping, or comma-separated list items
             text = value.strip()
@@ -277,7 +283,7 @@ def help_text(cls, prog: str) -> str:
         extra = ""
         if "choices" in f.metadata:
             extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}"
-        lines.append(f"  --{f.name} {tname.upper()}{extra}")
+        lines.append(f"  --{f.name} {tname.upper()}{'|auto' if f.metadata.get('auto') else ''}{extra}")
         lines.append(f"      {f.metadata.get('help', '')} (default: {default!r})")
     return "\n".join(lines)
 
@@ -390,8 +396,8 @@ def build(cls, values: dict, overrides: dict | None = None, where: str = "the re
         if key not in names:
             raise _unknown(str(key), names, where)
     merged = {**values, **(overrides or {})}
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(k, v, hints[k]) for k, v in merged.items()}
+    hints, autos = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls) if f.metadata.get("auto")}
+    kwargs = {k: _coerce(k, v, hints[k], k in autos) for k, v in merged.items()}
     config = cls(**kwargs)
     validate(config)
     return config

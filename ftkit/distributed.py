@@ -82,15 +82,17 @@ def fill_deepspeed_config(acc, config) -> None:
     if plugin is None:
         return
     where = config.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "the DeepSpeed config"
-    ga = config.gradient_accumulation_steps
+    batch, ga = config.per_device_train_batch_size, config.gradient_accumulation_steps
     wanted = {  # DeepSpeed key: (recipe option, value)
-        "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", config.per_device_train_batch_size),
+        "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", batch),
         "gradient_accumulation_steps": ("gradient_accumulation_steps", ga),
         "train_batch_size": ("per_device_train_batch_size x gradient_accumulation_steps x processes",
-                             config.per_device_train_batch_size * ga * acc.num_processes),
+                             (1 if batch == "auto" else batch) * ga * acc.num_processes),
         "gradient_clipping": ("max_grad_norm", float(config.max_grad_norm)),
         "bf16.enabled": ("bf16", bool(config.bf16)),
     }
+    if batch == "auto":  # filled again once preflight.auto_batch_size has split ga into micro-batch x accumulation
+        del wanted["train_micro_batch_size_per_gpu"], wanted["gradient_accumulation_steps"]
     ds = plugin.deepspeed_config
     for key, (option, value) in wanted.items():
         *parents, leaf = key.split(".")

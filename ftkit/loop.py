@@ -28,6 +28,15 @@ def windows_per_epoch(config, num_batches: int, num_processes: int, num_examples
     return windows
 
 
+def plan(acc, config, train_ds, pad_token_id: int):
+    """The training loader and its schedule: (loader, sampler, optimizer steps per epoch, total optimizer steps)."""
+    from ftkit import data, optim
+
+    train_dl, sampler = data.train_loader(train_ds, pad_token_id, config)
+    windows = windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
+    return train_dl, sampler, windows, optim.total_optimizer_steps(config, windows)
+
+
 def accumulation_windows(batches: Iterable, size: int) -> Iterator[list]:
     """Micro-batches grouped into optimizer-step windows of exactly ``size``; a trailing incomplete
     window is dropped, so every step sees as many micro-batches (loss normalisation, DeepSpeed's counter)."""

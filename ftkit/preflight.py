@@ -4,6 +4,7 @@ no weights), time, a verdict and the cheapest change that fits. Not here: loadin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftkit import data, distributed, loop, modeling, optim, tracking
+from ftkit.config import RunError
 
 logger = logging.getLogger("ftkit")
 
@@ -227,13 +229,18 @@ def per_device(parts: dict, num_processes: int, zero: dict | None, hidden: int, 
 
 
 class Estimate:
-    """Memory per device of a recipe's training step at its longest micro-batch, for this recipe or a variant."""
+    """Memory per device of a recipe's training step at its longest micro-batch, for this recipe or a variant: the
+    script's model (``model_cfg``, ``auto_cls``, ``setup(model, config)``) and loss (``step_loss(model, batch)``)
+    on ``train_ds`` with the run's processes and DeepSpeed config."""
 
-    def __init__(self, config, model_cfg, auto_cls, setup, step_loss, train_ds, pad_token_id: int,
-                 num_processes: int, zero: dict | None, device: str):
+    def __init__(self, acc, config, model_cfg, auto_cls, setup, step_loss, train_ds, pad_token_id: int):
         self.model_cfg, self.auto_cls, self.setup, self.step_loss = model_cfg, auto_cls, setup, step_loss
-        self.train_ds, self.pad_token_id, self.num_processes, self.zero = train_ds, pad_token_id, num_processes, zero
-        self.device, self.lengths = device, list(train_ds["length"])
+        self.train_ds, self.pad_token_id, self.num_processes = train_ds, pad_token_id, acc.num_processes
+        plugin = acc.state.deepspeed_plugin
+        self.zero = dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else None
+        self.device = config.preflight_device if config.preflight_device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.lengths, self.auto = list(train_ds["length"]), None  # auto: how an auto batch size was chosen
 
     def longest_batch(self, config) -> dict:
         """The micro-batch with the most (padded) tokens in the first epoch, collated as the run collates it."""
@@ -243,11 +250,107 @@ class Estimate:
 
     def __call__(self, config, zero: dict | None = ...) -> dict:
         batch = self.longest_batch(config)
-        parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device)
+        with torch.random.fork_rng(devices=[]):  # building the skeleton draws from it; the run's draws stay its own
+            parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device)
         on_device = per_device(parts, self.num_processes, self.zero if zero is ... else zero,
                                tracking.model_dims(self.model_cfg)[1], config.bf16)
         return {"parts": on_device, "total": sum(on_device.values()), "longest_batch": list(batch["input_ids"].shape),
-                "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"]}
+                "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"],
+                "beside_the_step": on_device["optimizer"] + on_device.get("buckets", 0)
+                + on_device["gradients"] - parts["gradients"]}
+
+
+# --- per_device_train_batch_size: auto ------------------------------------------------------------
+
+
+def set_batch_size(acc, config, batch: int, accumulate: int) -> None:
+    config.per_device_train_batch_size, config.gradient_accumulation_steps = batch, accumulate
+    acc.gradient_accumulation_steps = accumulate
+    distributed.fill_deepspeed_config(acc, config)  # the micro-batch and accumulation keys it left "auto"
+
+
+def auto_batch_size(acc, config, estimate: Estimate) -> None:
+    """``per_device_train_batch_size: auto``: the largest micro-batch ``b`` that divides ``gradient_accumulation_steps``
+    (``G``, the examples per process per optimizer step) and whose estimate fits the device; accumulation ``G / b``.
+    Set in ``config`` (and the DeepSpeed config) and logged; if not even 1 fits, a RunError (``--preflight`` reports
+    it with the cheapest change instead)."""
+    if config.per_device_train_batch_size != "auto":
+        return
+    examples, usable = config.gradient_accumulation_steps, HEADROOM * budget_bytes(config, acc.num_processes)[0]
+    tried = {}
+    for batch in (d for d in range(examples, 0, -1) if examples % d == 0):
+        variant = dataclasses.replace(config, per_device_train_batch_size=batch,
+                                      gradient_accumulation_steps=examples // batch)
+        tried[batch] = estimate(variant)["total"]
+        if tried[batch] <= usable:
+            break
+    else:
+        if not config.preflight:
+            raise RunError(f"per_device_train_batch_size: auto: not even 1 example fits ({_gb(tried[1] / GB)} estimated, "
+                           f"{_gb(usable / GB)} usable); run with --preflight true for the cheapest change that fits")
+    estimate.auto = {"examples_per_process_step": examples, "usable_gb": usable / GB,
+                     "estimates_gb": {b: total / GB for b, total in tried.items()}}
+    set_batch_size(acc, config, batch, examples // batch)
+    logger.info("per_device_train_batch_size auto: %d x gradient_accumulation_steps %d = %d examples per process per "
+                "step (estimated %s of %s usable)", batch, examples // batch, examples, _gb(tried[batch] / GB),
+                _gb(usable / GB))
+
+
+def step_peak(acc, model, config, estimate: Estimate) -> float:
+    """The most bytes one real forward and backward of the longest micro-batch holds at once (inf if the device ran
+    out of memory); the RNG is left as it was and the gradients are dropped, so the run does not see it."""
+    cuda = acc.device.type == "cuda"
+    batch = {k: v.to(acc.device) for k, v in estimate.longest_batch(config).items()}
+    training, live = model.training, LiveTensorBytes()
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[acc.device] if cuda else []):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for t in [*model.parameters(), *model.buffers()]:
+                live.add(t)
+            with (contextlib.nullcontext() if cuda else live), acc.autocast():
+                estimate.step_loss(model, batch).backward()
+        return torch.cuda.max_memory_allocated() if cuda else live.peak
+    except torch.OutOfMemoryError:
+        return math.inf
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+        del batch
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def confirm_batch_size(acc, model, config, estimate: Estimate) -> None:
+    """After :func:`auto_batch_size`: one real step at the longest micro-batch on the loaded model, plus the
+    optimizer state and buffers the estimate gives beside it, must fit the device on every process; if not, the
+    next smaller micro-batch (more accumulation, same examples per step) is tried. Under DeepSpeed, whose engine
+    only exists after ``prepare``, the estimate stands."""
+    if estimate.auto is None:
+        return
+    if acc.state.deepspeed_plugin is not None:
+        logger.info("per_device_train_batch_size auto: under DeepSpeed the estimate stands (no step before prepare)")
+        return
+    if not (config.load_in_4bit or config.load_in_8bit):
+        model.to(acc.device)  # as prepare would; bitsandbytes' layers were loaded onto it
+    examples, usable = estimate.auto["examples_per_process_step"], HEADROOM * budget_bytes(config, acc.num_processes)[0]
+    while True:
+        batch = config.per_device_train_batch_size
+        total = step_peak(acc, model, config, estimate) + estimate(config)["beside_the_step"]
+        worst = acc.reduce(torch.tensor(total, device=acc.device), "max").item() if acc.num_processes > 1 else total
+        if worst <= usable:
+            logger.info("per_device_train_batch_size auto: %d confirmed by a real step (%s of %s usable)", batch,
+                        _gb(worst / GB), _gb(usable / GB))
+            return
+        if batch == 1:
+            raise RunError(f"per_device_train_batch_size: auto: one example of the longest batch needs "
+                           f"{_gb(worst / GB)} ({_gb(usable / GB)} usable); run with --preflight true for the "
+                           f"cheapest change that fits")
+        smaller = max(d for d in range(1, batch) if examples % d == 0)
+        logger.warning("per_device_train_batch_size auto: %d needs %s in a real step (%s usable): trying %d", batch,
+                       _gb(worst / GB), _gb(usable / GB), smaller)
+        set_batch_size(acc, config, smaller, examples // smaller)
 
 
 # --- Verdict and advice ---------------------------------------------------------------------------
@@ -340,21 +443,14 @@ def time_section(config, model_cfg, memory: dict, data_info: dict, schedule: dic
     return out
 
 
-def run(acc, config, model_cfg, auto_cls, step_loss, train_dl, splits: dict, counts: dict, setup) -> None:
+def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     """``--preflight``: print the table, write ``output_dir/preflight.json`` and exit 0 if the run fits its device,
-    3 if not (with the cheapest change that fits); nothing else is written. ``step_loss(model, batch)`` and
-    ``setup(model, config)`` are the script's own: a micro-batch's loss, the loaded model made ready to train;
-    ``train_dl`` the training loader (before ``prepare``), ``splits`` the tokenized data, ``counts`` what each
-    split dropped or truncated."""
-    num_batches, pad_token_id = len(train_dl), train_dl.collate_fn.pad_token_id
+    3 if not (with the cheapest change that fits); nothing else is written. ``estimate`` holds the script's model
+    and loss, ``splits`` the tokenized data, ``counts`` what each split dropped or truncated."""
+    model_cfg, num_batches = estimate.model_cfg, len(batches_of(estimate.lengths, config))
     windows_per_epoch = loop.windows_per_epoch(config, num_batches, acc.num_processes, len(splits["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
-    device = config.preflight_device if config.preflight_device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    plugin = acc.state.deepspeed_plugin
-    zero = dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else None
-    estimate = Estimate(config, model_cfg, auto_cls, setup, step_loss, splits["train"], pad_token_id,
-                        acc.num_processes, zero, device)
+    device, zero = estimate.device, estimate.zero
     memory = estimate(config)
     other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing))
     with_, without = (memory, other) if config.gradient_checkpointing else (other, memory)
@@ -363,6 +459,8 @@ def run(acc, config, model_cfg, auto_cls, step_loss, train_dl, splits: dict, cou
     budget, source = budget_bytes(config, acc.num_processes)
     fits = memory["total"] <= HEADROOM * budget
     report = {"device": device, "processes": acc.num_processes, "zero_stage": (zero or {}).get("stage"),
+              "batch_size": {"per_device_train_batch_size": config.per_device_train_batch_size,
+                             "gradient_accumulation_steps": config.gradient_accumulation_steps, "auto": estimate.auto},
               "data": data_section(splits, counts, config)}
     report["schedule"] = schedule_section(config, num_batches, acc.num_processes, windows_per_epoch, total_steps)
     report["memory"] = {"parts_gb": {k: v / GB for k, v in memory["parts"].items()}, "total_gb": memory["total"] / GB,
@@ -388,7 +486,13 @@ def _gb(x: float) -> str:
 def table(report: dict) -> str:
     """The report as the lines ``--preflight`` prints."""
     lines = [f"preflight: {report['processes']} process(es) on {report['device']}"
-             + (f", ZeRO-{report['zero_stage']}" if report["zero_stage"] is not None else ""), "", "data"]
+             + (f", ZeRO-{report['zero_stage']}" if report["zero_stage"] is not None else "")]
+    b = report["batch_size"]
+    if b["auto"]:
+        lines.append(f"per_device_train_batch_size auto: {b['per_device_train_batch_size']} x gradient_accumulation_steps "
+                     f"{b['gradient_accumulation_steps']} (estimated by micro-batch: " + ", ".join(
+                         f"{k}: {_gb(v)}" for k, v in b["auto"]["estimates_gb"].items()) + ")")
+    lines += ["", "data"]
     for name, d in report["data"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("examples", "tokens", "padding_efficiency",
                                                                            "packed_examples"))

@@ -18,6 +18,7 @@ checkpoint kept and reloaded, metrics on every split, test predictions, ``--pred
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -76,8 +77,7 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
         if self.split_ratios is not None and self.validation_file:
             raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
         if self.label_map is not None:
-            flags = [k for k in self.label_map if isinstance(k, bool)]
-            if flags:
+            if flags := [k for k in self.label_map if isinstance(k, bool)]:
                 raise ConfigError(f"label_map: key {flags[0]} is YAML's reading of an unquoted yes/no/on/off; "
                                   f"quote the label names ('yes': 1)")
             ids = sorted(set(self.label_map.values()))
@@ -158,12 +158,10 @@ def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, to
         texts = [t if t is not None else "" for t in batch[config.text_column]]
         pairs = [t if t is not None else "" for t in batch[config.text_pair_column]] if config.text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=token_types)
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-               "labels": [labels[i] for i in indices], "length": [len(x) for x in enc["input_ids"]],
-               "truncated": [bool(e.overflowing) for e in enc.encodings]}
-        if token_types:
-            out["token_type_ids"] = enc["token_type_ids"]
-        return out
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": [labels[i] for i in indices], "length": [len(x) for x in enc["input_ids"]],
+                "truncated": [bool(e.overflowing) for e in enc.encodings],
+                **({"token_type_ids": enc["token_type_ids"]} if token_types else {})}
 
     return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
 
@@ -233,17 +231,18 @@ def main(config):
     counts = {name: {"truncated": sum(ds["truncated"])} for name, ds in tokenized.items()}
     tokenized = {name: ds.remove_columns("truncated") for name, ds in tokenized.items()}
 
-    train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
-    eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
-    windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
-    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    setup = functools.partial(modeling.training_setup, pad_token_id=tokenizer.pad_token_id)
+    estimate = preflight.Estimate(acc, config, model_cfg, AutoModel, setup, step_loss, tokenized["train"],
+                                  tokenizer.pad_token_id)
+    preflight.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
-        preflight.run(acc, config, model_cfg, AutoModel, step_loss, train_dl, tokenized, counts,
-                      setup=lambda model, c: modeling.training_setup(model, c, tokenizer.pad_token_id))
+        preflight.run(acc, config, estimate, tokenized, counts)
 
-    model = modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs)
-    model = modeling.training_setup(model, config, tokenizer.pad_token_id)  # trainable_modules, checkpointing
+    model = setup(modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs), config)
     logger.info(modeling.describe_parameters(model))
+    preflight.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
+    train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, tokenized["train"], tokenizer.pad_token_id)
+    eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
 
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)

@@ -194,17 +194,18 @@ def main(config):
                     "sdpa/eager and varlen kernels with flash_attention_2", examples, len(train_ds), max_length,
                     100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
-    train_dl, sampler = data.train_loader(train_ds, tokenizer.pad_token_id, config)
-    eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
-    windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(train_ds))
-    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForCausalLM, setup,
+                                  lambda m, b: step_loss(m, b, config), train_ds, tokenizer.pad_token_id)
+    preflight.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
-        preflight.run(acc, config, model_cfg, AutoModelForCausalLM, lambda m, b: step_loss(m, b, config), train_dl,
-                      {"train": train_ds, "validation": eval_ds}, {"train": train_counts, "validation": eval_counts},
-                      setup=setup)
+        preflight.run(acc, config, estimate, {"train": train_ds, "validation": eval_ds},
+                      {"train": train_counts, "validation": eval_counts})
 
     model = setup(modeling.load_pretrained(AutoModelForCausalLM, source, config, acc), config)
     logger.info(modeling.describe_parameters(model))
+    preflight.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
+    train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, train_ds, tokenizer.pad_token_id)
+    eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
 
     base_file = os.path.join(config.output_dir, "base_eval.json")
     if os.path.isfile(base_file) and not config.overwrite_output_dir:  # a resume: scored before training began

@@ -222,15 +222,17 @@ def main(config):
     tokenized = {name: ds for name, (ds, _) in tokenized.items()}
     eval_name = "test" if "test" in splits else "validation"
 
-    train_dl, sampler = data.train_loader(tokenized["train"], tokenizer.pad_token_id, config)
-    eval_dl = data.eval_loader(tokenized["validation"], tokenizer.pad_token_id, config)
-    windows_per_epoch = loop.windows_per_epoch(config, len(train_dl), acc.num_processes, len(tokenized["train"]))
-    total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForSeq2SeqLM, modeling.training_setup,
+                                  lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(), tokenized["train"],
+                                  tokenizer.pad_token_id)
+    preflight.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors (token ids do not matter): exits 0 (fits) or 3
-        preflight.run(acc, config, model_cfg, AutoModelForSeq2SeqLM, lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(),
-                      train_dl, tokenized, counts, setup=modeling.training_setup)
+        preflight.run(acc, config, estimate, tokenized, counts)
 
     model = modeling.training_setup(modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc), config)
+    preflight.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
+    train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, tokenized["train"], tokenizer.pad_token_id)
+    eval_dl = data.eval_loader(tokenized["validation"], tokenizer.pad_token_id, config)
     pad = model.config.pad_token_id
     # transformers 5 keeps it in the generation config; T5 starts decoding from the pad token
     decoder_start = getattr(model.generation_config, "decoder_start_token_id", None)

@@ -30,6 +30,10 @@ def test_command_line_overrides_the_recipe_and_converts_types():
     assert c.max_eval_samples is None
 
 
+def test_the_training_batch_size_may_be_auto():
+    assert parse("--config", TINY_SUMMARIZE, "--per_device_train_batch_size", "AUTO").per_device_train_batch_size == "auto"
+
+
 def test_bare_flag_sets_a_boolean_and_yaml_lists_parse():
     c = parse("--config", TINY_SUMMARIZE, "--gradient_checkpointing", "--lora_target_modules", "[dense, fc1]")
     assert c.gradient_checkpointing is True and c.lora_target_modules == ["dense", "fc1"]
@@ -45,6 +49,8 @@ def test_bare_flag_sets_a_boolean_and_yaml_lists_parse():
     (["--optim", "adam"], "optim: 'adam' is not one of"),
     (["--bf16", "maybe"], "bf16: expected true or false, got 'maybe'"),
     (["--max_steps", "1.5"], "max_steps: expected an integer, got '1.5'"),
+    (["--max_steps", "auto"], "max_steps: expected an integer, got 'auto'"),
+    (["--per_device_train_batch_size", "big"], "per_device_train_batch_size: expected an integer or auto, got 'big'"),
     (["--load_in_8bit", "true"], "load_in_4bit and load_in_8bit: choose one"),
     (["--train_file", "none", "--dataset_name", "none"], "train_file: required"),
     (["--lora_target_modules", "[]"], "lora_target_modules: empty list"),

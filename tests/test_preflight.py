@@ -168,3 +168,121 @@ def test_under_zero2_the_advice_is_gradient_buckets_sized_to_the_model(tmp_path)
     assert report["exit_code"] == 3 and report["memory"]["parts_gb"]["buckets"] > 3.5
     assert report["memory"]["advice"]["change"] == {"zero_optimization.reduce_bucket_size": "auto"}
     assert "cheapest change that fits: zero_optimization.reduce_bucket_size: auto" in stdout
+
+
+# --- per_device_train_batch_size: auto --------------------------------------------------------------
+
+
+def auto_estimates(tmp_path, args: list, processes: int = 1) -> dict:
+    """--preflight's estimate for every micro-batch that divides the 8 examples per step: on a device too small
+    for any, auto tries them all (and the verdict is 3)."""
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args + ["--device_memory_gb", "0.0001"],
+                                  processes=processes, code=3)
+    shutil.rmtree(tmp_path / "preflight")
+    assert "per_device_train_batch_size auto: 1 x gradient_accumulation_steps 8" in stdout
+    estimates = {int(b): gb for b, gb in report["batch_size"]["auto"]["estimates_gb"].items()}
+    assert list(estimates) == [8, 4, 2, 1] and estimates[8] > estimates[4] > estimates[2] > estimates[1], estimates
+    return estimates
+
+
+def between(estimates: dict, fits: int) -> str:
+    """A device_memory_gb on which micro-batch ``fits`` fits and the next larger one does not."""
+    return str((estimates[fits] * estimates[2 * fits]) ** 0.5 / 0.9)
+
+
+def test_auto_batch_size_is_the_largest_micro_batch_that_fits_and_a_resume_keeps_it(tmp_path):
+    base = SUMMARIZE + ["--max_steps", "2", "--save_steps", "1", "--logging_steps", "1"]
+    args = base + ["--per_device_train_batch_size", "auto", "--gradient_accumulation_steps", "8"]
+    budget = between(auto_estimates(tmp_path, args), fits=2)
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args + ["--device_memory_gb", budget])
+    b = report["batch_size"]
+    assert (b["per_device_train_batch_size"], b["gradient_accumulation_steps"]) == (2, 4), b
+    assert report["schedule"]["examples_per_step"] == 8 and report["memory"]["fits"]
+    assert "per_device_train_batch_size auto: 2 x gradient_accumulation_steps 4" in stdout
+
+    out = tmp_path / "run"
+    proc = launch("qlora_summarize.py", args + ["--device_memory_gb", budget, "--output_dir", str(out)])
+    assert "per_device_train_batch_size auto: 2 confirmed by a real step" in proc.stderr, proc.stderr[-3000:]
+    saved = (out / "config.yaml").read_text()
+    assert "per_device_train_batch_size: 2\n" in saved and "gradient_accumulation_steps: 4\n" in saved
+    state = json.load(open(out / "metrics.json"))
+    assert (state["global_step"], state["samples_seen"], state["batches_in_epoch"]) == (2, 16, 8), state  # 8 per step
+
+    # the choice and its real step leave the run as it would be with that micro-batch set by hand (RNG included)
+    fixed = tmp_path / "fixed"
+    launch("qlora_summarize.py", base + ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
+                                         "--output_dir", str(fixed)])
+    losses = [[e["train/loss"] for e in read_jsonl(o / "metrics.jsonl") if "train/loss" in e] for o in (out, fixed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2, losses
+
+    # resumed on a device where 8 would fit: the run keeps the micro-batch its checkpoint was trained with
+    proc = launch("qlora_summarize.py", args + ["--device_memory_gb", "100", "--output_dir", str(out),
+                                                "--max_steps", "3"])
+    assert "resumed from" in proc.stderr and "as the run in" in proc.stderr, proc.stderr[-3000:]
+    assert "per_device_train_batch_size: 2\n" in (out / "config.yaml").read_text()
+    assert json.load(open(out / "metrics.json"))["samples_seen"] == 24
+
+
+def test_auto_batch_size_under_zero2_with_two_processes_fills_deepspeed_and_trains(tmp_path):
+    zero2 = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
+    zero2["zero_optimization"]["reduce_bucket_size"] = "auto"  # buckets sized to the model, not 3.7 GiB
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps(zero2))
+    args = SUMMARIZE + LORA + ["--per_device_train_batch_size", "auto", "--gradient_accumulation_steps", "8",
+                               "--max_steps", "2", "--logging_steps", "1", "--deepspeed", str(ds)]
+    budget = between(auto_estimates(tmp_path, args, processes=2), fits=4)
+    out = tmp_path / "run"
+    proc = launch("qlora_summarize.py", args + ["--device_memory_gb", budget, "--output_dir", str(out)],
+                  num_processes=2)
+    assert "auto: 4 x gradient_accumulation_steps 2" in proc.stderr, proc.stderr[-3000:]
+    state = json.load(open(out / "metrics.json"))
+    assert (state["global_step"], state["samples_seen"], state["batches_in_epoch"]) == (2, 32, 4), state  # 8 x 2
+
+
+def test_the_real_step_halves_an_auto_batch_the_device_cannot_hold(tmp_path):
+    """confirm_batch_size on the loaded model, in this process: a device smaller than the one the micro-batch was
+    chosen for (as when an estimate is too low) makes it halve until one real step fits; the run's RNG, weights and
+    gradients are left as they were."""
+    import dataclasses
+
+    from conftest import load_script
+    from ftkit import config as cfg, distributed, modeling, preflight
+    from ftkit.config import RunError
+    from transformers import AutoModelForCausalLM
+
+    script = load_script("qlora_summarize")
+    config = cfg.parse(script.SummarizeConfig, SUMMARIZE + ["--output_dir", str(tmp_path / "run"),
+                                                            "--per_device_train_batch_size", "auto",
+                                                            "--gradient_accumulation_steps", "4",
+                                                            "--device_memory_gb", "100"], exit_on_error=False)
+    acc = distributed.accelerator(config)
+    source = modeling.prepare_source(config, acc, AutoModelForCausalLM)
+    tokenizer = modeling.load_tokenizer(source)
+    train_ds, _ = script.tokenize_split(data_train(config), tokenizer, config, 256, "train")
+    estimate = preflight.Estimate(acc, config, modeling.load_config(source, config), AutoModelForCausalLM,
+                                  script.setup, lambda m, b: script.step_loss(m, b, config), train_ds,
+                                  tokenizer.pad_token_id)
+    preflight.auto_batch_size(acc, config, estimate)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (4, 1)
+    model = script.setup(modeling.load_pretrained(AutoModelForCausalLM, source, config, acc), config)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    rng = torch.random.get_rng_state()
+
+    totals = {b: estimate(dataclasses.replace(config, per_device_train_batch_size=b))["total"] / 2**30 for b in (1, 2)}
+    config.device_memory_gb = float(between(totals, fits=1))
+    preflight.confirm_batch_size(acc, model, config, estimate)
+    assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 4)
+    assert acc.gradient_accumulation_steps == 4
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if k in weights)
+
+    config.device_memory_gb = totals[1] / 4
+    with pytest.raises(RunError, match="per_device_train_batch_size: auto: one example of the longest batch needs"):
+        preflight.confirm_batch_size(acc, model, config, estimate)
+
+
+def data_train(config):
+    from ftkit import data
+
+    return data.load_splits(config)["train"]
