@@ -147,6 +147,10 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         else:  # the kernels the run will use: a loop over tensors on a CPU, foreach (or fused) on a GPU
             optimizer = torch.optim.AdamW(trainable, foreach=device == "cuda" and config.optim == "adamw_torch",
                                           fused=config.optim == "adamw_torch_fused")
+        logits = [0]  # the largest output of the output layer (a chunk's with the chunked loss), and its fp32 copy
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda m, i, out: logits.__setitem__(0, max(logits[0], out.numel() * (
+            out.element_size() + (4 if out.dtype != torch.float32 else 0))))) if head is not None else None
         live = LiveTensorBytes()
         for t in [*model.parameters(), *model.buffers()]:
             live.add(t)
@@ -162,6 +166,8 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                 optimizer.zero_grad(set_to_none=True)
         state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
                                 if isinstance(v, torch.Tensor) and v.dim())
+        if hook is not None:
+            hook.remove()
     weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(trainable)
     kept = {id(m.weight) for m in quantized}  # bitsandbytes' weights, whatever dtype the fake ones have
     fp32 = [t for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32 and id(t) not in kept]
@@ -174,7 +180,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         activations += max(m.weight.numel() for m in quantized) * compute.itemsize
     trainable_params = sum(p.numel() for p in trainable)
     return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
-            "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
+            "logits": logits[0], "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
             "fp32_trainable_bytes": _elements_bytes(t for t in fp32 if t.requires_grad),
             "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params}
 
@@ -256,7 +262,7 @@ class Estimate:
                                tracking.model_dims(self.model_cfg)[1], config.bf16)
         return {"parts": on_device, "total": sum(on_device.values()), "longest_batch": list(batch["input_ids"].shape),
                 "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"],
-                "beside_the_step": on_device["optimizer"] + on_device.get("buckets", 0)
+                "logits": parts["logits"], "beside_the_step": on_device["optimizer"] + on_device.get("buckets", 0)
                 + on_device["gradients"] - parts["gradients"]}
 
 
@@ -455,7 +461,8 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing))
     with_, without = (memory, other) if config.gradient_checkpointing else (other, memory)
     memory["activations_gb"] = {"with_checkpointing": with_["parts"]["activations"] / GB,
-                                "without_checkpointing": without["parts"]["activations"] / GB}
+                                "without_checkpointing": without["parts"]["activations"] / GB,
+                                "of_which_logits": memory["logits"] / GB}
     budget, source = budget_bytes(config, acc.num_processes)
     fits = memory["total"] <= HEADROOM * budget
     report = {"device": device, "processes": acc.num_processes, "zero_stage": (zero or {}).get("stage"),
@@ -511,7 +518,9 @@ def table(report: dict) -> str:
     lines += ["", f"memory per device (longest micro-batch {m['longest_batch'][0]} x {m['longest_batch'][1]} tokens; "
                   f"{m['trainable_params']:,} trainable of {m['trainable_params'] + m['frozen_params']:,} parameters)"]
     lines += [f"  {k:<34} {_gb(v):>10}" for k, v in m["parts_gb"].items()]
-    lines += [f"  {'(activations ' + k.replace('_', ' ') + ')':<34} {_gb(v):>10}" for k, v in m["activations_gb"].items()]
+    lines += [f"  {'(activations ' + k.replace('_', ' ') + ')':<34} {_gb(v):>10}"
+              for k, v in m["activations_gb"].items() if k != "of_which_logits"]
+    lines.append(f"  {'(of the activations: logits)':<34} {_gb(m['activations_gb']['of_which_logits']):>10}")
     lines.append(f"  {'total':<34} {_gb(m['total_gb']):>10} of {_gb(m['budget_gb'])} ({m['budget_from']}): "
                  + ("fits" if m["fits"] else f"does NOT fit ({100 * m['headroom']:.0f}% usable)"))
     if not m["fits"]:

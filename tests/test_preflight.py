@@ -98,6 +98,17 @@ def test_the_memory_estimate_is_within_25_percent_of_the_measured_peak(tmp_path,
     assert 0.75 <= estimate / measured <= 1.25, (name, estimate / 2**20, measured / 2**20, report["memory"]["parts_gb"])
 
 
+def test_the_logits_line_is_the_output_layer_output_at_the_longest_batch_or_one_loss_chunk(tmp_path):
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", PHI + LORA)  # fp32: no upcast copy
+    rows, tokens = report["memory"]["longest_batch"]
+    vocab = json.load(open(tmp_path / "preflight" / "base_model" / "config.json"))["vocab_size"]
+    assert report["memory"]["activations_gb"]["of_which_logits"] * 2**30 == rows * tokens * vocab * 4
+    assert "(of the activations: logits)" in stdout
+    shutil.rmtree(tmp_path / "preflight")
+    report, _ = preflight_of(tmp_path, "qlora_summarize.py", PHI + LORA + ["--cross_entropy_chunk_tokens", "256"])
+    assert report["memory"]["activations_gb"]["of_which_logits"] * 2**30 == 256 * vocab * 4
+
+
 def test_schedule_is_what_the_run_then_does_with_two_processes_epochs_and_accumulation(tmp_path):
     # tiny MRPC: 80 examples, batches of 8 -> 10 micro-batches, 5 per process, 2 optimizer steps per epoch (GA 2)
     args = ["--config", os.path.join(RECIPES, "mrpc.yaml"), "--num_train_epochs", "3", "--gradient_accumulation_steps",
