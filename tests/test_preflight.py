@@ -250,6 +250,15 @@ def test_auto_batch_size_under_zero2_with_two_processes_fills_deepspeed_and_trai
     assert (state["global_step"], state["samples_seen"], state["batches_in_epoch"]) == (2, 32, 4), state  # 8 x 2
 
 
+def test_auto_batch_size_with_two_ddp_processes_is_confirmed_on_both(tmp_path):
+    out = tmp_path / "run"
+    args = ["--per_device_train_batch_size", "auto", "--gradient_accumulation_steps", "4", "--max_steps", "2"]
+    proc = launch("qlora_summarize.py", SUMMARIZE + args + ["--output_dir", str(out)], num_processes=2)
+    assert "per_device_train_batch_size auto: 4 confirmed by a real step" in proc.stderr, proc.stderr[-3000:]
+    state = json.load(open(out / "metrics.json"))
+    assert (state["samples_seen"], state["batches_in_epoch"]) == (16, 2), state
+
+
 def test_the_real_step_halves_an_auto_batch_the_device_cannot_hold(tmp_path):
     """confirm_batch_size on the loaded model, in this process: a device smaller than the one the micro-batch was
     chosen for (as when an estimate is too low) makes it halve until one real step fits; the run's RNG, weights and
