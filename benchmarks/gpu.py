@@ -197,7 +197,8 @@ def main() -> int:
         print(f"T5-base-shaped full fine-tune {T5_SHAPE}: {results['t5-base full']}", flush=True)
     if args.tiny:  # a smoke run: nothing to record
         return 0
-    harness.write_results("gpu", {"results": results, "targets": TARGETS, "timed_steps": TIMED, "warmup": WARMUP})
+    harness.write_results("gpu", {"results": results, "targets": TARGETS, "timed_steps": TIMED, "warmup": WARMUP,
+                                  "qlora_train_mode": True})  # checkpointing and dropout on (preflight.py reads it)
     fmt = (lambda v: f"{100 * v:.1f}%" if v is not None else "n/a")
     lines = ["| model | batch | tokens/s | MFU | peak memory (GiB) | targets |", "|---|---|---|---|---|---|"]
     for (batch, seq) in QLORA_SHAPES:

@@ -7,8 +7,10 @@
    Phi-2's own; the memory estimate is of Phi-2's shapes.
 2. The estimate for the set-ups benchmarks/gpu.py measured on an H100 (results/gpu.json: Phi-2-shaped QLoRA at
    1 x 512 and 4 x 1024 tokens, T5-base-shaped full fine-tune at 32 x (512 + 128)), against those measured
-   peaks (torch.cuda.max_memory_allocated). That run had the QLoRA model in eval mode: no gradient checkpointing
-   and no dropout, which the estimate here reproduces.
+   peaks (torch.cuda.max_memory_allocated). The QLoRA estimate takes gpu.py's settings (gradient checkpointing,
+   LoRA dropout 0.05) when results/gpu.json says its QLoRA rows ran in training mode ("qlora_train_mode"); the
+   run of 2026-11-22 had the model in eval mode (no checkpointing, no dropout), which the estimate then
+   reproduces.
 
 Writes results/preflight.json and prints the table and the ratios."""
 
@@ -59,10 +61,11 @@ def against_gpu_measurements() -> dict:
     t5 = dict(T5_BASE)
     t5_cfg = AutoConfig.for_model(t5.pop("model_type"), decoder_start_token_id=0, pad_token_id=0, **t5)
     common = {"output_dir": "unused", "train_file": "unused.jsonl", "bf16": True, "max_grad_norm": 1.0}
+    train_mode = measured.get("qlora_train_mode", False)
     qlora = fixtures.script_config("qlora_summarize", "SummarizeConfig", {
         **common, "model_name_or_path": "phi-2-shaped", "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16",
-        "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.0, "gradient_checkpointing": False,
-        "optim": "paged_adamw_8bit"})
+        "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05 if train_mode else 0.0,
+        "gradient_checkpointing": train_mode, "optim": "paged_adamw_8bit"})
     full = fixtures.script_config("t5_qa", "QAConfig", {
         **common, "model_name_or_path": "t5-base-shaped", "torch_dtype": "bfloat16", "optim": "adamw_torch_fused"})
 
