@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -56,6 +57,51 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.add(t)
         return out
+
+
+class FusedAttention(torch.autograd.Function):
+    """What a GPU's fused attention kernels (flash, memory-efficient) hold: the output, the inputs and a log-sum-exp
+    row statistic are saved for backward, no score matrix; backward makes the input gradients (and the mask's, when
+    it has one, like T5's learned position bias). Shapes only: used on fake tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        ctx.mask_shape = None if mask is None or not mask.requires_grad else (
+            torch.broadcast_shapes(mask.shape, q.shape[:-1] + k.shape[-2:-1]), mask.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        mask = None if ctx.mask_shape is None else q.new_empty(ctx.mask_shape[0], dtype=ctx.mask_shape[1])
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), mask
+
+
+class CudaRules(torch.overrides.TorchFunctionMode):
+    """A CPU step that holds what the same step on a GPU would: attention through :class:`FusedAttention`, and under
+    bf16 autocast CUDA's float32 list (the CPU's keeps these ops in bf16: e.g. ``pow`` in GELU's tanh form and
+    ``layer_norm``/``softmax`` of bf16 inputs give fp32 tensors on a GPU, twice the bytes)."""
+
+    FLOAT32 = {"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+               "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "group_norm", "cosine_similarity",
+               "nll_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "cross_entropy",
+               "binary_cross_entropy_with_logits", "cdist", "renorm", "logsumexp", "prod", "softmax", "log_softmax",
+               "cumprod", "cumsum", "sum", "norm"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, name, autocast = kwargs or {}, getattr(func, "__name__", ""), torch.is_autocast_enabled("cpu")
+        if name == "scaled_dot_product_attention":
+            q, k, v, mask = (list(args) + [kwargs.get("attn_mask")])[:4]
+            if autocast:  # autocast casts every floating input of attention, the mask too
+                q, k, v, mask = (t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                 for t in (q, k, v, mask))
+            return FusedAttention.apply(q, k, v, mask)
+        if autocast and name in self.FLOAT32:
+            args, kwargs = torch.utils._pytree.tree_map(
+                lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, (args, kwargs))
+        return func(*args, **kwargs)
 
 
 # --- Data and schedule ----------------------------------------------------------------------------
@@ -134,6 +180,11 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
     compute = modeling.DTYPES[config.bnb_4bit_compute_dtype] if config.load_in_4bit else torch.float32
     for m in quantized:  # k-bit preparation upcast them as it does every unquantized weight; bitsandbytes' stay
         m.weight.data = m.weight.data.to(compute)  # and a matmul never saves a cast copy of them for backward
+    if device == "cuda":  # checkpointed blocks recompute in backward, where the mode is not on: they enter it too
+        for m in model.modules():
+            if getattr(m, "_gradient_checkpointing_func", None) is not None:
+                m._gradient_checkpointing_func = functools.partial(
+                    m._gradient_checkpointing_func, context_fn=lambda: (contextlib.nullcontext(), CudaRules()))
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
@@ -154,7 +205,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         live = LiveTensorBytes()
         for t in [*model.parameters(), *model.buffers()]:
             live.add(t)
-        with live:
+        with live, CudaRules() if device == "cuda" else contextlib.nullcontext():
             for _ in range(2):  # the second step holds the optimizer state from the first
                 for _ in range(min(config.gradient_accumulation_steps, 2)):  # a second one meets the gradients
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):

@@ -2,6 +2,7 @@
 against what the run then does, the verdict and advice when a recipe does not fit, and bad input. Real scripts,
 real accelerate launch and DeepSpeed engines for the runs it is compared with."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +43,39 @@ def test_live_tensor_bytes_counts_each_storage_from_creation_to_free():
     assert (live.peak, live.now) == (8000, 5000)  # a's storage lives on in its view
     del view, c
     assert live.now == 0
+
+
+def test_cuda_rules_keep_fused_attention_s_memory_and_cuda_s_float32_ops():
+    """The step of a GPU target: attention holds no score matrix, and under bf16 autocast pow, layer_norm and
+    softmax of bf16 inputs give fp32 as on a GPU (on a CPU they stay bf16); a checkpointed block recomputes alike."""
+    from torch.utils.checkpoint import checkpoint
+
+    from ftkit.preflight import CudaRules, LiveTensorBytes
+
+    q = torch.randn(2, 4, 1024, 16, requires_grad=True)
+    kv = torch.randn(2, 2, 1024, 16, requires_grad=True)  # grouped-query: fewer key/value heads
+    bias = torch.zeros(1, 4, 1024, 1024, requires_grad=True)  # a learned position bias, as T5's
+    scores = 2 * 4 * 1024 * 1024 * 4  # one fp32 score matrix: 32 MiB
+    peaks = {}
+    for target, rules in (("cpu", contextlib.nullcontext()), ("cuda", CudaRules())):
+        live = LiveTensorBytes()
+        with live, rules:
+            out = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, attn_mask=bias, enable_gqa=True)
+            out.sum().backward()
+        assert out.shape == q.shape and q.grad.shape == q.shape and kv.grad.shape == kv.shape
+        assert bias.grad.shape == bias.shape
+        peaks[target], q.grad, kv.grad, bias.grad = live.peak, None, None, None
+    assert peaks["cpu"] - peaks["cuda"] >= scores, peaks  # the CPU's kernel keeps the scores for backward
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+        on_cpu = [(x ** 3).dtype, torch.nn.functional.layer_norm(x, (16,)).dtype, x.softmax(-1).dtype]
+        with CudaRules():
+            on_gpu = [(x ** 3).dtype, torch.nn.functional.layer_norm(x, (16,)).dtype, x.softmax(-1).dtype,
+                      torch.nn.functional.linear(x.float(), torch.randn(4, 16)).dtype]
+            y = checkpoint(lambda t: (t ** 3).sum(), x, use_reentrant=False,
+                           context_fn=lambda: (contextlib.nullcontext(), CudaRules()))
+    y.backward()  # recomputed under the same rules: no saved/recomputed dtype mismatch
+    assert on_cpu == [torch.bfloat16] * 3 and on_gpu == [torch.float32] * 3 + [torch.bfloat16], (on_cpu, on_gpu)
 
 
 def preflight_of(tmp_path, script: str, args: list, processes: int = 1, zero: int | None = None, code: int = 0):
@@ -107,6 +141,15 @@ def test_the_logits_line_is_the_output_layer_output_at_the_longest_batch_or_one_
     shutil.rmtree(tmp_path / "preflight")
     report, _ = preflight_of(tmp_path, "qlora_summarize.py", PHI + LORA + ["--cross_entropy_chunk_tokens", "256"])
     assert report["memory"]["activations_gb"]["of_which_logits"] * 2**30 == 256 * vocab * 4
+
+
+def test_a_gpu_target_is_estimated_with_bf16_and_checkpointing_on_a_cpu(tmp_path):
+    # a GPU job checked on a login node: CUDA's rules, checkpointed blocks recomputed under them too
+    args = PHI + ["--preflight_device", "cuda", "--bf16", "true", "--gradient_checkpointing", "true"]
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args)
+    assert report["device"] == "cuda" and "preflight: 1 process(es) on cuda" in stdout
+    activations = report["memory"]["activations_gb"]
+    assert 0 < activations["with_checkpointing"] < activations["without_checkpointing"], activations
 
 
 def test_schedule_is_what_the_run_then_does_with_two_processes_epochs_and_accumulation(tmp_path):
