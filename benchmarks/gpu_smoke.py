@@ -12,8 +12,10 @@ grouping) and replaces only what needs the network:
 Each recipe runs through ``accelerate launch`` for ``--max_steps`` optimizer steps with an
 evaluation and a checkpoint half-way, then resumes from that checkpoint and runs to the end again:
 the resumed run must log the same losses. Recorded per recipe: exit code, wall time, the train
-losses, tokens/s, MFU and peak GPU memory from ``metrics.jsonl``, the final evaluation. Results go
-to ``benchmarks/results/gpu_smoke.json`` and a table in ``benchmarks/README.md``.
+losses, tokens/s, MFU and peak GPU memory from ``metrics.jsonl``, the final evaluation, and the
+``--preflight`` estimate of the same command (its total against the training steps' peak before the half-way
+evaluation). Results go to
+``benchmarks/results/gpu_smoke.json`` and a table in ``benchmarks/README.md``.
 
 Without CUDA this prints that it was skipped and exits 0; ``--tiny`` runs the same code with the
 tiny recipes' model sizes on whatever device is there (the CPU test of this file).
@@ -110,7 +112,7 @@ def train_losses(output_dir: str) -> dict[int, float]:
     return {e["step"]: e["train/loss"] for e in events if "train/loss" in e}
 
 
-def perf(output_dir: str) -> dict:
+def perf(output_dir: str, max_steps: int) -> dict:
     events = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
     train = [e for e in events if "train/loss" in e][1:]  # the first step includes warm-up
 
@@ -118,8 +120,11 @@ def perf(output_dir: str) -> dict:
         values = [e[key] for e in train if e.get(key) is not None]
         return statistics.median(values) if values else None
 
+    before_evaluation = [e for e in events if "train/loss" in e and e["step"] <= max_steps // 2]
     return {"tokens_per_s": med("perf/tokens_per_s"), "mfu": med("perf/mfu"),
-            "peak_memory_gb": max((e.get("perf/peak_memory_gb") or 0.0 for e in events), default=None)}
+            "peak_memory_gb": max((e.get("perf/peak_memory_gb") or 0.0 for e in events), default=None),
+            # each log's peak is its window's: before the half-way evaluation they are training's alone
+            "train_peak_gb": max((e.get("perf/peak_memory_gb") or 0.0 for e in before_evaluation), default=None)}
 
 
 def smoke(name: str, workdir: str, max_steps: int, tiny: bool) -> dict:
@@ -131,14 +136,22 @@ def smoke(name: str, workdir: str, max_steps: int, tiny: bool) -> dict:
     log_path = os.path.join(workdir, f"{name}.log")
     out = config["output_dir"]
     result = {"recipe": name, "script": script}
+    # the same command with --preflight first: its estimate, set against the peak the run then reaches
+    checked = out + "_preflight"
+    launch(script, config_path, ["--preflight", "true", "--output_dir", checked], log_path)
+    if os.path.isfile(os.path.join(checked, "preflight.json")):
+        memory = json.load(open(os.path.join(checked, "preflight.json")))["memory"]
+        result.update(preflight_gb=memory["total_gb"], preflight_fits=memory["fits"])
     rc, seconds = launch(script, config_path, [], log_path)
     result.update(rc=rc, seconds=round(seconds, 1))
     if rc != 0:
         result["log_tail"] = open(log_path).read()[-4000:]
         return result
     straight = train_losses(out)
-    result.update(perf(out), first_loss=straight[min(straight)], last_loss=straight[max(straight)],
+    result.update(perf(out, max_steps), first_loss=straight[min(straight)], last_loss=straight[max(straight)],
                   final=json.load(open(os.path.join(out, "metrics.json"))))
+    if not tiny and result.get("preflight_gb") and result.get("train_peak_gb"):  # both GiB of CUDA tensors
+        result["preflight_over_peak"] = result["preflight_gb"] / result["train_peak_gb"]
     # resume from the half-way checkpoint into a fresh log: the second half must repeat itself
     half = os.path.join(out, "checkpoints", f"step_{max_steps // 2}")
     os.rename(os.path.join(out, "metrics.jsonl"), os.path.join(out, "metrics_straight.jsonl"))
@@ -190,15 +203,17 @@ def main() -> int:
     results = sorted([r for r in earlier if r["recipe"] not in fresh] + results, key=lambda r: list(RECIPES).index(r["recipe"]))
     harness.write_results("gpu_smoke", {"max_steps": args.max_steps, "results": results})
     num = (lambda v, f: format(v, f) if v is not None else "n/a")  # noqa: E731
-    lines = ["| recipe | exit | s | loss first → last | tokens/s | MFU | peak GiB | resume: max loss diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | exit | s | loss first → last | tokens/s | MFU | peak GiB | preflight GiB (/ training peak) | "
+             "resume: max loss diff |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["rc"] != 0:
-            lines.append(f"| {r['recipe']} | {r['rc']} | {r['seconds']} | failed | | | | |")
+            lines.append(f"| {r['recipe']} | {r['rc']} | {r['seconds']} | failed | | | | | |")
             continue
+        checked = (f"{r['preflight_gb']:.2f} ({r['preflight_over_peak']:.2f})" if r.get("preflight_over_peak")
+                   else num(r.get("preflight_gb"), ".2f"))
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         lines.append(f"| {r['recipe']} | {r['rc']} | {r['seconds']} | {r['first_loss']:.3f} → {r['last_loss']:.3f} | "
-                     f"{num(r['tokens_per_s'], ',.0f')} | {mfu} | {num(r['peak_memory_gb'], '.2f')} | "
+                     f"{num(r['tokens_per_s'], ',.0f')} | {mfu} | {num(r['peak_memory_gb'], '.2f')} | {checked} | "
                      f"{num(r.get('resume_max_loss_diff'), '.2g')} (exit {r['resume_rc']}) |")
     harness.write_table("gpu_smoke", "GPU: every recipe at real size, random weights", lines)
     return 1 if failed else 0

@@ -185,6 +185,8 @@ class Throughput:
             trainable, total = parameter_counts(model)
             self.mfu_terms = (model.config, trainable, total - trainable, peak * 1e12)
         self.reset()
+        if torch.cuda.is_available():  # the first log's peak is training's, not loading's or a base evaluation's
+            torch.cuda.reset_peak_memory_stats()
 
     def reset(self) -> None:
         self.tokens = self.padded = self.rows = self.samples = 0
@@ -212,4 +214,6 @@ class Throughput:
                 out["perf/eta_s"] = out["perf/step_time_s"] * max(total_steps - step, 0)
             self.last_step = step
         self.reset()
+        if torch.cuda.is_available():  # each log event's peak is its own window's
+            torch.cuda.reset_peak_memory_stats()
         return out

@@ -58,3 +58,19 @@ def test_gpu_contenders_run_their_code_path_on_a_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert "ftkit / bare" in line and "ftkit / Trainer" in line, line
+
+
+@pytest.mark.slow
+def test_the_smoke_run_with_its_preflight_runs_on_a_cpu_at_tiny_size():
+    # make bench-gpu's recipe smoke run (preflight, run, resume), with the tiny recipe's model
+    import json
+    import subprocess
+
+    from conftest import script_env
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_smoke.py"), "--tiny", "--only",
+                           "phi2_qlora_dialogsum", "--max_steps", "2"], cwd=ROOT, env=script_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("phi2_qlora_dialogsum: ", 1)[1].splitlines()[0])
+    assert result["rc"] == result["resume_rc"] == 0 and result["preflight_fits"] and result["preflight_gb"] > 0, result
