@@ -91,9 +91,13 @@ def fill_deepspeed_config(acc, config) -> None:
         "gradient_clipping": ("max_grad_norm", float(config.max_grad_norm)),
         "bf16.enabled": ("bf16", bool(config.bf16)),
     }
-    if batch == "auto":  # filled again once preflight.auto_batch_size has split ga into micro-batch x accumulation
-        del wanted["train_micro_batch_size_per_gpu"], wanted["gradient_accumulation_steps"]
     ds = plugin.deepspeed_config
+    if batch == "auto":  # filled again once preflight.auto_batch_size has split ga into micro-batch x accumulation
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if ds.get(key, "auto") != "auto":
+                raise ConfigError(f"{where}: {key} is {ds[key]} but the recipe's per_device_train_batch_size is auto; "
+                                  f"set it to \"auto\" (ftkit fills it with its choice)")
+            del wanted[key]
     for key, (option, value) in wanted.items():
         *parents, leaf = key.split(".")
         node = ds

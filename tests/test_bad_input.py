@@ -86,6 +86,9 @@ CASES = {
     "17 recipe / DeepSpeed conflict": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(
         t / "ds.json", json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))],
         "train_micro_batch_size_per_gpu is 2 but the recipe's per_device_train_batch_size is 8", True),
+    "17 auto batch / fixed DeepSpeed micro-batch": ("classify.py", lambda t: ["--config", SPAM, "--per_device_train_batch_size",
+        "auto", "--deepspeed", write(t / "ds.json", json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))],
+        "ds.json: train_micro_batch_size_per_gpu is 2 but the recipe's per_device_train_batch_size is auto", True),
     "14 chunked loss under ZeRO-3": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--deepspeed", "ds_configs/zero3.json",
                                                                      "--cross_entropy_chunk_tokens", "64"],
                                      "cross_entropy_chunk_tokens: not with ZeRO-3", True),
