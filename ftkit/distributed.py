@@ -92,7 +92,7 @@ def fill_deepspeed_config(acc, config) -> None:
         "bf16.enabled": ("bf16", bool(config.bf16)),
     }
     ds = plugin.deepspeed_config
-    if batch == "auto":  # filled again once preflight.auto_batch_size has split ga into micro-batch x accumulation
+    if batch == "auto":  # filled again once autobatch.auto_batch_size has split ga into micro-batch x accumulation
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             if ds.get(key, "auto") != "auto":
                 raise ConfigError(f"{where}: {key} is {ds[key]} but the recipe's per_device_train_batch_size is auto; "

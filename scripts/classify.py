@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
+from ftkit import autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -234,13 +234,13 @@ def main(config):
     setup = functools.partial(modeling.training_setup, pad_token_id=tokenizer.pad_token_id)
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModel, setup, step_loss, tokenized["train"],
                                   tokenizer.pad_token_id)
-    preflight.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
+    autobatch.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
         preflight.run(acc, config, estimate, tokenized, counts)
 
     model = setup(modeling.load_pretrained(AutoModel, source, config, acc, **model_kwargs), config)
     logger.info(modeling.describe_parameters(model))
-    preflight.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
+    autobatch.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
     train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, tokenized["train"], tokenizer.pad_token_id)
     eval_dls = {name: data.eval_loader(ds, tokenizer.pad_token_id, config) for name, ds in tokenized.items()}
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
+from ftkit import autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -196,14 +196,14 @@ def main(config):
 
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForCausalLM, setup,
                                   lambda m, b: step_loss(m, b, config), train_ds, tokenizer.pad_token_id)
-    preflight.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
+    autobatch.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
         preflight.run(acc, config, estimate, {"train": train_ds, "validation": eval_ds},
                       {"train": train_counts, "validation": eval_counts})
 
     model = setup(modeling.load_pretrained(AutoModelForCausalLM, source, config, acc), config)
     logger.info(modeling.describe_parameters(model))
-    preflight.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
+    autobatch.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
     train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, train_ds, tokenizer.pad_token_id)
     eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
+from ftkit import autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -225,12 +225,12 @@ def main(config):
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForSeq2SeqLM, modeling.training_setup,
                                   lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(), tokenized["train"],
                                   tokenizer.pad_token_id)
-    preflight.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
+    autobatch.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors (token ids do not matter): exits 0 (fits) or 3
         preflight.run(acc, config, estimate, tokenized, counts)
 
     model = modeling.training_setup(modeling.load_pretrained(AutoModelForSeq2SeqLM, source, config, acc), config)
-    preflight.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
+    autobatch.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
     train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, tokenized["train"], tokenizer.pad_token_id)
     eval_dl = data.eval_loader(tokenized["validation"], tokenizer.pad_token_id, config)
     pad = model.config.pad_token_id

@@ -309,7 +309,7 @@ def test_the_real_step_halves_an_auto_batch_the_device_cannot_hold(tmp_path):
     import dataclasses
 
     from conftest import load_script
-    from ftkit import config as cfg, distributed, modeling, preflight
+    from ftkit import autobatch, config as cfg, distributed, modeling, preflight
     from ftkit.config import RunError
     from transformers import AutoModelForCausalLM
 
@@ -325,7 +325,7 @@ def test_the_real_step_halves_an_auto_batch_the_device_cannot_hold(tmp_path):
     estimate = preflight.Estimate(acc, config, modeling.load_config(source, config), AutoModelForCausalLM,
                                   script.setup, lambda m, b: script.step_loss(m, b, config), train_ds,
                                   tokenizer.pad_token_id)
-    preflight.auto_batch_size(acc, config, estimate)
+    autobatch.auto_batch_size(acc, config, estimate)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (4, 1)
     model = script.setup(modeling.load_pretrained(AutoModelForCausalLM, source, config, acc), config)
     weights = {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
@@ -333,7 +333,7 @@ def test_the_real_step_halves_an_auto_batch_the_device_cannot_hold(tmp_path):
 
     totals = {b: estimate(dataclasses.replace(config, per_device_train_batch_size=b))["total"] / 2**30 for b in (1, 2)}
     config.device_memory_gb = float(between(totals, fits=1))
-    preflight.confirm_batch_size(acc, model, config, estimate)
+    autobatch.confirm_batch_size(acc, model, config, estimate)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 4)
     assert acc.gradient_accumulation_steps == 4
     assert torch.equal(torch.random.get_rng_state(), rng)
@@ -342,7 +342,7 @@ def test_the_real_step_halves_an_auto_batch_the_device_cannot_hold(tmp_path):
 
     config.device_memory_gb = totals[1] / 4
     with pytest.raises(RunError, match="per_device_train_batch_size: auto: one example of the longest batch needs"):
-        preflight.confirm_batch_size(acc, model, config, estimate)
+        autobatch.confirm_batch_size(acc, model, config, estimate)
 
 
 def data_train(config):
