@@ -8,6 +8,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 RECIPE ?= recipes/tiny/qlora_summarize.yaml
+# pytest workers (pytest-xdist, one test file per worker at a time): most tests run one single-threaded
+# process, so 2 workers keep 2 cores busy
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast bench bench-gpu clean
 
@@ -24,10 +27,10 @@ demo: $(VENV)/.installed
 	$(BIN)/accelerate launch --num_processes 1 scripts/qlora_summarize.py --config $(RECIPE) --overwrite_output_dir true
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -x -q -rs --durations=15
+	$(BIN)/python -m pytest -x -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -x -q -m "not slow"
+	$(BIN)/python -m pytest -x -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/padding_efficiency.py

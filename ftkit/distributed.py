@@ -115,6 +115,14 @@ def fill_deepspeed_config(acc, config) -> None:
                           f"(use optim adamw_torch, or a config without offload_optimizer)")
 
 
+def end(acc) -> None:
+    """Close the trackers and the process group, all ranks together: PyTorch asks that every rank destroy its group
+    when none of them still communicates; a rank that got there first (rank 0 still writing the final outputs) was
+    seen, rarely, to abort at exit under ZeRO on CPU ("terminate called without an active exception")."""
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
 def reduce_sum(acc, value) -> torch.Tensor:
     """Sum of a number or tensor over all processes."""
     t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(value)

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
-from ftkit import checkpoint, tracking
+from ftkit import checkpoint, distributed, tracking
 from ftkit.config import ConfigError, RunError, greater_is_better
 
 logger = logging.getLogger("ftkit")
@@ -218,7 +218,7 @@ class LoopState:
         if self.acc.is_main_process:
             print(f"[ftkit] stopped by {self.stop.signal_name or 'a signal on another rank'} at step {self.step}: "
                   f"checkpoint {path} saved; run the same command again to resume", flush=True)
-        self.acc.end_training()
+        distributed.end(self.acc)
 
     def finish(self, final_eval: dict | None = None) -> None:
         """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""

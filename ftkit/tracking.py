@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ftkit import distributed
 from ftkit.config import ConfigError, RunError, to_dict
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -77,7 +78,7 @@ class MetricsLog:
 
     def finish(self, state: dict) -> None:
         """Close the trackers, draw the curves, and in debug mode say what the run did."""
-        self.accelerator.end_training()
+        distributed.end(self.accelerator)
         if not self.accelerator.is_main_process or not os.path.isfile(self.path):
             return
         with open(self.path) as f:

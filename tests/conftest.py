@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -20,6 +21,13 @@ def script_env():
     return env
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for one run's rendezvous (tests run in parallel, see the Makefile)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
            launcher_config: str | None = None):
     """``accelerate launch`` a script from scripts/ as users do; returns the CompletedProcess."""
@@ -30,7 +38,7 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     else:
         how = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd = [os.path.join(BIN, "accelerate"), "launch", *how, "--num_processes", str(num_processes),
-           "--main_process_port", str(29500 + os.getpid() % 1000),
+           "--main_process_port", str(free_port()),
            os.path.join(ROOT, "scripts", script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -67,3 +75,14 @@ def tiny_tokenizer(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tokenizer")
     return build_tokenizer([os.path.join(ROOT, "data", "dialogsum_sample_train.jsonl")], 600, str(out))
+
+
+# `make test` runs whole files on 2 workers (pytest-xdist, --dist loadfile), each file on one worker so that its
+# module fixtures (a trained model, a SLURM cluster) are made once. The longest files go first: one started last
+# would leave the other worker idle at the end.
+LONGEST_FIRST = ["test_preflight.py", "test_scale_out.py", "test_slurm.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order

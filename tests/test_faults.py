@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, ROOT, script_env
+from conftest import BIN, ROOT, free_port, script_env
 
 pytestmark = pytest.mark.slow
 SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
@@ -106,7 +106,7 @@ def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
     out = tmp_path / "run"
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
            os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml"), "--main_process_port",
-           str(29800 + os.getpid() % 100), os.path.join(ROOT, "scripts", "classify.py"), *RUN,
+           str(free_port()), os.path.join(ROOT, "scripts", "classify.py"), *RUN,
            "--max_steps", "100000", "--output_dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until_step(proc, out, 3)

@@ -228,12 +228,12 @@ def test_missing_or_invalid_deepspeed_config_is_one_line(tmp_path, content, mess
 def test_torchrun_script_joins_two_nodes_on_one_host(tmp_path):
     import subprocess
 
-    from conftest import BIN, script_env
+    from conftest import BIN, free_port, script_env
 
     env = script_env()
     env["PATH"] = f"{BIN}:{env['PATH']}"
     out = tmp_path / "run"
-    port = str(29700 + os.getpid() % 200)
+    port = str(free_port())
     cmd = lambda rank: [os.path.join(ROOT, "launch", "torchrun.sh"), "--nnodes", "2", "--node_rank", rank,  # noqa: E731
                         "--master_port", port, "scripts/classify.py", "--config", SPAM, "--output_dir", str(out),
                         "--max_steps", "4"]
@@ -243,3 +243,25 @@ def test_torchrun_script_joins_two_nodes_on_one_host(tmp_path):
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:]
     ranks = sorted(f for f in os.listdir(out / "checkpoints" / "step_4") if f.startswith("rng_state_"))
     assert ranks == ["rng_state_0.safetensors", "rng_state_1.safetensors"]
+
+
+def test_no_rank_closes_its_process_group_before_the_others_are_done(tmp_path):
+    """ftkit.distributed.end: rank 0 still writes its final outputs while rank 1 is done; rank 1 destroys its
+    process group only once rank 0 has arrived too."""
+    script = tmp_path / "end.py"
+    script.write_text(
+        "import json, sys, time\n"
+        "import torch\n"
+        "from accelerate import Accelerator\n"
+        "from ftkit import distributed\n"
+        "acc = Accelerator(cpu=True)\n"
+        "if acc.is_main_process:\n"
+        "    time.sleep(3)  # the main process's final outputs\n"
+        "arrived = time.time()\n"
+        "distributed.end(acc)\n"
+        "record = {'arrived': arrived, 'ended': time.time(), 'open': torch.distributed.is_initialized()}\n"
+        "json.dump(record, open(f'{sys.argv[1]}/{acc.process_index}.json', 'w'))\n")
+    launch(str(script), [str(tmp_path)], num_processes=2)
+    main, other = (json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1))
+    assert other["ended"] >= main["arrived"] and main["arrived"] - other["arrived"] >= 2.5, (main, other)
+    assert not main["open"] and not other["open"]
