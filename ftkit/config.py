@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import gc
 import operator
 import os
 import sys
@@ -340,6 +341,10 @@ def run(config_cls, train, predict) -> None:
         if config.debug:
             raise
         fail(error, EXIT_BAD_INPUT if isinstance(error, ConfigError) else 1)
+    # Free the run's reference cycles (a DeepSpeed engine and its hooks hold the process groups) while the
+    # interpreter is whole: left to interpreter shutdown, a gloo group's pending work can abort the process
+    # ("terminate called without an active exception", seen on rank 1 of ZeRO-3 runs on CPU).
+    gc.collect()
 
 
 def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
