@@ -117,8 +117,7 @@ def fill_deepspeed_config(acc, config) -> None:
 
 def end(acc) -> None:
     """Close the trackers and the process group, all ranks together: PyTorch asks that every rank destroy its group
-    when none of them still communicates; a rank that got there first (rank 0 still writing the final outputs) was
-    seen, rarely, to abort at exit under ZeRO on CPU ("terminate called without an active exception")."""
+    when none of them still communicates, and rank 0 may still be writing the final outputs when the others are done."""
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
            launcher_config: str | None = None):
-    """``accelerate launch`` a script from scripts/ as users do; returns the CompletedProcess."""
+    """``accelerate launch`` a script from scripts/ (or at an absolute path) as users do; returns the CompletedProcess."""
     if launcher_config:
         how = ["--config_file", launcher_config]
     elif num_processes > 1:  # one process per rank, DDP over gloo (see the config's comment)
