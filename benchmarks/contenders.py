@@ -1,8 +1,8 @@
 """The baselines the speed benchmarks race ftkit's scripts against, one per process run.
 
-    python benchmarks/contenders.py bare    --model DIR --train_file F --steps N --warmup W
-    python benchmarks/contenders.py trainer --model DIR --train_file F --steps N --warmup W [--padding max_length]
-                                            [--group_by_length]
+    python benchmarks/contenders.py bare    --model DIR --train_file F --epochs E --warmup W [--optim O]
+    python benchmarks/contenders.py trainer --model DIR --train_file F --epochs E --warmup W [--optim O]
+                                            [--padding max_length] [--group_by_length]
 
 ``bare``: the plainest PyTorch loop on the batches ftkit builds (same tokenization, same seeded
 length-grouped sampler, same collator): forward, loss, backward, gradient clipping at the recipes'
@@ -10,9 +10,11 @@ length-grouped sampler, same collator): forward, loss, backward, gradient clippi
 ``trainer``: ``transformers.Trainer`` with the same model, data and batch size, padding to
 ``max_length`` as S002 does, or with its own best settings (dynamic padding, length grouping).
 
-Both time optimizer steps ``warmup+1 .. steps`` in intervals of ``logging_steps`` (as ftkit's
-telemetry does) and print one JSON line: the median interval's steps/s and real (non-pad)
-tokens/s, and the padding efficiency of those steps.
+Both train ``epochs`` epochs over the whole file and time the steps after ``warmup`` (the
+benchmark passes the first epoch's steps, so the last epoch is timed: every contender then
+trains on the same examples, the same real tokens, whatever its batching). They print one JSON
+line: steps/s and real (non-pad) tokens/s of the timed steps (their count and real tokens over
+the time they took) and their padding efficiency.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -40,17 +41,11 @@ def load_rows(train_file: str, tokenizer, padding: bool | str):
     return ds, enc
 
 
-def summary(times: list[float], real: list[int], computed: list[int], warmup: int, interval: int) -> dict:
-    """Rates over the steps after ``warmup``, in intervals of ``interval`` steps (as ftkit logs them):
-    the median interval's rate, so a passing slow phase of the machine does not decide the result.
-    ``times[i]`` is the end of step i."""
-    steps_rates, token_rates = [], []
-    for start in range(warmup, len(real) - interval + 1, interval):
-        elapsed = times[start + interval - 1] - times[start - 1]
-        steps_rates.append(interval / elapsed)
-        token_rates.append(sum(real[start:start + interval]) / elapsed)
-    tokens, padded = sum(real[warmup:]), sum(computed[warmup:])
-    return {"steps_per_s": statistics.median(steps_rates), "tokens_per_s": statistics.median(token_rates),
+def summary(times: list[float], real: list[int], computed: list[int], warmup: int) -> dict:
+    """Rates over the steps after ``warmup``: the timed steps and their real tokens over the time they
+    took. ``times[i]`` is the end of step i."""
+    seconds, tokens, padded = times[-1] - times[warmup - 1], sum(real[warmup:]), sum(computed[warmup:])
+    return {"steps_per_s": (len(real) - warmup) / seconds, "tokens_per_s": tokens / seconds,
             "padding_efficiency": tokens / padded, "timed_steps": len(real) - warmup, "real_tokens": tokens}
 
 
@@ -68,23 +63,23 @@ def bare(args) -> dict:
                                      group_by_length=True, drop_last=True)
     loader = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=data.PadCollator(tokenizer.pad_token_id))
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=args.optim == "adamw_torch_fused")
     times, real, computed = [], [], []
-    for step, batch in enumerate(loader):
-        if step == args.steps:
-            break
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       token_type_ids=batch["token_type_ids"]).logits
-        loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
-        loss.backward()
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter())
-        real.append(int(batch["attention_mask"].sum()))
-        computed.append(batch["attention_mask"].numel())
-    return summary(times, real, computed, args.warmup, args.logging_steps)
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)  # as ftkit's loop does: the same batches in the same order
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"])
+            loss.backward()
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter())
+            real.append(int(batch["attention_mask"].sum()))
+            computed.append(batch["attention_mask"].numel())
+    return summary(times, real, computed, args.warmup)
 
 
 def trainer(args) -> dict:
@@ -111,13 +106,13 @@ def trainer(args) -> dict:
 
     training_args = TrainingArguments(
         output_dir=os.path.join(args.workdir, "hf_trainer"), per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps, learning_rate=5e-5, logging_steps=args.logging_steps, save_strategy="no",
-        eval_strategy="no", report_to=[], seed=args.seed, dataloader_drop_last=True, disable_tqdm=True,
+        num_train_epochs=args.epochs, optim=args.optim, learning_rate=5e-5, logging_steps=args.logging_steps,
+        save_strategy="no",        eval_strategy="no", report_to=[], seed=args.seed, dataloader_drop_last=True, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random")
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     Trainer(model=model, args=training_args, train_dataset=train, data_collator=collate,
             callbacks=[StepTimes()]).train()
-    return summary(times, real[:len(times)], computed[:len(times)], args.warmup, args.logging_steps)
+    return summary(times, real[:len(times)], computed[:len(times)], args.warmup)
 
 
 def main() -> int:
@@ -126,12 +121,13 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--train_file", required=True)
     p.add_argument("--workdir", default="/tmp")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5, help="untimed first steps")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--logging_steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--optim", choices=["adamw_torch", "adamw_torch_fused"], default="adamw_torch")
     p.add_argument("--padding", choices=["max_length", "dynamic"], default="dynamic")
     p.add_argument("--group_by_length", action="store_true")
     args = p.parse_args()

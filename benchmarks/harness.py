@@ -93,6 +93,12 @@ def median(runs: list[dict], key: str) -> float:
     return statistics.median(m[key] for m in runs)
 
 
+def paired_ratio(runs: list[dict], baseline: list[dict], key: str) -> float:
+    """The median over repeats of ``runs[r][key] / baseline[r][key]``: each repeat's two runs were made one after
+    the other (``alternate``), so a machine that is slower for a while slows both and the ratio stays."""
+    return statistics.median(a[key] / b[key] for a, b in zip(runs, baseline))
+
+
 def write_results(name: str, payload: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
