@@ -107,7 +107,8 @@ def trainer(args) -> dict:
     training_args = TrainingArguments(
         output_dir=os.path.join(args.workdir, "hf_trainer"), per_device_train_batch_size=args.batch_size,
         num_train_epochs=args.epochs, optim=args.optim, learning_rate=5e-5, logging_steps=args.logging_steps,
-        save_strategy="no",        eval_strategy="no", report_to=[], seed=args.seed, dataloader_drop_last=True, disable_tqdm=True,
+        save_strategy="no", eval_strategy="no", report_to=[], seed=args.seed, dataloader_drop_last=True,
+        disable_tqdm=True,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random")
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     Trainer(model=model, args=training_args, train_dataset=train, data_collator=collate,

@@ -19,11 +19,12 @@ alternated over several repeats, each in its own process:
 A run's steps/s and real tokens/s are its timed epoch's steps and real tokens over the epoch's time
 (ftkit's from its telemetry, logged every 10 steps); the table shows the median over repeats, and
 each ratio is the median of the repeats' ratios (a repeat's runs follow one another, so a slow
-phase of the machine slows both). Benchmark 1 (loop overhead): ftkit steps/s / bare loop steps/s, target >= 0.97.
+phase of the machine slows both). Benchmark 1 (loop overhead): ftkit steps/s / bare loop steps/s,
+target >= 0.97.
 Benchmark 2 (vs the HF Trainer): ftkit real tokens/s / Trainer real tokens/s, targets >= 1.4
 (pad to max_length) and >= 1.0 (best settings).
 
-    python benchmarks/training_speed.py [--repeats 3] [--optim adamw_torch]        # or: make bench
+    python benchmarks/training_speed.py [--repeats 5] [--optim adamw_torch]        # or: make bench
 """
 
 from __future__ import annotations
