@@ -95,6 +95,61 @@ def test_dynamic_padding_pads_to_the_longest_in_the_batch():
     assert left([{"input_ids": [5, 6, 7]}])["input_ids"].tolist() == [[0, 5, 6, 7]]
 
 
+def _padded(rows: list[list[int]], fill: int, multiple: int | None, side: str) -> list[list[int]]:
+    longest = -(-max(map(len, rows)) // (multiple or 1)) * (multiple or 1)
+    return [([fill] * (longest - len(r)) + r) if side == "left" else (r + [fill] * (longest - len(r))) for r in rows]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_loaders_give_the_dataset_rows_padded(tiny_tokenizer, packing):
+    """The loaders read a split through data.TokenRows (numpy views, not Arrow rows): every batch of the training
+    loader (sampled, length-grouped, padded to a multiple) and of the evaluation loader is the rows of the
+    dataset's own order (here after a shuffle and a select), padded key by key."""
+    from types import SimpleNamespace
+
+    ds, _ = qs.tokenize_split(data.load_local_file(TRAIN), tiny_tokenizer, tiny_config(), 10_000, "train")
+    ds = ds.shuffle(seed=3).select(range(0, len(ds), 2))
+    if packing:
+        ds = data.pack(ds, 256)
+    rows = ds.to_list()  # the reference: Arrow's rows as Python lists
+    config = SimpleNamespace(per_device_train_batch_size=3, per_device_eval_batch_size=4, seed=5,
+                             group_by_length=True, dataloader_drop_last=False, pad_to_multiple_of=8,
+                             torch_compile=False, dataloader_num_workers=0, dataloader_pin_memory=False)
+    loader, sampler = data.train_loader(ds, tiny_tokenizer.pad_token_id, config)
+    batches = list(zip(sampler, loader)) + list(zip([range(i, min(i + 4, len(ds))) for i in range(0, len(ds), 4)],
+                                                    data.eval_loader(ds, tiny_tokenizer.pad_token_id, config)))
+    assert len(batches) == len(sampler) + -(-len(ds) // 4) > 4
+    fills = {"input_ids": tiny_tokenizer.pad_token_id, "labels": -100, "position_ids": 0}
+    for indices, batch in batches:
+        expected = {key: _padded([rows[i][key] for i in indices], fill, 8, "right") for key, fill in fills.items()
+                    if key in rows[0]}
+        expected["attention_mask"] = _padded([[1] * len(rows[i]["input_ids"]) for i in indices], 0, 8, "right")
+        assert {key: batch[key].tolist() for key in expected} == expected
+        assert batch["length"].tolist() == [rows[i]["length"] for i in indices]
+    left = data.PadCollator(0, 8, "left")([data.TokenRows(ds)[i] for i in (0, 1)])
+    assert left["input_ids"].tolist() == _padded([rows[i]["input_ids"] for i in (0, 1)], 0, 8, "left")
+
+
+def test_token_rows_read_chunked_and_mapped_tables_without_copying(tmp_path):
+    """TokenRows over a table of several chunks (a concatenation), a slice that starts inside a chunk, and a
+    dataset memory-mapped from disk: every row equals Arrow's, and the ids are views of Arrow's buffers."""
+    import datasets
+    import numpy as np
+
+    parts = [datasets.Dataset.from_dict({"input_ids": [[r * 10 + k for k in range(r % 4 + 1)] for r in range(lo, hi)],
+                                         "label": list(range(lo, hi))}) for lo, hi in ((0, 5), (5, 6), (6, 13))]
+    joined = datasets.concatenate_datasets(parts)
+    joined.save_to_disk(str(tmp_path / "saved"))
+    mapped = datasets.load_from_disk(str(tmp_path / "saved"))
+    for ds in (joined, joined.select(range(3, 11)), joined.select([12, 0, 7, 5]), mapped):
+        rows = data.TokenRows(ds)
+        assert [{k: (v.tolist() if k == "input_ids" else v) for k, v in rows[i].items()} for i in range(len(rows))] \
+            == ds.to_list()
+    table = joined.with_format("arrow")[:].column("input_ids")
+    assert table.num_chunks == 3
+    assert np.shares_memory(data.TokenRows(joined)[6]["input_ids"], table.chunks[2].values.to_numpy())
+
+
 def test_batch_sampler_is_a_function_of_seed_and_epoch():
     lengths = list(range(100))
     a = data.TrainBatchSampler(lengths, 4, seed=1)
