@@ -3,6 +3,7 @@ Not here: when to log (loop.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -42,7 +43,7 @@ def check_wandb_login() -> None:
 def start(accelerator, config, state: dict) -> "MetricsLog":
     """Initialise the configured trackers (their files under output_dir); returns the run's log. The W&B run
     id is kept in the trainer state (so in every checkpoint): a resumed run (a requeued job) continues it."""
-    log = MetricsLog(accelerator, config)
+    log = MetricsLog(accelerator, config, state["global_step"])
     if not accelerator.log_with:
         return log
     import uuid
@@ -61,9 +62,33 @@ class MetricsLog:
     """Writes each log event to ``output_dir/metrics.jsonl`` (main process) and to the trackers;
     at the end draws ``output_dir/curves.png`` and, in ``--debug``, prints a summary."""
 
-    def __init__(self, accelerator, config):
+    def __init__(self, accelerator, config, step: int = 0):
         self.accelerator, self.config = accelerator, config
         self.path = os.path.join(config.output_dir, "metrics.jsonl")
+        if accelerator.is_main_process and os.path.isfile(self.path):
+            self._continue_at(step)
+
+    def _continue_at(self, step: int) -> None:
+        """An earlier run's events in output_dir: a run that starts at step 0 (``overwrite_output_dir``, or no
+        checkpoint was saved) moves them aside to ``metrics.old<N>.jsonl``; a run resumed at ``step`` keeps those
+        up to its checkpoint's step and drops the later ones (it logs those steps again), and a line cut short
+        when the process was killed."""
+        if step == 0:
+            root, ext = os.path.splitext(self.path)
+            n = next(n for n in itertools.count() if not os.path.exists(f"{root}.old{n}{ext}"))
+            os.rename(self.path, f"{root}.old{n}{ext}")
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except json.JSONDecodeError:
+                    pass
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def log(self, metrics: dict, step: int) -> None:
         metrics = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}

@@ -46,12 +46,18 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, script, processe
     assert "scheduler.json" in files and not [f for f in files if f.startswith("custom_checkpoint")]
     if processes == 1:
         assert (state["epoch"], state["batches_in_epoch"]) == position
-    # a run that stopped after its step-3 checkpoint: its output_dir holds just that checkpoint
+    # a run killed during step 5, after its step-3 checkpoint: that checkpoint and its log up to step 5, the last
+    # line cut short; the resumed run keeps the log up to step 3 and logs steps 4-6 once
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    with open(resumed / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in read_jsonl(straight / "metrics.jsonl") if r["step"] <= 5)
+        f.write('{"step": 5, "train/lo')
     _run(script, args, resumed, 6, processes)
 
     def losses(out):
-        return {r["step"]: r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r}
+        logged = [(r["step"], r["train/loss"]) for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+        assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
+        return {step: loss for step, loss in logged if step > 3}
 
     a, b = losses(straight), losses(resumed)
     counted = [json.load(open(out / "metrics.json")) for out in (straight, resumed)]
@@ -97,3 +103,18 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and "per_device_train_batch_size: 8 -> 4" in lines[-1], lines[-3:]
     assert "max_steps" not in lines[-1].split("a resume may change only")[0]
+
+
+def test_overwrite_output_dir_starts_a_new_log_and_keeps_the_old_one_aside(tmp_path):
+    """A fresh run in a used output_dir (--overwrite_output_dir true) logs to a metrics.jsonl of its own (and draws
+    its curves from it); the earlier run's log and checkpoints are moved aside, not deleted."""
+    classify, out = SCRIPTS["classify.py"][0], tmp_path / "run"
+    _run("classify.py", classify, out, 2, 1)
+    _run("classify.py", classify + ["--learning_rate", "5e-4", "--overwrite_output_dir", "true"], out, 3, 1)
+
+    def train_steps(path):
+        return [r["step"] for r in read_jsonl(path) if "train/loss" in r]
+
+    assert train_steps(out / "metrics.jsonl") == [1, 2, 3]
+    assert train_steps(out / "metrics.old0.jsonl") == [1, 2]
+    assert os.listdir(out / "checkpoints.old0") == ["step_2"]
