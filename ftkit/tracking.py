@@ -42,7 +42,8 @@ def check_wandb_login() -> None:
 
 def start(accelerator, config, state: dict) -> "MetricsLog":
     """Initialise the configured trackers (their files under output_dir); returns the run's log. The W&B run
-    id is kept in the trainer state (so in every checkpoint): a resumed run (a requeued job) continues it."""
+    id is kept in the trainer state (so in every checkpoint): a resumed run (a requeued job) continues it. A
+    resumed run's log, metrics.jsonl and TensorBoard's, holds each step once (see :class:`MetricsLog`)."""
     log = MetricsLog(accelerator, config, state["global_step"])
     if not accelerator.log_with:
         return log
@@ -52,6 +53,8 @@ def start(accelerator, config, state: dict) -> "MetricsLog":
     run_name = config.run_name or os.path.basename(os.path.normpath(config.output_dir))
     init_kwargs = {"wandb": {"name": run_name, "dir": config.output_dir, "id": state["tracker_run_id"],
                              "resume": "allow", "tags": list(config.tags or []), "group": config.group}}
+    if state["global_step"]:  # resumed: TensorBoard hides the interrupted run's events after the checkpoint
+        init_kwargs["tensorboard"] = {"purge_step": state["global_step"] + 1}
     safe = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
             for k, v in without_secrets(to_dict(config)).items()}
     accelerator.init_trackers(config.project_name, config=safe, init_kwargs=init_kwargs)

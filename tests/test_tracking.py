@@ -123,16 +123,28 @@ def test_no_secret_reaches_logs_trackers_or_saved_files(tracked):
             assert SECRET_VALUE.encode() not in open(path, "rb").read(), path
 
 
-def test_resumed_run_continues_the_same_wandb_run(tracked, tmp_path):
+def test_resumed_run_continues_the_same_wandb_run_and_tensorboard_log(tracked, tmp_path):
+    """A run that ended after step 10 resumed from its step-5 checkpoint (its TensorBoard log kept): W&B continues
+    the same run id, and TensorBoard shows each step once, steps 6-10 from the resumed run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     resumed = tmp_path / "resumed"
     shutil.copytree(tracked / "checkpoints" / "step_5", resumed / "checkpoints" / "step_5")
+    shutil.copytree(tracked / "tensorboard", resumed / "tensorboard")
+    scalars = str(resumed / "tensorboard" / "*" / "events.out.tfevents.*")  # the project's scalars (hparams: below)
+    old_files = set(glob.glob(scalars))
     launch("classify.py", ["--config", SPAM, "--output_dir", str(resumed), "--max_steps", "10", "--logging_steps", "2",
                            "--eval_strategy", "steps", "--eval_steps", "5", "--save_steps", "5",
-                           "--report_to", "wandb", "--tags", "[tiny, spam]", "--group", "sweep-1"])
+                           "--report_to", "all", "--tags", "[tiny, spam]", "--group", "sweep-1"])
     (first_id, _, _, _), = wandb_run(tracked)
     (run_id, _, _, history), = wandb_run(resumed)
     assert run_id == first_id
     assert steps_with(history, "train/loss") == [6, 8, 10]
+    new_file, = set(glob.glob(scalars)) - old_files
+    events = EventAccumulator(os.path.dirname(new_file))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10]
+    assert [e.step for e in events.Scalars("eval/loss")] == [5, 10]
 
 
 # ---------------------------------------------------------------------------------------------
