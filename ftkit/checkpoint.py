@@ -112,13 +112,21 @@ def adopt_auto_batch_size(previous, config) -> None:
                        b, ga, config.output_dir)
 
 
+def set_aside(path: str) -> str:
+    """Move an earlier run's file or folder out of the way, kept: ``checkpoints`` -> ``checkpoints.old<N>``,
+    ``metrics.jsonl`` -> ``metrics.old<N>.jsonl`` (the first free N); returns the new path."""
+    root, ext = os.path.splitext(path) if os.path.isfile(path) else (path, "")
+    moved = next(f"{root}.old{n}{ext}" for n in itertools.count() if not os.path.exists(f"{root}.old{n}{ext}"))
+    os.rename(path, moved)
+    logger.info("earlier run's %s moved to %s", os.path.basename(path), os.path.basename(moved))
+    return moved
+
+
 def set_aside_old_checkpoints(config, accelerator) -> None:
     """With ``overwrite_output_dir``, move an earlier run's checkpoints out of the way (kept, not deleted)."""
     root = checkpoints_dir(config)
     if accelerator.is_main_process and config.overwrite_output_dir and os.path.isdir(root):
-        n = next(n for n in itertools.count() if not os.path.exists(f"{root}.old{n}"))
-        os.rename(root, f"{root}.old{n}")
-        logger.info("overwrite_output_dir: earlier checkpoints moved to %s.old%d", root, n)
+        set_aside(root)
     accelerator.wait_for_everyone()
 
 

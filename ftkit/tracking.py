@@ -3,7 +3,6 @@ Not here: when to log (loop.py)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -12,6 +11,7 @@ import time
 import torch
 
 from ftkit import distributed
+from ftkit.checkpoint import set_aside
 from ftkit.config import ConfigError, RunError, to_dict
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -68,19 +68,18 @@ class MetricsLog:
     def __init__(self, accelerator, config, step: int = 0):
         self.accelerator, self.config = accelerator, config
         self.path = os.path.join(config.output_dir, "metrics.jsonl")
-        if accelerator.is_main_process and os.path.isfile(self.path):
+        if accelerator.is_main_process and step == 0:
+            # a fresh run in a used output_dir (overwrite_output_dir, or the earlier run saved no checkpoint):
+            # the earlier run's logs are moved aside, kept
+            for earlier in (self.path, os.path.join(config.output_dir, "tensorboard")):
+                if os.path.exists(earlier):
+                    set_aside(earlier)
+        elif accelerator.is_main_process and os.path.isfile(self.path):
             self._continue_at(step)
 
     def _continue_at(self, step: int) -> None:
-        """An earlier run's events in output_dir: a run that starts at step 0 (``overwrite_output_dir``, or no
-        checkpoint was saved) moves them aside to ``metrics.old<N>.jsonl``; a run resumed at ``step`` keeps those
-        up to its checkpoint's step and drops the later ones (it logs those steps again), and a line cut short
-        when the process was killed."""
-        if step == 0:
-            root, ext = os.path.splitext(self.path)
-            n = next(n for n in itertools.count() if not os.path.exists(f"{root}.old{n}{ext}"))
-            os.rename(self.path, f"{root}.old{n}{ext}")
-            return
+        """A run resumed at ``step`` keeps the earlier run's events up to its checkpoint's step and drops the later
+        ones (it logs those steps again), and a line cut short when the process was killed."""
         kept = []
         with open(self.path) as f:
             for line in f:

@@ -106,15 +106,21 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
 
 
 def test_overwrite_output_dir_starts_a_new_log_and_keeps_the_old_one_aside(tmp_path):
-    """A fresh run in a used output_dir (--overwrite_output_dir true) logs to a metrics.jsonl of its own (and draws
-    its curves from it); the earlier run's log and checkpoints are moved aside, not deleted."""
-    classify, out = SCRIPTS["classify.py"][0], tmp_path / "run"
+    """A fresh run in a used output_dir (--overwrite_output_dir true) logs to a metrics.jsonl and a TensorBoard folder
+    of its own (curves.png is drawn from its own log); the earlier run's logs and checkpoints are moved aside, kept."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    classify, out = SCRIPTS["classify.py"][0] + ["--report_to", "tensorboard"], tmp_path / "run"
     _run("classify.py", classify, out, 2, 1)
     _run("classify.py", classify + ["--learning_rate", "5e-4", "--overwrite_output_dir", "true"], out, 3, 1)
 
     def train_steps(path):
-        return [r["step"] for r in read_jsonl(path) if "train/loss" in r]
+        if path.suffix == ".jsonl":
+            return [r["step"] for r in read_jsonl(path) if "train/loss" in r]
+        events = EventAccumulator(str(path / "ftkit"))  # project_name's folder
+        events.Reload()
+        return [e.step for e in events.Scalars("train/loss")]
 
-    assert train_steps(out / "metrics.jsonl") == [1, 2, 3]
-    assert train_steps(out / "metrics.old0.jsonl") == [1, 2]
+    assert train_steps(out / "metrics.jsonl") == train_steps(out / "tensorboard") == [1, 2, 3]
+    assert train_steps(out / "metrics.old0.jsonl") == train_steps(out / "tensorboard.old0") == [1, 2]
     assert os.listdir(out / "checkpoints.old0") == ["step_2"]
