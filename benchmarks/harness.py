@@ -2,7 +2,7 @@
 medians and ratios, ``results/<name>.json`` and the ``benchmarks/README.md`` tables.
 
 Contenders run as separate processes (a fresh interpreter each, as users run them) and are
-alternated ``A B C, A B C, ...`` so that a slow phase of the machine hits each of them alike.
+alternated ``A B C, C B A, ...`` so that a slow phase of the machine hits each of them alike.
 """
 
 from __future__ import annotations
@@ -77,10 +77,13 @@ def accelerate_launch(script: str, args: list[str]) -> subprocess.CompletedProce
 
 
 def alternate(contenders: dict, repeats: int) -> dict[str, list[dict]]:
-    """Run each contender (name -> callable(repeat) -> dict of measures) ``repeats`` times, alternating."""
+    """Run each contender (name -> callable(repeat) -> dict of measures) ``repeats`` times, alternating, the order
+    reversed every other repeat (``A B C, C B A, ...``), so that no contender always runs right after the same other
+    one (training_speed's ftkit / bare loop ratio was 0.966 with ftkit always after the HF Trainer's runs, and 0.990
+    over 8 pairs of the two alone)."""
     results = {name: [] for name in contenders}
     for r in range(repeats):
-        for name, fn in contenders.items():
+        for name, fn in (list(contenders.items()) if r % 2 == 0 else list(contenders.items())[::-1]):
             t = time.perf_counter()
             measure = fn(r)
             results[name].append(measure)
