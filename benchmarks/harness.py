@@ -97,8 +97,8 @@ def median(runs: list[dict], key: str) -> float:
 
 
 def paired_ratio(runs: list[dict], baseline: list[dict], key: str) -> float:
-    """The median over repeats of ``runs[r][key] / baseline[r][key]``: each repeat's two runs were made one after
-    the other (``alternate``), so a machine that is slower for a while slows both and the ratio stays."""
+    """The median over repeats of ``runs[r][key] / baseline[r][key]``: each repeat's two runs were made close in time
+    (``alternate``), so a machine that is slower for a while slows both and the ratio stays."""
     return statistics.median(a[key] / b[key] for a, b in zip(runs, baseline))
 
 

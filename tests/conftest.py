@@ -68,6 +68,15 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def tensorboard_scalars(folder) -> dict:
+    """tag -> the steps of its scalar events, as TensorBoard shows them, in one run folder of event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """The byte-level BPE tokenizer the tiny recipes train on the sample dialogues."""

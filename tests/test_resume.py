@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, read_jsonl, run_python
+from conftest import ROOT, launch, read_jsonl, run_python, tensorboard_scalars
 
 pytestmark = pytest.mark.slow
 TINY = os.path.join(ROOT, "recipes", "tiny")
@@ -108,8 +108,6 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
 def test_overwrite_output_dir_starts_a_new_log_and_keeps_the_old_one_aside(tmp_path):
     """A fresh run in a used output_dir (--overwrite_output_dir true) logs to a metrics.jsonl and a TensorBoard folder
     of its own (curves.png is drawn from its own log); the earlier run's logs and checkpoints are moved aside, kept."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     classify, out = SCRIPTS["classify.py"][0] + ["--report_to", "tensorboard"], tmp_path / "run"
     _run("classify.py", classify, out, 2, 1)
     _run("classify.py", classify + ["--learning_rate", "5e-4", "--overwrite_output_dir", "true"], out, 3, 1)
@@ -117,9 +115,7 @@ def test_overwrite_output_dir_starts_a_new_log_and_keeps_the_old_one_aside(tmp_p
     def train_steps(path):
         if path.suffix == ".jsonl":
             return [r["step"] for r in read_jsonl(path) if "train/loss" in r]
-        events = EventAccumulator(str(path / "ftkit"))  # project_name's folder
-        events.Reload()
-        return [e.step for e in events.Scalars("train/loss")]
+        return tensorboard_scalars(path / "ftkit")["train/loss"]  # project_name's folder
 
     assert train_steps(out / "metrics.jsonl") == train_steps(out / "tensorboard") == [1, 2, 3]
     assert train_steps(out / "metrics.old0.jsonl") == train_steps(out / "tensorboard.old0") == [1, 2]
