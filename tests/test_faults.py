@@ -169,9 +169,13 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint_and_leaves_no_half_one
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             time.sleep(0.02)
         filler = disk / "filler"  # the disk fills up: a few KiB stay free for the log, not for a checkpoint
-        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-        with open(filler, "wb") as f:
-            f.write(b"\0" * max(free - 64 * 1024, 0))
+        with open(filler, "wb", buffering=0) as f:  # to the last byte (the run may write meanwhile), then 64 KiB back
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError:
+                pass
+            f.truncate(max(f.tell() - 64 * 1024, 0))
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 1, stderr[-3000:]
         last = stderr.strip().splitlines()[-1]
