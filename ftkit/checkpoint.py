@@ -78,7 +78,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 def check_output_dir(config) -> None:
     """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
-    ``overwrite_output_dir`` the old run's checkpoints are set aside (renamed), not resumed."""
+    ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
     explicit = _explicit_checkpoint(config)  # checked now, before anything is built or loaded
     saved = os.path.join(config.output_dir, "config.yaml")
     if config.overwrite_output_dir or not os.path.isfile(saved):
@@ -112,22 +112,32 @@ def adopt_auto_batch_size(previous, config) -> None:
                        b, ga, config.output_dir)
 
 
-def set_aside(path: str) -> str:
-    """Move an earlier run's file or folder out of the way, kept: ``checkpoints`` -> ``checkpoints.old<N>``,
-    ``metrics.jsonl`` -> ``metrics.old<N>.jsonl`` (the first free N); returns the new path."""
-    root, ext = os.path.splitext(path) if os.path.isfile(path) else (path, "")
-    moved = next(f"{root}.old{n}{ext}" for n in itertools.count() if not os.path.exists(f"{root}.old{n}{ext}"))
-    os.rename(path, moved)
-    logger.info("earlier run's %s moved to %s", os.path.basename(path), os.path.basename(moved))
-    return moved
+# what a run writes into output_dir, besides base_model/ (the built random-init model, stamped) and base_eval.json
+# (the base model's scores: the same for a run with the same config, computed anew with overwrite_output_dir)
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "curves.png", "metrics.json", "final",
+               "final_merged")
 
 
-def set_aside_old_checkpoints(config, accelerator) -> None:
-    """With ``overwrite_output_dir``, move an earlier run's checkpoints out of the way (kept, not deleted)."""
-    root = checkpoints_dir(config)
-    if accelerator.is_main_process and config.overwrite_output_dir and os.path.isdir(root):
-        set_aside(root)
+def set_aside_earlier_run(config, accelerator) -> str | None:
+    """A fresh run in a used ``output_dir`` (``overwrite_output_dir``, or the earlier run left no complete checkpoint)
+    first moves the earlier run's outputs together into ``output_dir/earlier_runs/<N>``, kept: its checkpoints, logs,
+    config, final model, metrics and predictions. So nothing of it is resumed, appended to, or taken for the new run's
+    result if the new run stops before its end. Returns that folder (main process), or None."""
+    moved = None
+    fresh = not _explicit_checkpoint(config) and (config.overwrite_output_dir or not list_checkpoints(config.output_dir))
+    if accelerator.is_main_process and fresh and os.path.isdir(config.output_dir):
+        names = [n for n in sorted(os.listdir(config.output_dir))
+                 if n in RUN_OUTPUTS or (n.startswith("predictions") and n.endswith(".jsonl"))]
+        if names:
+            root = os.path.join(config.output_dir, "earlier_runs")
+            moved = next(os.path.join(root, str(n)) for n in itertools.count(1)
+                         if not os.path.exists(os.path.join(root, str(n))))
+            os.makedirs(moved)
+            for name in names:
+                os.rename(os.path.join(config.output_dir, name), os.path.join(moved, name))
+            logger.warning("output_dir: a fresh run; the earlier run's %s moved to %s", ", ".join(names), moved)
     accelerator.wait_for_everyone()
+    return moved
 
 
 def _explicit_checkpoint(config) -> bool:

@@ -100,8 +100,8 @@ class DataArguments:
 @dataclass
 class TrainingArguments:
     output_dir: str = opt("outputs/run", "Where checkpoints, metrics and the final model go.")
-    overwrite_output_dir: bool = opt(False, "Allow reusing an output_dir that holds another run (its checkpoints and "
-                                             "logs are moved aside).")
+    overwrite_output_dir: bool = opt(False, "Allow reusing an output_dir that holds another run: a fresh run, the "
+                                             "earlier one's files moved to output_dir/earlier_runs/<N>.")
     seed: int = opt(42, "Seed for model init, data order and dropout.", min=0)
     learning_rate: float = opt(2e-4, "Peak learning rate.", min_exclusive=0)
     weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norms).", min=0)

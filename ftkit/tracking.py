@@ -11,7 +11,6 @@ import time
 import torch
 
 from ftkit import distributed
-from ftkit.checkpoint import set_aside
 from ftkit.config import ConfigError, RunError, to_dict
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -68,13 +67,7 @@ class MetricsLog:
     def __init__(self, accelerator, config, step: int = 0):
         self.accelerator, self.config = accelerator, config
         self.path = os.path.join(config.output_dir, "metrics.jsonl")
-        if accelerator.is_main_process and step == 0:
-            # a fresh run in a used output_dir (overwrite_output_dir, or the earlier run saved no checkpoint):
-            # the earlier run's logs are moved aside, kept
-            for earlier in (self.path, os.path.join(config.output_dir, "tensorboard")):
-                if os.path.exists(earlier):
-                    set_aside(earlier)
-        elif accelerator.is_main_process and os.path.isfile(self.path):
+        if accelerator.is_main_process and step and os.path.isfile(self.path):  # a fresh run's is set aside first
             self._continue_at(step)
 
     def _continue_at(self, step: int) -> None:

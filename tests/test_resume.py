@@ -105,11 +105,14 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
     assert "max_steps" not in lines[-1].split("a resume may change only")[0]
 
 
-def test_overwrite_output_dir_starts_a_new_log_and_keeps_the_old_one_aside(tmp_path):
+def test_a_fresh_run_in_a_used_output_dir_sets_the_earlier_run_aside_whole(tmp_path):
     """A fresh run in a used output_dir (--overwrite_output_dir true) logs to a metrics.jsonl and a TensorBoard folder
-    of its own (curves.png is drawn from its own log); the earlier run's logs and checkpoints are moved aside, kept."""
+    of its own (curves.png is drawn from its own log). The earlier run's files (config, checkpoints, logs, final model,
+    metrics, predictions) are first moved together to earlier_runs/<N>, kept; so a new run that stops before its end
+    leaves no final model or metrics of the earlier run to be taken for its own."""
     classify, out = SCRIPTS["classify.py"][0] + ["--report_to", "tensorboard"], tmp_path / "run"
     _run("classify.py", classify, out, 2, 1)
+    first = sorted(os.listdir(out))
     _run("classify.py", classify + ["--learning_rate", "5e-4", "--overwrite_output_dir", "true"], out, 3, 1)
 
     def train_steps(path):
@@ -117,6 +120,24 @@ def test_overwrite_output_dir_starts_a_new_log_and_keeps_the_old_one_aside(tmp_p
             return [r["step"] for r in read_jsonl(path) if "train/loss" in r]
         return tensorboard_scalars(path / "ftkit")["train/loss"]  # project_name's folder
 
+    earlier = out / "earlier_runs" / "1"
     assert train_steps(out / "metrics.jsonl") == train_steps(out / "tensorboard") == [1, 2, 3]
-    assert train_steps(out / "metrics.old0.jsonl") == train_steps(out / "tensorboard.old0") == [1, 2]
-    assert os.listdir(out / "checkpoints.old0") == ["step_2"]
+    assert train_steps(earlier / "metrics.jsonl") == train_steps(earlier / "tensorboard") == [1, 2]
+    assert os.listdir(earlier / "checkpoints") == ["step_2"]
+    moved = sorted(os.listdir(earlier))
+    assert {"config.yaml", "final", "metrics.json", "curves.png"} <= set(moved), moved
+    assert [f for f in moved if f.startswith("predictions_")], moved
+    assert sorted(set(first) - set(moved)) == ["base_model"], (first, moved)  # the built base model stays
+    assert "learning_rate: 0.001" in (earlier / "config.yaml").read_text()
+    assert "learning_rate: 0.0005" in (out / "config.yaml").read_text()
+    assert load_file(earlier / "final" / "model.safetensors").keys() == load_file(out / "final" / "model.safetensors").keys()
+
+    # a third fresh run that fails at its second step (SGD at an absurd rate, no step skipped)
+    failed = run_python("classify.py", classify + ["--output_dir", str(out), "--overwrite_output_dir", "true",
+                                                   "--optim", "sgd", "--learning_rate", "1e30", "--max_grad_norm", "0",
+                                                   "--lr_scheduler_type", "constant", "--max_bad_steps", "0"])
+    assert failed.returncode == 1 and "not finite at step 2" in failed.stderr.strip().splitlines()[-1], failed.stderr[-2000:]
+    left = set(os.listdir(out))
+    assert not left & {"final", "metrics.json", "curves.png"} and not [f for f in left if f.startswith("predictions")]
+    assert train_steps(out / "earlier_runs" / "2" / "metrics.jsonl") == [1, 2, 3]
+    assert (out / "earlier_runs" / "2" / "final" / "model.safetensors").is_file()
