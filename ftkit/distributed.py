@@ -17,6 +17,7 @@ logger = logging.getLogger("ftkit")
 def accelerator(config):
     """The run's ``Accelerator``, configured from the recipe and the launcher's environment.
 
+    - FSDP launches are refused (see the error), DeepSpeed ZeRO-3 shards the same way.
     - No CUDA: the process group is created with gloo *before* the Accelerator, so that
       multi-process CPU runs (and DeepSpeed on CPU) count every process.
     - Gradient accumulation is driven by the script's accumulation windows (always complete), so
@@ -26,6 +27,10 @@ def accelerator(config):
 
     from ftkit.data import pin_memory
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ConfigError("launcher: FSDP is not supported: ftkit's checkpoints, exact resume and 4-bit paths are built "
+                          "and tested for DDP and DeepSpeed; shard with ZeRO-3 instead (accelerate launch "
+                          "--config_file launch/accelerate/deepspeed_zero3.yaml)")
     cpu = not torch.cuda.is_available()
     check_bf16(config.bf16, not cpu, (not cpu) and torch.cuda.is_bf16_supported())
     launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -192,6 +192,22 @@ def test_cpu_capable_launch_configs_run(tmp_path, name):
     assert json.load(open(out / "metrics.json"))["global_step"] == 2
 
 
+def test_an_fsdp_launch_is_refused_in_one_line_before_anything_is_built(tmp_path):
+    # accelerate runs FSDP only on accelerators; on a CPU it would quietly run DDP, so this checks the refusal
+    fsdp = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1, "num_processes": 2,
+            "machine_rank": 0, "mixed_precision": "no", "rdzv_backend": "static", "same_network": True,
+            "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                            "fsdp_state_dict_type": "SHARDED_STATE_DICT"}}
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(fsdp))
+    out = tmp_path / "run"
+    proc = launch("classify.py", ["--config", SPAM, "--output_dir", str(out)], num_processes=2, check=False,
+                  launcher_config=str(tmp_path / "fsdp.yaml"))
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    assert set(errors) == {errors[0]} and "FSDP is not supported" in errors[0] and "deepspeed_zero3.yaml" in errors[0]
+    assert not os.path.exists(out / "base_model")  # nothing built or loaded
+
+
 def test_every_deepspeed_config_is_valid_json_with_auto_batch_values():
     folder = os.path.join(ROOT, "ds_configs")
     names = sorted(os.listdir(folder))
