@@ -66,6 +66,11 @@ def accelerator(config):
     level = logging.INFO if acc.is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     logger.setLevel(level)
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by accelerate launch from its config or flag
+    if acc.is_main_process and launcher and launcher != acc.mixed_precision:
+        logger.warning("mixed precision: %s, as the recipe's bf16: %s says; the launcher's mixed_precision %s is not "
+                       "used (set bf16 in the recipe or on the command line)", acc.mixed_precision,
+                       str(config.bf16).lower(), launcher)
     set_seed(config.seed)  # python, numpy, torch (and CUDA): model init, data order, dropout
     return acc
 

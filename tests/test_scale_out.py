@@ -187,9 +187,12 @@ def test_every_accelerate_config_parses_and_names_files_that_exist(name):
 def test_cpu_capable_launch_configs_run(tmp_path, name):
     out = tmp_path / "run"
     procs = 1 if name == "single_gpu.yaml" else 2
-    launch("classify.py", ["--config", SPAM, "--max_steps", "2", "--output_dir", str(out)], num_processes=procs,
-           launcher_config=os.path.join(LAUNCH, name))
+    proc = launch("classify.py", ["--config", SPAM, "--max_steps", "2", "--output_dir", str(out)], num_processes=procs,
+                  launcher_config=os.path.join(LAUNCH, name))
     assert json.load(open(out / "metrics.json"))["global_step"] == 2
+    # both configs name bf16, the tiny recipe has bf16: false: the run says which one it follows
+    assert "mixed precision: no, as the recipe's bf16: false says; the launcher's mixed_precision bf16 is not used" \
+        in proc.stderr
 
 
 def test_an_fsdp_launch_is_refused_in_one_line_before_anything_is_built(tmp_path):
