@@ -40,7 +40,10 @@ def accelerator(config):
 
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=os.path.abspath(config.deepspeed))
     use_deepspeed = launched_with_deepspeed or deepspeed_plugin is not None
-    if cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if use_deepspeed and "LOCAL_RANK" not in os.environ:  # one process, no launcher: DeepSpeed needs a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or use_deepspeed):
         # `cpu=True` would make accelerate fall back to plain MULTI_CPU and silently drop DeepSpeed
         PartialState(cpu=not use_deepspeed, backend="gloo")
     cpu = cpu and not use_deepspeed
@@ -73,6 +76,15 @@ def accelerator(config):
                        str(config.bf16).lower(), launcher)
     set_seed(config.seed)  # python, numpy, torch (and CUDA): model init, data order, dropout
     return acc
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous of a one-process DeepSpeed run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_bf16(bf16: bool, cuda: bool, supported: bool | None) -> None:

@@ -166,6 +166,19 @@ def test_zero2_with_optimizer_offload_runs(tmp_path):
     assert json.load(open(out / "metrics.json"))["global_step"] == 4
 
 
+def test_one_process_runs_deepspeed_with_or_without_a_launcher_and_resumes(tmp_path):
+    # ZeRO-Offload on one device: plain python, then the same run extended under a one-process accelerate launch
+    # (neither sets up a process group, which DeepSpeed's engine needs)
+    out, args = tmp_path / "run", ["--config", SPAM, "--save_steps", "3", "--deepspeed",
+                                   os.path.join(ROOT, "ds_configs", "zero2_offload.json")]
+    first = run_python("classify.py", args + ["--max_steps", "3", "--output_dir", str(out)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.path.isdir(out / "checkpoints" / "step_3" / "pytorch_model")  # DeepSpeed's own checkpoint
+    extended = launch("classify.py", args + ["--max_steps", "5", "--output_dir", str(out)], num_processes=1)
+    assert f"resumed from {out / 'checkpoints' / 'step_3'}" in extended.stderr
+    assert json.load(open(out / "metrics.json"))["global_step"] == 5
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher configs and DeepSpeed config checks
 # ---------------------------------------------------------------------------------------------
