@@ -30,7 +30,7 @@ def auto_batch_size(acc, config, estimate: Estimate) -> None:
     it with the cheapest change instead)."""
     if config.per_device_train_batch_size != "auto":
         return
-    examples, usable = config.gradient_accumulation_steps, HEADROOM * budget_bytes(config, acc.num_processes)[0]
+    examples, usable = config.gradient_accumulation_steps, HEADROOM * budget_bytes(config, estimate.num_processes)[0]
     tried = {}
     for batch in (d for d in range(examples, 0, -1) if examples % d == 0):
         variant = dataclasses.replace(config, per_device_train_batch_size=batch,

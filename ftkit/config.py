@@ -168,6 +168,9 @@ class PreflightArguments:
     preflight_device: str = opt("auto", "What --preflight estimates for: auto (a GPU if one is visible, else the CPU), "
                                         "cuda (e.g. a GPU job checked on a login node) or cpu.",
                                 choices=["auto", "cuda", "cpu"])
+    preflight_num_processes: int | None = opt(None, "Processes --preflight plans for (default: the launcher's); from "
+                                                    "one process, e.g. the steps and memory per GPU of an 8-GPU job "
+                                                    "checked on a login node, with the exit code kept.", min=1)
     assumed_mfu: float = opt(0.1, "Model FLOPs utilisation --preflight assumes for its time estimate (measured on "
                                   "an H100: 2-13%, benchmarks/README.md).", min_exclusive=0, max=1)
 

@@ -66,6 +66,7 @@ def accelerator(config):
         deepspeed_plugin=deepspeed_plugin,
     )
     fill_deepspeed_config(acc, config)
+    planned_processes(acc, config)  # a preflight_num_processes that contradicts the launcher: before anything is built
     level = logging.INFO if acc.is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     logger.setLevel(level)
@@ -76,6 +77,16 @@ def accelerator(config):
                        str(config.bf16).lower(), launcher)
     set_seed(config.seed)  # python, numpy, torch (and CUDA): model init, data order, dropout
     return acc
+
+
+def planned_processes(acc, config) -> int:
+    """The processes a run is planned for: the launcher's, or in ``--preflight`` ``preflight_num_processes`` (a
+    preflight in one process for an N-process run: its steps, DeepSpeed batch and memory per device)."""
+    planned = getattr(config, "preflight_num_processes", None) if getattr(config, "preflight", False) else None
+    if planned and acc.num_processes > 1 and planned != acc.num_processes:
+        raise ConfigError(f"preflight_num_processes: {planned}, but the launcher started {acc.num_processes} "
+                          f"processes; run the preflight in one process, or without preflight_num_processes")
+    return planned or acc.num_processes
 
 
 def free_port() -> int:
@@ -109,7 +120,7 @@ def fill_deepspeed_config(acc, config) -> None:
         "train_micro_batch_size_per_gpu": ("per_device_train_batch_size", batch),
         "gradient_accumulation_steps": ("gradient_accumulation_steps", ga),
         "train_batch_size": ("per_device_train_batch_size x gradient_accumulation_steps x processes",
-                             (1 if batch == "auto" else batch) * ga * acc.num_processes),
+                             (1 if batch == "auto" else batch) * ga * planned_processes(acc, config)),
         "gradient_clipping": ("max_grad_norm", float(config.max_grad_norm)),
         "bf16.enabled": ("bf16", bool(config.bf16)),
     }

@@ -291,7 +291,7 @@ class Estimate:
 
     def __init__(self, acc, config, model_cfg, auto_cls, setup, step_loss, train_ds, pad_token_id: int):
         self.model_cfg, self.auto_cls, self.setup, self.step_loss = model_cfg, auto_cls, setup, step_loss
-        self.train_ds, self.pad_token_id, self.num_processes = train_ds, pad_token_id, acc.num_processes
+        self.train_ds, self.pad_token_id, self.num_processes = train_ds, pad_token_id, distributed.planned_processes(acc, config)
         plugin = acc.state.deepspeed_plugin
         self.zero = dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else None
         self.device = config.preflight_device if config.preflight_device != "auto" else (
@@ -411,7 +411,8 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     3 if not (with the cheapest change that fits); nothing else is written. ``estimate`` holds the script's model
     and loss, ``splits`` the tokenized data, ``counts`` what each split dropped or truncated."""
     model_cfg, num_batches = estimate.model_cfg, len(batches_of(estimate.lengths, config))
-    windows_per_epoch = loop.windows_per_epoch(config, num_batches, acc.num_processes, len(splits["train"]))
+    processes = estimate.num_processes
+    windows_per_epoch = loop.windows_per_epoch(config, num_batches, processes, len(splits["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
     device, zero = estimate.device, estimate.zero
     memory = estimate(config)
@@ -420,13 +421,13 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     memory["activations_gb"] = {"with_checkpointing": with_["parts"]["activations"] / GB,
                                 "without_checkpointing": without["parts"]["activations"] / GB,
                                 "of_which_logits": memory["logits"] / GB}
-    budget, source = budget_bytes(config, acc.num_processes)
+    budget, source = budget_bytes(config, processes)
     fits = memory["total"] <= HEADROOM * budget
-    report = {"device": device, "processes": acc.num_processes, "zero_stage": (zero or {}).get("stage"),
+    report = {"device": device, "processes": processes, "zero_stage": (zero or {}).get("stage"),
               "batch_size": {"per_device_train_batch_size": config.per_device_train_batch_size,
                              "gradient_accumulation_steps": config.gradient_accumulation_steps, "auto": estimate.auto},
               "data": data_section(splits, counts, config)}
-    report["schedule"] = schedule_section(config, num_batches, acc.num_processes, windows_per_epoch, total_steps)
+    report["schedule"] = schedule_section(config, num_batches, processes, windows_per_epoch, total_steps)
     report["memory"] = {"parts_gb": {k: v / GB for k, v in memory["parts"].items()}, "total_gb": memory["total"] / GB,
                         "activations_gb": memory["activations_gb"], "longest_batch": memory["longest_batch"],
                         "trainable_params": memory["trainable_params"], "frozen_params": memory["frozen_params"],

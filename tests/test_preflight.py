@@ -222,6 +222,22 @@ def test_under_zero2_the_advice_is_gradient_buckets_sized_to_the_model(tmp_path)
     assert report["exit_code"] == 3 and report["memory"]["parts_gb"]["buckets"] > 3.5
     assert report["memory"]["advice"]["change"] == {"zero_optimization.reduce_bucket_size": "auto"}
     assert "cheapest change that fits: zero_optimization.reduce_bucket_size: auto" in stdout
+    # the same preflight in one process, planned for two (a login node): the same report, and its exit code 3
+    shutil.rmtree(tmp_path / "preflight")
+    alone, _ = preflight_of(tmp_path, "qlora_summarize.py", SUMMARIZE + [
+        "--device_memory_gb", "1", "--preflight_num_processes", "2", "--deepspeed",
+        os.path.join(ROOT, "ds_configs", "zero2.json")], code=3)
+    assert alone == report
+
+
+def test_preflight_num_processes_must_match_a_launcher_that_started_several(tmp_path):
+    out = tmp_path / "run"
+    proc = launch("classify.py", ["--config", os.path.join(RECIPES, "spam.yaml"), "--output_dir", str(out),
+                                  "--preflight", "true", "--preflight_num_processes", "4"], num_processes=2, check=False)
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+    assert proc.returncode != 0 and errors == {"error: preflight_num_processes: 4, but the launcher started 2 processes; "
+                                               "run the preflight in one process, or without preflight_num_processes"}
+    assert not out.exists()
 
 
 # --- per_device_train_batch_size: auto --------------------------------------------------------------
