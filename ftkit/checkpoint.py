@@ -80,6 +80,10 @@ def check_output_dir(config) -> None:
     """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
     ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
     explicit = _explicit_checkpoint(config)  # checked now, before anything is built or loaded
+    if explicit or not config.overwrite_output_dir:
+        resume = resolve_resume_path(config)
+        if resume:  # the launcher's processes (torchrun, accelerate and DeepSpeed launchers set WORLD_SIZE)
+            check_processes(resume, int(os.environ.get("WORLD_SIZE", "1")))
     saved = os.path.join(config.output_dir, "config.yaml")
     if config.overwrite_output_dir or not os.path.isfile(saved):
         return
@@ -99,6 +103,18 @@ def check_output_dir(config) -> None:
     if allowed and list_checkpoints(config.output_dir):
         logger.warning("resuming with a changed schedule (%s): the learning-rate schedule is re-planned from the "
                        "checkpoint's step", ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed))
+
+
+def check_processes(path: str, processes: int) -> None:
+    """A checkpoint resumes only with the number of processes that wrote it: the examples per optimizer step and its
+    position in the epoch (micro-batches per process) depend on it."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        written = json.load(f).get("num_processes")  # absent in checkpoints written before it was recorded
+    if written and written != processes:
+        raise ConfigError(f"resume_from_checkpoint: {path} was written by {written} processes and this run has "
+                          f"{processes}: the examples per optimizer step (per_device_train_batch_size x "
+                          f"gradient_accumulation_steps x processes) and the position in the epoch depend on it; "
+                          f"resume with {written} processes, or start over with --overwrite_output_dir true")
 
 
 def adopt_auto_batch_size(previous, config) -> None:
@@ -297,7 +313,8 @@ def save(accelerator, config, state: dict) -> str:
                 with open(os.path.join(tmp, SCHEDULER_FILE), "w") as f:
                     json.dump(scheduler.state_dict(), f)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({**state, "config_hash": config_hash(config)}, f, indent=2)
+                json.dump({**state, "config_hash": config_hash(config), "num_processes": accelerator.num_processes},
+                          f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
     except Exception as e:  # no half checkpoint stays behind, whatever stopped the save
@@ -426,6 +443,7 @@ def load(accelerator, config, path: str) -> dict:
     if written_by not in (config_hash(config), config_hash(config, legacy=True)) and not config.overwrite_output_dir:
         raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config (compare the "
                           f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
+    check_processes(path, accelerator.num_processes)
     _load_state(accelerator, config, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])

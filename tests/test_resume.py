@@ -105,6 +105,22 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
     assert "max_steps" not in lines[-1].split("a resume may change only")[0]
 
 
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
+    # 2 processes x batch 8 made each step; 1 process would make steps of 8 and start elsewhere in the epoch
+    classify, out = SCRIPTS["classify.py"][0], tmp_path / "run"
+    _run("classify.py", classify, out, 3, 2)
+    before = sorted(os.listdir(out / "checkpoints" / "step_3"))
+    refused = run_python("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6"])
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and last == (
+        f"error: resume_from_checkpoint: {out / 'checkpoints' / 'step_3'} was written by 2 processes and this run has "
+        "1: the examples per optimizer step (per_device_train_batch_size x gradient_accumulation_steps x processes) "
+        "and the position in the epoch depend on it; resume with 2 processes, or start over with "
+        "--overwrite_output_dir true"), refused.stderr[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"] and sorted(os.listdir(out / "checkpoints" / "step_3")) == before
+    assert json.load(open(out / "metrics.json"))["global_step"] == 3
+
+
 def test_a_fresh_run_in_a_used_output_dir_sets_the_earlier_run_aside_whole(tmp_path):
     """A fresh run in a used output_dir (--overwrite_output_dir true) logs to a metrics.jsonl and a TensorBoard folder
     of its own (curves.png is drawn from its own log). The earlier run's files (config, checkpoints, logs, final model,
