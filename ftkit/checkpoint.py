@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftkit.config import ConfigError, RunError, to_dict
+from ftkit.distributed import launch_zero_stage
 
 logger = logging.getLogger("ftkit")
 
@@ -83,7 +84,7 @@ def check_output_dir(config) -> None:
     if explicit or not config.overwrite_output_dir:
         resume = resolve_resume_path(config)
         if resume:  # the launcher's processes (torchrun, accelerate and DeepSpeed launchers set WORLD_SIZE)
-            check_processes(resume, int(os.environ.get("WORLD_SIZE", "1")))
+            check_launch(resume, int(os.environ.get("WORLD_SIZE", "1")), launch_zero_stage(config))
     saved = os.path.join(config.output_dir, "config.yaml")
     if config.overwrite_output_dir or not os.path.isfile(saved):
         return
@@ -105,16 +106,26 @@ def check_output_dir(config) -> None:
                        "checkpoint's step", ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed))
 
 
-def check_processes(path: str, processes: int) -> None:
-    """A checkpoint resumes only with the number of processes that wrote it: the examples per optimizer step and its
-    position in the epoch (micro-batches per process) depend on it."""
+def _launch(zero_stage) -> str:
+    return "no DeepSpeed" if zero_stage is None else f"DeepSpeed ZeRO-{zero_stage}"
+
+
+def check_launch(path: str, processes: int, zero_stage: int | None | str = "unknown") -> None:
+    """A checkpoint resumes only under the launch that wrote it: as many processes (the examples per optimizer step
+    and the position in the epoch, in micro-batches per process, depend on them) and the same DeepSpeed ZeRO stage
+    or none (each writes other files). Checkpoints written before these were recorded are not checked."""
     with open(os.path.join(path, STATE_FILE)) as f:
-        written = json.load(f).get("num_processes")  # absent in checkpoints written before it was recorded
+        state = json.load(f)
+    written = state.get("num_processes")
     if written and written != processes:
         raise ConfigError(f"resume_from_checkpoint: {path} was written by {written} processes and this run has "
                           f"{processes}: the examples per optimizer step (per_device_train_batch_size x "
                           f"gradient_accumulation_steps x processes) and the position in the epoch depend on it; "
                           f"resume with {written} processes, or start over with --overwrite_output_dir true")
+    if "zero_stage" in state and zero_stage != "unknown" and state["zero_stage"] != zero_stage:
+        raise ConfigError(f"resume_from_checkpoint: {path} was written under {_launch(state['zero_stage'])} and this "
+                          f"run has {_launch(zero_stage)}; resume with the launcher config (or --deepspeed) that wrote "
+                          f"it, or start over with --overwrite_output_dir true")
 
 
 def adopt_auto_batch_size(previous, config) -> None:
@@ -313,8 +324,9 @@ def save(accelerator, config, state: dict) -> str:
                 with open(os.path.join(tmp, SCHEDULER_FILE), "w") as f:
                     json.dump(scheduler.state_dict(), f)
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump({**state, "config_hash": config_hash(config), "num_processes": accelerator.num_processes},
-                          f, indent=2)
+                plugin = accelerator.state.deepspeed_plugin
+                json.dump({**state, "config_hash": config_hash(config), "num_processes": accelerator.num_processes,
+                           "zero_stage": plugin.zero_stage if plugin is not None else None}, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
     except Exception as e:  # no half checkpoint stays behind, whatever stopped the save
@@ -443,7 +455,8 @@ def load(accelerator, config, path: str) -> dict:
     if written_by not in (config_hash(config), config_hash(config, legacy=True)) and not config.overwrite_output_dir:
         raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config (compare the "
                           f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
-    check_processes(path, accelerator.num_processes)
+    plugin = accelerator.state.deepspeed_plugin
+    check_launch(path, accelerator.num_processes, plugin.zero_stage if plugin is not None else None)
     _load_state(accelerator, config, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])

@@ -89,6 +89,23 @@ def planned_processes(acc, config) -> int:
     return planned or acc.num_processes
 
 
+def launch_zero_stage(config) -> int | None | str:
+    """The DeepSpeed ZeRO stage a run will have, None without DeepSpeed, read before the Accelerator exists: the
+    launcher's DeepSpeed config file or stage, else the recipe's ``deepspeed``; "unknown" where accelerate chooses."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path:
+            return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ \
+                else "unknown"
+        where = "deepspeed_config_file"
+    elif config.deepspeed:
+        path, where = config.deepspeed, "deepspeed"
+    else:
+        return None
+    stage = read_deepspeed_config(path, where).get("zero_optimization", {}).get("stage", 0)
+    return int(stage) if str(stage).isdigit() else "unknown"
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (the rendezvous of a one-process DeepSpeed run)."""
     import socket

@@ -179,6 +179,36 @@ def test_one_process_runs_deepspeed_with_or_without_a_launcher_and_resumes(tmp_p
     assert json.load(open(out / "metrics.json"))["global_step"] == 5
 
 
+def test_a_deepspeed_checkpoint_resumes_only_under_deepspeed_with_its_stage(tmp_path, monkeypatch):
+    from ftkit.distributed import launch_zero_stage
+
+    out, args = tmp_path / "run", ["--config", SPAM, "--save_steps", "3"]
+    launch_with("deepspeed_zero2.yaml", "classify.py", args + ["--max_steps", "3", "--output_dir", str(out)])
+    before = sorted(os.listdir(out / "checkpoints" / "step_3"))
+    proc = launch("classify.py", args + ["--max_steps", "6", "--output_dir", str(out)], num_processes=2, check=False)
+    errors = {line for line in proc.stderr.splitlines() if line.startswith("error: ")}
+    assert proc.returncode != 0 and errors == {
+        f"error: resume_from_checkpoint: {out / 'checkpoints' / 'step_3'} was written under DeepSpeed ZeRO-2 and this "
+        "run has no DeepSpeed; resume with the launcher config (or --deepspeed) that wrote it, or start over with "
+        "--overwrite_output_dir true"}, proc.stderr[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"] and sorted(os.listdir(out / "checkpoints" / "step_3")) == before
+    assert "resumed from" not in proc.stderr  # refused before the model was loaded
+
+    # the stage is read before the Accelerator exists: the launcher's config file or stage, else the recipe's
+    recipe = load_script("classify").ClassifyConfig(deepspeed=None)
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_zero_stage(recipe) is None
+    recipe.deepspeed = os.path.join(ROOT, "ds_configs", "zero3.json")
+    assert launch_zero_stage(recipe) == 3
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert launch_zero_stage(recipe) == "unknown"  # neither file nor stage: accelerate's choice
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    assert launch_zero_stage(recipe) == 1
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", os.path.join(ROOT, "ds_configs", "zero2.json"))
+    assert launch_zero_stage(recipe) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher configs and DeepSpeed config checks
 # ---------------------------------------------------------------------------------------------
