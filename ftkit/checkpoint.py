@@ -85,6 +85,8 @@ def check_output_dir(config) -> None:
         resume = resolve_resume_path(config)
         if resume:  # the launcher's processes (torchrun, accelerate and DeepSpeed launchers set WORLD_SIZE)
             check_launch(resume, int(os.environ.get("WORLD_SIZE", "1")), launch_zero_stage(config))
+            if config.max_steps > 0:  # with epochs the run's length is known once the data is
+                check_not_past(resume, config.max_steps, "max_steps")
     saved = os.path.join(config.output_dir, "config.yaml")
     if config.overwrite_output_dir or not os.path.isfile(saved):
         return
@@ -126,6 +128,16 @@ def check_launch(path: str, processes: int, zero_stage: int | None | str = "unkn
         raise ConfigError(f"resume_from_checkpoint: {path} was written under {_launch(state['zero_stage'])} and this "
                           f"run has {_launch(zero_stage)}; resume with the launcher config (or --deepspeed) that wrote "
                           f"it, or start over with --overwrite_output_dir true")
+
+
+def check_not_past(path: str, total_steps: int, option: str) -> None:
+    """A resume extends a run, it cannot shorten one: the checkpoint must not be past the run's last step."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        step = json.load(f)["global_step"]
+    if step > total_steps:
+        raise ConfigError(f"{option}: this run ends at step {total_steps}, but the checkpoint it would resume, {path}, "
+                          f"is at step {step}; a resume can only extend a run: raise {option}, or start over in another "
+                          f"output_dir or with --overwrite_output_dir true")
 
 
 def adopt_auto_batch_size(previous, config) -> None:

@@ -4,6 +4,7 @@ the optimizer step (each script's own loop), checkpoint files (checkpoint.py).""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -72,6 +73,7 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
     checkpoint.register_trainable_only_hooks(acc)  # checkpoints hold the trainable weights only
     resume_path = checkpoint.resolve_resume_path(config)
     if resume_path:
+        checkpoint.check_not_past(resume_path, total_steps, "max_steps" if config.max_steps > 0 else "num_train_epochs")
         state.update(checkpoint.load(acc, config, resume_path))
     if acc.is_main_process:
         save_config(config, os.path.join(config.output_dir, "config.yaml"))
@@ -97,6 +99,7 @@ class LoopState:
         self.stop = StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
+        self.resumed_state = json.dumps(state, sort_keys=True, default=str) if resume_path else None
 
     @property
     def step(self) -> int:
@@ -224,7 +227,8 @@ class LoopState:
         """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
         if final_eval is not None:
             record_eval(self.state, final_eval, self.config)
-        checkpoint.save(self.acc, self.config, self.state)
+        if json.dumps(self.state, sort_keys=True, default=str) != self.resumed_state:  # else: a finished run again
+            checkpoint.save(self.acc, self.config, self.state)
         if final_eval is not None and self.config.load_best_model_at_end:
             checkpoint.load_best(self.acc, self.config, self.state)
 

@@ -98,6 +98,25 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
     assert [lrs[s] for s in (4, 5, 6)] == pytest.approx([expected[s] for s in (4, 5, 6)])
     assert [r["step"] for r in log if "eval/loss" in r and r["step"] > 3] == [4, 6]
 
+    # the same command again: the finished run is evaluated and exported again; its checkpoint is not rewritten
+    saved = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
+    again = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
+                                              "--logging_steps", "1", "--eval_steps", "2", "--save_total_limit", "5"])
+    assert "Saving current state" not in again.stderr and json.load(open(out / "metrics.json"))["global_step"] == 6
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == saved
+
+    # a resume cannot shorten the run: refused by max_steps before anything is loaded, by epochs once the data is
+    step_6 = out / "checkpoints" / "step_6"
+    for option, value, end in (("--max_steps", "4", 4), ("--num_train_epochs", "1", 2)):
+        shorter = run_python("classify.py", classify + ["--output_dir", str(out), "--max_steps", "-1", option, value]
+                             if option == "--num_train_epochs" else classify + ["--output_dir", str(out), option, value])
+        name = option[2:]
+        assert shorter.returncode == 2 and shorter.stderr.strip().splitlines()[-1] == (
+            f"error: {name}: this run ends at step {end}, but the checkpoint it would resume, {step_6}, is at step 6; a "
+            f"resume can only extend a run: raise {name}, or start over in another output_dir or with "
+            "--overwrite_output_dir true"), shorter.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == saved
+
     refused = run_python("classify.py", classify + ["--output_dir", str(out), "--max_steps", "9",
                                                     "--per_device_train_batch_size", "4"])
     lines = refused.stderr.strip().splitlines()
