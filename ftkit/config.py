@@ -179,8 +179,8 @@ class PreflightArguments:
 class EvaluationArguments:
     """When to evaluate and which checkpoint counts as the best (recipes that pick a best model)."""
 
-    eval_strategy: str = opt("steps", "Evaluate every eval_steps optimizer steps, or at the end of every epoch.",
-                             choices=["steps", "epoch"])
+    eval_strategy: str = opt("steps", "Evaluate every eval_steps optimizer steps, at the end of every epoch, or (no) "
+                                      "only once training is done.", choices=["no", "steps", "epoch"])
     metric_for_best_model: str = opt("loss", "Eval metric that ranks checkpoints (e.g. loss, accuracy, f1).")
     greater_is_better: bool | None = opt(None, "Whether a larger metric is better (default: false for *loss, else true).")
     load_best_model_at_end: bool = opt(True, "Load the best checkpoint before the final evaluation and export.")

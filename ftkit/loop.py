@@ -242,10 +242,12 @@ def log_due(config, step: int, total_steps: int) -> bool:
 
 
 def evaluation_due(config, step: int, total_steps: int, epoch_end: bool) -> bool:
-    """Evaluate after ``step``? Every ``eval_steps``, or at each epoch's end; the final evaluation is the script's."""
-    if step >= total_steps:
+    """Evaluate after ``step``? Every ``eval_steps``, at each epoch's end, or never (``no``); the final evaluation is the
+    script's."""
+    strategy = getattr(config, "eval_strategy", "steps")
+    if step >= total_steps or strategy == "no":
         return False
-    if getattr(config, "eval_strategy", "steps") == "epoch":
+    if strategy == "epoch":
         return epoch_end
     return bool(config.eval_steps) and step % config.eval_steps == 0
 

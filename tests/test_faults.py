@@ -18,7 +18,7 @@ from conftest import BIN, ROOT, free_port, script_env
 pytestmark = pytest.mark.slow
 SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
 RUN = ["--config", SPAM, "--max_steps", "60", "--save_steps", "2", "--save_total_limit", "2", "--logging_steps", "1",
-       "--eval_strategy", "steps", "--eval_steps", "100000", "--load_best_model_at_end", "false"]
+       "--eval_strategy", "no", "--load_best_model_at_end", "false"]
 
 
 def start(out, extra=()):

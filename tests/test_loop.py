@@ -17,6 +17,12 @@ def _config(metric, greater=None):
     return SimpleNamespace(output_dir="out", metric_for_best_model=metric, greater_is_better=greater)
 
 
+@pytest.mark.parametrize("strategy, expected", [("steps", [2, 4, 6, 8]), ("epoch", [3, 6, 9]), ("no", [])])
+def test_evaluations_follow_eval_strategy_and_leave_the_last_step_to_the_final_one(strategy, expected):
+    config = SimpleNamespace(eval_strategy=strategy, eval_steps=2, save_steps=None, logging_steps=5)
+    assert loop.planned(config, total_steps=10, windows_per_epoch=3)["evaluation_steps"] == expected
+
+
 def test_record_eval_tracks_the_best_by_direction():
     state = {"global_step": 1}
     config = _config("loss")  # lower is better for *loss

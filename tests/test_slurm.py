@@ -104,7 +104,7 @@ def test_two_nodes_give_the_result_of_two_processes_on_one_node(slurm, tmp_path)
 
 
 def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
-    args = ["--config", SPAM, "--max_steps", "1500", "--eval_strategy", "steps", "--eval_steps", "100000",
+    args = ["--config", SPAM, "--max_steps", "1500", "--eval_strategy", "no",
             "--logging_steps", "50", "--load_best_model_at_end", "false"]
     out = tmp_path / "preempted"
     job = sbatch(slurm, "single_node.sbatch", [], ["scripts/classify.py", *args, "--output_dir", str(out)])
