@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftkit.config import ConfigError, RunError, to_dict
-from ftkit.distributed import launch_zero_stage
+from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
 
@@ -83,10 +83,8 @@ def check_output_dir(config) -> None:
     explicit = _explicit_checkpoint(config)  # checked now, before anything is built or loaded
     if explicit or not config.overwrite_output_dir:
         resume = resolve_resume_path(config)
-        if resume:  # the launcher's processes, as accelerate reads them (torchrun-style launchers, else MPI)
-            processes = next((int(os.environ[k]) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-                                                           "MV2_COMM_WORLD_SIZE") if os.environ.get(k)), 1)
-            check_launch(resume, processes, launch_zero_stage(config))
+        if resume:
+            check_launch(resume, launch_processes(), launch_zero_stage(config))
             if config.max_steps > 0:  # with epochs the run's length is known once the data is
                 check_not_past(resume, config.max_steps, "max_steps")
     saved = os.path.join(config.output_dir, "config.yaml")

@@ -40,7 +40,7 @@ def accelerator(config):
 
         deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=os.path.abspath(config.deepspeed))
     use_deepspeed = launched_with_deepspeed or deepspeed_plugin is not None
-    if use_deepspeed and "LOCAL_RANK" not in os.environ:  # one process, no launcher: DeepSpeed needs a group of one
+    if use_deepspeed and "LOCAL_RANK" not in os.environ and launch_processes() == 1:  # DeepSpeed needs a group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or use_deepspeed):
@@ -89,14 +89,21 @@ def planned_processes(acc, config) -> int:
     return planned or acc.num_processes
 
 
+def launch_processes() -> int:
+    """The processes the launcher started, read before the Accelerator exists as accelerate reads them: torchrun-style
+    launchers set WORLD_SIZE, MPI its own variables; 1 without a launcher."""
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    return next((int(os.environ[k]) for k in sizes if os.environ.get(k)), 1)
+
+
 def launch_zero_stage(config) -> int | None | str:
     """The DeepSpeed ZeRO stage a run will have, None without DeepSpeed, read before the Accelerator exists: the
     launcher's DeepSpeed config file or stage, else the recipe's ``deepspeed``; "unknown" where accelerate chooses."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if not path:
-            return int(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in os.environ \
-                else "unknown"
+            stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+            return int(stage) if stage else "unknown"
         where = "deepspeed_config_file"
     elif config.deepspeed:
         path, where = config.deepspeed, "deepspeed"

@@ -291,7 +291,8 @@ class Estimate:
 
     def __init__(self, acc, config, model_cfg, auto_cls, setup, step_loss, train_ds, pad_token_id: int):
         self.model_cfg, self.auto_cls, self.setup, self.step_loss = model_cfg, auto_cls, setup, step_loss
-        self.train_ds, self.pad_token_id, self.num_processes = train_ds, pad_token_id, distributed.planned_processes(acc, config)
+        self.train_ds, self.pad_token_id = train_ds, pad_token_id
+        self.num_processes = distributed.planned_processes(acc, config)
         plugin = acc.state.deepspeed_plugin
         self.zero = dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else None
         self.device = config.preflight_device if config.preflight_device != "auto" else (

@@ -136,7 +136,8 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tm
         "1: the examples per optimizer step (per_device_train_batch_size x gradient_accumulation_steps x processes) "
         "and the position in the epoch depend on it; resume with 2 processes, or start over with "
         "--overwrite_output_dir true"), refused.stderr[-2000:]
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"] and sorted(os.listdir(out / "checkpoints" / "step_3")) == before
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"]
+    assert sorted(os.listdir(out / "checkpoints" / "step_3")) == before
     assert json.load(open(out / "metrics.json"))["global_step"] == 3
 
 
@@ -165,13 +166,15 @@ def test_a_fresh_run_in_a_used_output_dir_sets_the_earlier_run_aside_whole(tmp_p
     assert sorted(set(first) - set(moved)) == ["base_model"], (first, moved)  # the built base model stays
     assert "learning_rate: 0.001" in (earlier / "config.yaml").read_text()
     assert "learning_rate: 0.0005" in (out / "config.yaml").read_text()
-    assert load_file(earlier / "final" / "model.safetensors").keys() == load_file(out / "final" / "model.safetensors").keys()
+    weights = "final/model.safetensors"
+    assert load_file(earlier / weights).keys() == load_file(out / weights).keys()
 
     # a third fresh run that fails at its second step (SGD at an absurd rate, no step skipped)
     failed = run_python("classify.py", classify + ["--output_dir", str(out), "--overwrite_output_dir", "true",
                                                    "--optim", "sgd", "--learning_rate", "1e30", "--max_grad_norm", "0",
                                                    "--lr_scheduler_type", "constant", "--max_bad_steps", "0"])
-    assert failed.returncode == 1 and "not finite at step 2" in failed.stderr.strip().splitlines()[-1], failed.stderr[-2000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1 and "not finite at step 2" in last, failed.stderr[-2000:]
     left = set(os.listdir(out))
     assert not left & {"final", "metrics.json", "curves.png"} and not [f for f in left if f.startswith("predictions")]
     assert train_steps(out / "earlier_runs" / "2" / "metrics.jsonl") == [1, 2, 3]

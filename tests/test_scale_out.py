@@ -191,7 +191,8 @@ def test_a_deepspeed_checkpoint_resumes_only_under_deepspeed_with_its_stage(tmp_
         f"error: resume_from_checkpoint: {out / 'checkpoints' / 'step_3'} was written under DeepSpeed ZeRO-2 and this "
         "run has no DeepSpeed; resume with the launcher config (or --deepspeed) that wrote it, or start over with "
         "--overwrite_output_dir true"}, proc.stderr[-3000:]
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"] and sorted(os.listdir(out / "checkpoints" / "step_3")) == before
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_3"]
+    assert sorted(os.listdir(out / "checkpoints" / "step_3")) == before
     assert "resumed from" not in proc.stderr  # refused before the model was loaded
 
     # the stage is read before the Accelerator exists: the launcher's config file or stage, else the recipe's
