@@ -1,5 +1,6 @@
 """Checkpoint files: atomic save, rotation, resume matching and loading, RNG state, export.
-Not here: when to save or evaluate, the trainer state's counters (loop.py).
+Not here: when to save or evaluate, the trainer state's counters (loop.py); what a run finds in and leaves in its
+output_dir (rundir.py).
 
 ``checkpoints/step_<N>/`` is written as ``.tmp_step_<N>`` and renamed when whole (``trainer_state.json``
 last); rotation renames to ``.trash_step_<N>`` before deleting: a kill never leaves a partial ``step_<N>``."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -22,7 +22,6 @@ import torch
 from accelerate.utils import DistributedType
 
 from ftkit.config import ConfigError, RunError, to_dict
-from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
 
@@ -77,109 +76,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def check_output_dir(config) -> None:
-    """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
-    ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
-    explicit = _explicit_checkpoint(config)  # checked now, before anything is built or loaded
-    if explicit or not config.overwrite_output_dir:
-        resume = resolve_resume_path(config)
-        if resume:
-            check_launch(resume, launch_processes(), launch_zero_stage(config))
-            if config.max_steps > 0:  # with epochs the run's length is known once the data is
-                check_not_past(resume, config.max_steps, "max_steps")
-    saved = os.path.join(config.output_dir, "config.yaml")
-    if config.overwrite_output_dir or not os.path.isfile(saved):
-        return
-    from ftkit.config import build, load_yaml_recipe
-
-    try:
-        previous = build(type(config), load_yaml_recipe(saved), where=saved)
-        adopt_auto_batch_size(previous, config)
-        allowed, refused = config_changes(previous, config)
-        differs = f" ({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in refused)})" if refused else ""
-    except (ConfigError, TypeError, ValueError) as e:
-        allowed, refused, differs = [], [("config.yaml", None, None)], f" (unreadable: {e})"
-    if refused and not (explicit and not list_checkpoints(config.output_dir)):
-        raise ConfigError(f"output_dir: {config.output_dir} holds a run with a different config{differs}; "
-                          f"a resume may change only {', '.join(sorted(RESCHEDULE_KEYS))}; choose another "
-                          f"output_dir or pass --overwrite_output_dir true")
-    if allowed and list_checkpoints(config.output_dir):
-        logger.warning("resuming with a changed schedule (%s): the learning-rate schedule is re-planned from the "
-                       "checkpoint's step", ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in allowed))
-
-
-def _launch(zero_stage) -> str:
-    return "no DeepSpeed" if zero_stage is None else f"DeepSpeed ZeRO-{zero_stage}"
-
-
-def check_launch(path: str, processes: int, zero_stage: int | None | str = "unknown") -> None:
-    """A checkpoint resumes only under the launch that wrote it: as many processes (the examples per optimizer step
-    and the position in the epoch, in micro-batches per process, depend on them) and the same DeepSpeed ZeRO stage
-    or none (each writes other files). Checkpoints written before these were recorded are not checked."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
-    written = state.get("num_processes")
-    if written and written != processes:
-        raise ConfigError(f"resume_from_checkpoint: {path} was written by {written} processes and this run has "
-                          f"{processes}: the examples per optimizer step (per_device_train_batch_size x "
-                          f"gradient_accumulation_steps x processes) and the position in the epoch depend on it; "
-                          f"resume with {written} processes, or start over with --overwrite_output_dir true")
-    if "zero_stage" in state and zero_stage != "unknown" and state["zero_stage"] != zero_stage:
-        raise ConfigError(f"resume_from_checkpoint: {path} was written under {_launch(state['zero_stage'])} and this "
-                          f"run has {_launch(zero_stage)}; resume with the launcher config (or --deepspeed) that wrote "
-                          f"it, or start over with --overwrite_output_dir true")
-
-
-def check_not_past(path: str, total_steps: int, option: str) -> None:
-    """A resume extends a run, it cannot shorten one: the checkpoint must not be past the run's last step."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        step = json.load(f)["global_step"]
-    if step > total_steps:
-        raise ConfigError(f"{option}: this run ends at step {total_steps}, but the checkpoint it would resume, {path}, "
-                          f"is at step {step}; a resume can only extend a run: raise {option}, or start over in another "
-                          f"output_dir or with --overwrite_output_dir true")
-
-
-def adopt_auto_batch_size(previous, config) -> None:
-    """``per_device_train_batch_size: auto`` in a resumed run keeps the micro-batch and accumulation the run chose
-    (saved in its config.yaml) when they make the same examples per step: the data order and the position of a
-    mid-epoch checkpoint depend on the micro-batch, and a new device would choose anew."""
-    b, ga = previous.per_device_train_batch_size, previous.gradient_accumulation_steps
-    if config.per_device_train_batch_size == "auto" and b != "auto" and b * ga == config.gradient_accumulation_steps:
-        config.per_device_train_batch_size, config.gradient_accumulation_steps = b, ga
-        logger.warning("per_device_train_batch_size auto: %d x gradient_accumulation_steps %d, as the run in %s chose",
-                       b, ga, config.output_dir)
-
-
-# what a run writes into output_dir, besides base_model/ (the built random-init model, stamped) and base_eval.json
-# (the base model's scores: the same for a run with the same config, computed anew with overwrite_output_dir)
-RUN_OUTPUTS = ("config.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "curves.png", "metrics.json", "final",
-               "final_merged")
-
-
-def set_aside_earlier_run(config, accelerator) -> str | None:
-    """A fresh run in a used ``output_dir`` (``overwrite_output_dir``, or the earlier run left no complete checkpoint)
-    first moves the earlier run's outputs together into ``output_dir/earlier_runs/<N>``, kept: its checkpoints, logs,
-    config, final model, metrics and predictions. So nothing of it is resumed, appended to, or taken for the new run's
-    result if the new run stops before its end. Returns that folder (main process), or None."""
-    moved = None
-    fresh = not _explicit_checkpoint(config) and (config.overwrite_output_dir or not list_checkpoints(config.output_dir))
-    if accelerator.is_main_process and fresh and os.path.isdir(config.output_dir):
-        names = [n for n in sorted(os.listdir(config.output_dir))
-                 if n in RUN_OUTPUTS or (n.startswith("predictions") and n.endswith(".jsonl"))]
-        if names:
-            root = os.path.join(config.output_dir, "earlier_runs")
-            moved = next(os.path.join(root, str(n)) for n in itertools.count(1)
-                         if not os.path.exists(os.path.join(root, str(n))))
-            os.makedirs(moved)
-            for name in names:
-                os.rename(os.path.join(config.output_dir, name), os.path.join(moved, name))
-            logger.warning("output_dir: a fresh run; the earlier run's %s moved to %s", ", ".join(names), moved)
-    accelerator.wait_for_everyone()
-    return moved
-
-
-def _explicit_checkpoint(config) -> bool:
+def explicit_checkpoint(config) -> bool:
     """Whether ``resume_from_checkpoint`` names a directory; it must hold a complete checkpoint."""
     requested = config.resume_from_checkpoint
     if requested in (None, "latest"):
@@ -192,7 +89,7 @@ def _explicit_checkpoint(config) -> bool:
 
 def resolve_resume_path(config) -> str | None:
     """The checkpoint to resume from: explicit path, 'latest', or automatic when output_dir has one."""
-    if _explicit_checkpoint(config):
+    if explicit_checkpoint(config):
         return config.resume_from_checkpoint
     found = list_checkpoints(config.output_dir)
     if not found:
@@ -467,8 +364,6 @@ def load(accelerator, config, path: str) -> dict:
     if written_by not in (config_hash(config), config_hash(config, legacy=True)) and not config.overwrite_output_dir:
         raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config (compare the "
                           f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
-    plugin = accelerator.state.deepspeed_plugin
-    check_launch(path, accelerator.num_processes, plugin.zero_stage if plugin is not None else None)
     _load_state(accelerator, config, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import torch
 
-from ftkit import checkpoint, distributed, tracking
+from ftkit import checkpoint, distributed, rundir, tracking
 from ftkit.config import ConfigError, RunError, greater_is_better
 
 logger = logging.getLogger("ftkit")
@@ -69,11 +69,13 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
 
     acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
-    checkpoint.set_aside_earlier_run(config, acc)  # a fresh run (e.g. overwrite_output_dir): the earlier one's files
+    rundir.set_aside_earlier_run(config, acc)  # a fresh run (e.g. overwrite_output_dir): the earlier one's files
     checkpoint.register_trainable_only_hooks(acc)  # checkpoints hold the trainable weights only
     resume_path = checkpoint.resolve_resume_path(config)
     if resume_path:
-        checkpoint.check_not_past(resume_path, total_steps, "max_steps" if config.max_steps > 0 else "num_train_epochs")
+        plugin = acc.state.deepspeed_plugin  # checked before loading: the launcher's count and DeepSpeed stage
+        rundir.check_launch(resume_path, acc.num_processes, plugin.zero_stage if plugin is not None else None)
+        rundir.check_not_past(resume_path, total_steps, "max_steps" if config.max_steps > 0 else "num_train_epochs")
         state.update(checkpoint.load(acc, config, resume_path))
     if acc.is_main_process:
         save_config(config, os.path.join(config.output_dir, "config.yaml"))

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from ftkit import autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
+from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight,
+                   rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -208,7 +209,7 @@ def eval_entry(result: dict, prefix: str = "eval") -> dict:
 def main(config):
     from transformers import AutoModelForSequenceClassification as AutoModel
 
-    checkpoint.check_output_dir(config)
+    rundir.check_output_dir(config)
     splits = load_classification_splits(config)
     names = label_names(config, splits["train"])
     labels = {name: label_ids(config, ds, names, name) for name, ds in splits.items()}

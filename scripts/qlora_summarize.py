@@ -27,7 +27,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
+from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight,
+                   rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -163,7 +164,7 @@ def rouge_on(acc, model, tokenizer, config, ds, n: int) -> tuple[dict, list[str]
 def main(config):
     from transformers import AutoModelForCausalLM
 
-    checkpoint.check_output_dir(config)
+    rundir.check_output_dir(config)
     splits = data.load_splits(config)
     for name, ds in splits.items():
         data.require_columns(ds, {"dialogue_column": config.dialogue_column, "summary_column": config.summary_column},

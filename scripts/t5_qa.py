@@ -31,7 +31,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight
+from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight,
+                   rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -206,7 +207,7 @@ def score(acc, model, tokenizer, config, ds, max_length: int) -> tuple[dict, lis
 def main(config):
     from transformers import AutoModelForSeq2SeqLM
 
-    checkpoint.check_output_dir(config)
+    rundir.check_output_dir(config)
     splits = load_qa_splits(config)
     acc = distributed.accelerator(config)
     source = modeling.prepare_source(config, acc, AutoModelForSeq2SeqLM, weights=not config.preflight)
