@@ -4,22 +4,66 @@ anything is loaded. Not here: the checkpoint files themselves (checkpoint.py).""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import logging
 import os
+import socket
+import time
 
 from ftkit.checkpoint import (RESCHEDULE_KEYS, STATE_FILE, config_changes, explicit_checkpoint, list_checkpoints,
                               resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe
-from ftkit.distributed import launch_processes, launch_zero_stage
+from ftkit.distributed import launch_processes, launch_rank, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
 
 
+_LOCK = []  # this process's open lock file: the OS releases its lock when the process ends, kill -9 included
+
+
+def lock(config) -> None:
+    """One run at a time in an ``output_dir``: the run's main process (global rank 0) holds an exclusive lock on
+    ``output_dir/.ftkit.lock`` until it ends. A second run started there (a job submitted twice) would resume the
+    same checkpoint and overwrite the first's files as they are written; it is refused, naming the first. Called
+    before anything is loaded (if output_dir exists) and again at the start of training (it exists then); not by
+    ``--preflight``, which writes only its report. On a filesystem without locks, a warning."""
+    if _LOCK or getattr(config, "preflight", False) or launch_rank() != 0 or not os.path.isdir(config.output_dir):
+        return
+    path = os.path.join(config.output_dir, ".ftkit.lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        try:
+            holder = json.loads(f.read())
+            who = (f"pid {holder['pid']} on {holder['host']}" + (f", SLURM job {holder['slurm_job']}"
+                                                                 if holder.get("slurm_job") else "")
+                   + f", started {holder['started']}")
+        except (ValueError, KeyError):
+            who = "its lock holder's details are not written yet"
+        f.close()
+        raise ConfigError(f"output_dir: {config.output_dir} is in use by another run ({who}); wait for it to end, "
+                          f"or choose another output_dir") from None
+    except OSError as e:
+        f.close()
+        logger.warning("output_dir: %s cannot be locked (%s): a second run started there is not refused",
+                       config.output_dir, e.strerror)
+        return
+    f.seek(0)
+    f.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    f.flush()
+    _LOCK.append(f)
+
+
 def check_output_dir(config) -> None:
-    """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
-    ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
+    """Refuse an ``output_dir`` that holds another run's config, or a run in progress (before anything is loaded).
+    With ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
+    lock(config)
     explicit = explicit_checkpoint(config)  # checked now, before anything is built or loaded
     if explicit or not config.overwrite_output_dir:
         resume = resolve_resume_path(config)

@@ -102,6 +102,28 @@ def test_a_stop_signal_finishes_the_step_saves_and_exits_0(uninterrupted, tmp_pa
     assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path):
+    # a job submitted twice would resume the same checkpoint and overwrite the first one's files as they are written
+    out, endless = tmp_path / "run", ["--max_steps", "100000"]
+    first = start(out, endless)
+    wait_until_step(first, out, 2)
+    second = start(out, endless)
+    _, stderr = second.communicate(timeout=120)
+    last = stderr.strip().splitlines()[-1]
+    assert second.returncode == 2 and last.startswith(
+        f"error: output_dir: {out} is in use by another run (pid {first.pid} on "), stderr[-2000:]
+    assert last.endswith("; wait for it to end, or choose another output_dir") and first.poll() is None
+    first.send_signal(signal.SIGTERM)  # saves its step and ends; the lock goes with the process
+    first.communicate(timeout=120)  # (reading its pipes, which its progress bar may have filled)
+    assert first.returncode == 0
+    saved = max(int(name.split("_")[1]) for name in os.listdir(out / "checkpoints") if name.startswith("step_"))
+    again = start(out, endless)  # now the same command resumes there
+    wait_until_step(again, out, saved + 1)
+    again.send_signal(signal.SIGTERM)
+    _, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0 and f"resumed from {out / 'checkpoints' / f'step_{saved}'}" in stderr, stderr[-3000:]
+
+
 def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
     out = tmp_path / "run"
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
