@@ -96,12 +96,6 @@ def launch_processes() -> int:
     return next((int(os.environ[k]) for k in sizes if os.environ.get(k)), 1)
 
 
-def launch_rank() -> int:
-    """This process's global rank, read like :func:`launch_processes`; 0 without a launcher."""
-    ranks = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-    return next((int(os.environ[k]) for k in ranks if os.environ.get(k)), 0)
-
-
 def launch_zero_stage(config) -> int | None | str:
     """The DeepSpeed ZeRO stage a run will have, None without DeepSpeed, read before the Accelerator exists: the
     launcher's DeepSpeed config file or stage, else the recipe's ``deepspeed``; "unknown" where accelerate chooses."""

@@ -69,7 +69,7 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
 
     acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
-    rundir.lock(config)  # one run at a time in output_dir (a new output_dir exists only now)
+    rundir.lock(config, acc.is_main_process)  # one run at a time in output_dir
     rundir.set_aside_earlier_run(config, acc)  # a fresh run (e.g. overwrite_output_dir): the earlier one's files
     checkpoint.register_trainable_only_hooks(acc)  # checkpoints hold the trainable weights only
     resume_path = checkpoint.resolve_resume_path(config)

@@ -15,7 +15,7 @@ import time
 from ftkit.checkpoint import (RESCHEDULE_KEYS, STATE_FILE, config_changes, explicit_checkpoint, list_checkpoints,
                               resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe
-from ftkit.distributed import launch_processes, launch_rank, launch_zero_stage
+from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
 
@@ -23,14 +23,15 @@ logger = logging.getLogger("ftkit")
 _LOCK = []  # this process's open lock file: the OS releases its lock when the process ends, kill -9 included
 
 
-def lock(config) -> None:
-    """One run at a time in an ``output_dir``: the run's main process (global rank 0) holds an exclusive lock on
+def lock(config, main: bool) -> None:
+    """One run at a time in an ``output_dir``: the run's main process (``main``, global rank 0) holds an exclusive lock on
     ``output_dir/.ftkit.lock`` until it ends. A second run started there (a job submitted twice) would resume the
-    same checkpoint and overwrite the first's files as they are written; it is refused, naming the first. Called
-    before anything is loaded (if output_dir exists) and again at the start of training (it exists then); not by
-    ``--preflight``, which writes only its report. On a filesystem without locks, a warning."""
-    if _LOCK or getattr(config, "preflight", False) or launch_rank() != 0 or not os.path.isdir(config.output_dir):
+    same checkpoint and overwrite the first's files as they are written; it is refused, naming the first, before it
+    trains or moves anything (a run refused earlier, by bad input, leaves no lock file). On a filesystem without
+    locks, a warning."""
+    if _LOCK or not main:
         return
+    os.makedirs(config.output_dir, exist_ok=True)
     path = os.path.join(config.output_dir, ".ftkit.lock")
     f = open(path, "a+")
     try:
@@ -61,9 +62,8 @@ def lock(config) -> None:
 
 
 def check_output_dir(config) -> None:
-    """Refuse an ``output_dir`` that holds another run's config, or a run in progress (before anything is loaded).
-    With ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
-    lock(config)
+    """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
+    ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
     explicit = explicit_checkpoint(config)  # checked now, before anything is built or loaded
     if explicit or not config.overwrite_output_dir:
         resume = resolve_resume_path(config)

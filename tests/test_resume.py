@@ -163,7 +163,8 @@ def test_a_fresh_run_in_a_used_output_dir_sets_the_earlier_run_aside_whole(tmp_p
     moved = sorted(os.listdir(earlier))
     assert {"config.yaml", "final", "metrics.json", "curves.png"} <= set(moved), moved
     assert [f for f in moved if f.startswith("predictions_")], moved
-    assert sorted(set(first) - set(moved)) == ["base_model"], (first, moved)  # the built base model stays
+    # the built base model stays, and so does the lock file of the output_dir
+    assert sorted(set(first) - set(moved)) == [".ftkit.lock", "base_model"], (first, moved)
     assert "learning_rate: 0.001" in (earlier / "config.yaml").read_text()
     assert "learning_rate: 0.0005" in (out / "config.yaml").read_text()
     weights = "final/model.safetensors"
