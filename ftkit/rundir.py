@@ -21,41 +21,57 @@ logger = logging.getLogger("ftkit")
 
 
 _LOCK = []  # this process's open lock file: the OS releases its lock when the process ends, kill -9 included
+SAME_JOB_WAIT_S = 600  # how long a requeued SLURM job waits for the lock its earlier run (same job id) still holds
+
+
+def _holder(f) -> dict:
+    f.seek(0)
+    try:
+        return json.loads(f.read())
+    except ValueError:
+        return {}  # its holder has not written it yet
 
 
 def lock(config, main: bool) -> None:
-    """One run at a time in an ``output_dir``: the run's main process (``main``, global rank 0) holds an exclusive lock on
-    ``output_dir/.ftkit.lock`` until it ends. A second run started there (a job submitted twice) would resume the
-    same checkpoint and overwrite the first's files as they are written; it is refused, naming the first, before it
-    trains or moves anything (a run refused earlier, by bad input, leaves no lock file). On a filesystem without
-    locks, a warning."""
+    """One run at a time in an ``output_dir``: the run's main process (``main``, global rank 0) holds an exclusive
+    lock on ``output_dir/.ftkit.lock`` until it ends. A second run started there (a job submitted twice) would resume
+    the same checkpoint and overwrite the first's files as they are written; it is refused, naming the first, before
+    it trains or moves anything (a run refused earlier, by bad input, leaves no lock file). A requeued SLURM job
+    whose earlier run holds the lock (same job id: after a node failure a network filesystem keeps the lock of the
+    dead node for a lease time) waits for it up to SAME_JOB_WAIT_S. On a filesystem without locks, a warning."""
     if _LOCK or not main:
         return
     os.makedirs(config.output_dir, exist_ok=True)
-    path = os.path.join(config.output_dir, ".ftkit.lock")
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
+    f = open(os.path.join(config.output_dir, ".ftkit.lock"), "a+")
+    job, deadline, said = os.environ.get("SLURM_JOB_ID"), time.monotonic() + SAME_JOB_WAIT_S, False
+    while True:
         try:
-            holder = json.loads(f.read())
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _holder(f)
+            if job and holder.get("slurm_job") == job and time.monotonic() < deadline:
+                if not said:
+                    logger.warning("output_dir: the earlier run of SLURM job %s (pid %s on %s) still holds %s; waiting "
+                                   "up to %d s for it to end", job, holder.get("pid"), holder.get("host"),
+                                   config.output_dir, SAME_JOB_WAIT_S)
+                    said = True
+                time.sleep(1)
+                continue
+            f.close()
             who = (f"pid {holder['pid']} on {holder['host']}" + (f", SLURM job {holder['slurm_job']}"
                                                                  if holder.get("slurm_job") else "")
-                   + f", started {holder['started']}")
-        except (ValueError, KeyError):
-            who = "its lock holder's details are not written yet"
-        f.close()
-        raise ConfigError(f"output_dir: {config.output_dir} is in use by another run ({who}); wait for it to end, "
-                          f"or choose another output_dir") from None
-    except OSError as e:
-        f.close()
-        logger.warning("output_dir: %s cannot be locked (%s): a second run started there is not refused",
-                       config.output_dir, e.strerror)
-        return
+                   + f", started {holder['started']}") if holder else "its holder's details are not written yet"
+            raise ConfigError(f"output_dir: {config.output_dir} is in use by another run ({who}); wait for it to end, "
+                              f"or choose another output_dir") from None
+        except OSError as e:
+            f.close()
+            logger.warning("output_dir: %s cannot be locked (%s): a second run started there is not refused",
+                           config.output_dir, e.strerror)
+            return
     f.seek(0)
     f.truncate()
-    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": job,
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     f.flush()
     _LOCK.append(f)

@@ -21,9 +21,10 @@ RUN = ["--config", SPAM, "--max_steps", "60", "--save_steps", "2", "--save_total
        "--eval_strategy", "no", "--load_best_model_at_end", "false"]
 
 
-def start(out, extra=()):
+def start(out, extra=(), env=None, stderr=subprocess.PIPE):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "classify.py"), *RUN, "--output_dir", str(out), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env={**script_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
 
 
 def logged_steps(out):
@@ -122,6 +123,29 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp
     again.send_signal(signal.SIGTERM)
     _, stderr = again.communicate(timeout=120)
     assert again.returncode == 0 and f"resumed from {out / 'checkpoints' / f'step_{saved}'}" in stderr, stderr[-3000:]
+
+
+def test_a_requeued_slurm_job_waits_for_the_lock_its_earlier_run_still_holds(tmp_path):
+    # after a node failure a network filesystem keeps the dead node's lock for a lease time; the requeued job (same
+    # job id) waits for it instead of failing
+    out, endless, job = tmp_path / "run", ["--max_steps", "100000"], {"SLURM_JOB_ID": "4242"}
+    first = start(out, endless, job)
+    wait_until_step(first, out, 2)
+    with open(tmp_path / "second.err", "w") as err:
+        second = start(out, endless, job, stderr=err)
+        deadline = time.time() + 120
+        while "still holds" not in (tmp_path / "second.err").read_text():
+            assert second.poll() is None and time.time() < deadline, (tmp_path / "second.err").read_text()[-3000:]
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+        saved = max(int(name.split("_")[1]) for name in os.listdir(out / "checkpoints") if name.startswith("step_"))
+        wait_until_step(second, out, saved + 1)
+        second.send_signal(signal.SIGTERM)
+        second.communicate(timeout=120)
+    log = (tmp_path / "second.err").read_text()
+    assert second.returncode == 0 and f"resumed from {out / 'checkpoints' / f'step_{saved}'}" in log, log[-3000:]
+    assert "the earlier run of SLURM job 4242 (pid " in log
 
 
 def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
