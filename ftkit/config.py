@@ -360,7 +360,8 @@ def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
             bar.close()
     except ImportError:
         pass
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"error: {error}\n")  # one write: the same line from several ranks must not interleave
+    sys.stderr.flush()
     sys.exit(code)
 
 
