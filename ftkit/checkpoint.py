@@ -40,7 +40,7 @@ NON_TRAINING_KEYS = {
 # Options a resumed run may change (extending a run, evaluating more often): the learning-rate
 # schedule is re-planned from the checkpoint's step. Any other training option refuses the resume.
 RESCHEDULE_KEYS = {"max_steps", "num_train_epochs", "eval_strategy", "eval_steps", "save_steps", "logging_steps",
-                   "save_total_limit"}
+                   "save_total_limit", "early_stopping_patience", "early_stopping_threshold"}
 
 
 def config_hash(config, legacy: bool = False) -> str:

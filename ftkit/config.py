@@ -184,6 +184,11 @@ class EvaluationArguments:
     metric_for_best_model: str = opt("loss", "Eval metric that ranks checkpoints (e.g. loss, accuracy, f1).")
     greater_is_better: bool | None = opt(None, "Whether a larger metric is better (default: false for *loss, else true).")
     load_best_model_at_end: bool = opt(True, "Load the best checkpoint before the final evaluation and export.")
+    early_stopping_patience: int | None = opt(None, "Stop training after this many evaluations in a row that do not "
+                                                    "improve metric_for_best_model on the best so far (default: never); "
+                                                    "a resumed run stops where an uninterrupted one would.", min=1)
+    early_stopping_threshold: float = opt(0.0, "How much an evaluation must beat the best so far to count as an "
+                                               "improvement for early_stopping_patience.", min=0)
 
 
 def greater_is_better(config) -> bool:
@@ -451,6 +456,11 @@ def check_common(config) -> None:
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
+    if getattr(config, "early_stopping_patience", None) and (
+            config.eval_strategy == "no" or (config.eval_strategy == "steps" and not config.eval_steps)):
+        raise ConfigError(f"early_stopping_patience: needs evaluations during training, but eval_strategy is "
+                          f"{config.eval_strategy!r}{' without eval_steps' if config.eval_strategy == 'steps' else ''}; "
+                          f"set eval_steps, or eval_strategy: epoch")
 
 
 def apply_debug(config) -> None:

@@ -103,6 +103,8 @@ class LoopState:
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
         self.resumed_state = json.dumps(state, sort_keys=True, default=str) if resume_path else None
+        self.last_eval = None  # (step, entry) of the latest evaluation in this process
+        self.stopped_early = self.early_stop(resumed=True)  # a resumed run that had stopped early stays stopped
 
     @property
     def step(self) -> int:
@@ -111,11 +113,11 @@ class LoopState:
     def windows(self, train_dl, sampler) -> Iterator[list]:
         """The optimizer-step windows of micro-batches until ``total_steps``, epoch after epoch,
         starting at a resumed checkpoint's position."""
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.stopped_early:
             batches = self.epoch_batches(train_dl, sampler)
             for window in accumulation_windows(batches, self.config.gradient_accumulation_steps):
                 yield window
-                if self.step >= self.total_steps:
+                if self.step >= self.total_steps or self.stopped_early:
                     break
             else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
                 self.state["epoch"] += 1
@@ -210,12 +212,40 @@ class LoopState:
         return evaluation_due(self.config, self.step, self.total_steps, epoch_end)
 
     def record_eval(self, entry: dict) -> None:
-        """Rank an evaluation by ``metric_for_best_model``; a new best makes a save due now."""
+        """Rank an evaluation by ``metric_for_best_model``; a new best makes a save due now; ``early_stopping_patience``
+        evaluations in a row without an improvement end the loop (the script's final evaluation reuses this one)."""
         self.new_best = record_eval(self.state, entry, self.config)
+        self.last_eval = (self.step, entry)
+        self.stopped_early = self.early_stop()
+
+    def early_stop(self, resumed: bool = False) -> bool:
+        """Whether ``early_stopping_patience`` ends the run now; noted in the state as ``early_stopped_at`` (a resumed
+        run decides again from its scores, so a larger patience goes on)."""
+        due = early_stop_due(self.config, self.state)
+        self.state.pop("early_stopped_at", None)
+        if not due:
+            return False
+        self.state["early_stopped_at"] = self.step
+        if self.acc.is_main_process and (not resumed or self.step < self.total_steps):
+            why = (f"eval/{self.config.metric_for_best_model} has not improved on {self.state['best_metric']:.6g} (step "
+                   f"{self.state['best_step']}) for {self.config.early_stopping_patience} evaluation(s)")
+            print(f"[ftkit] this run stopped early at step {self.step}: {why}; raise early_stopping_patience to train on"
+                  if resumed else f"[ftkit] early stopping at step {self.step}: {why}", flush=True)
+        return True
+
+    def final_evaluation(self, evaluate) -> dict:
+        """The evaluation that ends training, logged: ``evaluate()``'s entry, or the one this step has just had (when
+        early stopping ended the loop)."""
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            return self.last_eval[1]
+        entry = evaluate()
+        self.log(entry)
+        return entry
 
     def save_due(self) -> bool:
         """Save now? Every ``save_steps`` and at each new best (the last checkpoint is :meth:`finish`'s)."""
-        return (save_due(self.config, self.step, self.total_steps) or self.new_best) and self.step < self.total_steps
+        due = save_due(self.config, self.step, self.total_steps) or self.new_best
+        return due and self.step < self.total_steps and not self.stopped_early  # else finish() saves
 
     def save_and_stop(self) -> None:
         """A stop signal: save the last completed step, say how to go on; the script returns (exit 0)."""
@@ -266,6 +296,26 @@ def planned(config, total_steps: int, windows_per_epoch: int) -> dict:
     return {"evaluation_steps": [s for s in steps if evaluation_due(config, s, total_steps, s % windows_per_epoch == 0)],
             "save_steps": [s for s in steps if save_due(config, s, total_steps)],
             "log_events": sum(log_due(config, s, total_steps) for s in steps)}
+
+
+def evaluations_without_improvement(scores: dict, greater: bool, threshold: float = 0.0) -> int:
+    """Evaluations since the last one that beat the best before it by more than ``threshold`` (the first one counts as
+    an improvement). ``scores`` maps a step (as a string) to its metric."""
+    best, count = None, 0
+    for step in sorted(scores, key=int):
+        value = scores[step]
+        if best is None or (value - best if greater else best - value) > threshold:
+            best, count = value, 0
+        else:
+            count += 1
+    return count
+
+
+def early_stop_due(config, state: dict) -> bool:
+    """``early_stopping_patience`` evaluations in a row without an improvement (from the scores in ``state``)."""
+    patience = getattr(config, "early_stopping_patience", None)
+    return bool(patience) and evaluations_without_improvement(
+        state.get("scores", {}), greater_is_better(config), config.early_stopping_threshold) >= patience
 
 
 def record_eval(state: dict, metrics: dict, config) -> bool:

@@ -144,7 +144,7 @@ def schedule_section(config, num_batches: int, num_processes: int, windows_per_e
             "optimizer_steps_per_epoch": windows_per_epoch, "epochs": total_steps / windows_per_epoch,
             "total_steps": total_steps, "warmup_steps": optim.warmup_steps(config, total_steps),
             "examples_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes,
-            **plan}
+            "early_stopping_patience": getattr(config, "early_stopping_patience", None), **plan}
 
 
 # --- Memory ---------------------------------------------------------------------------------------
@@ -471,7 +471,9 @@ def table(report: dict) -> str:
               f"  {s['micro_batches_per_epoch']} micro-batches per epoch ({s['micro_batches_per_epoch_per_process']} per "
               f"process), {s['optimizer_steps_per_epoch']} optimizer steps per epoch of {s['examples_per_step']} examples",
               f"  {s['total_steps']} steps ({s['epochs']:.2f} epochs), {s['warmup_steps']} warmup; "
-              f"evaluations: {len(s['evaluation_steps'])} during training + the final one; checkpoints: "
+              f"evaluations: {len(s['evaluation_steps'])} during training + the final one"
+              + (" (early stopping may end it sooner)" if s.get("early_stopping_patience") else "")
+              + "; checkpoints: "
               f"{len(s['save_steps'])} by save_steps + the last (and one at each new best)"]
     m = report["memory"]
     lines += ["", f"memory per device (longest micro-batch {m['longest_batch'][0]} x {m['longest_batch'][1]} tokens; "

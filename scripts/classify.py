@@ -277,14 +277,12 @@ def main(config):
         if run.evaluation_due():
             result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
             run.log(eval_entry(result))
-            run.record_eval(eval_entry(result))  # a new best is saved (and kept by the rotation)
+            run.record_eval(eval_entry(result))  # a new best is saved; early_stopping_patience may end the loop
         if run.save_due():
             checkpoint.save(acc, config, run.state)
 
-    # -------- last evaluation, best model, metrics on every split, export --------
-    result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
-    run.log(eval_entry(result))
-    run.finish(eval_entry(result))
+    # -------- last evaluation (early stopping's, if it ended the loop), best model, metrics on every split, export --
+    run.finish(run.final_evaluation(lambda: eval_entry(evaluate(acc, model, eval_dls["validation"], len(names))[0])))
     report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.state}
     shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]
     for name in shown:

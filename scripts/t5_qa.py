@@ -277,14 +277,12 @@ def main(config):
         if run.evaluation_due():
             entry = evaluate()
             run.log(entry)
-            run.record_eval(entry)  # a new best is saved (and kept by the rotation)
+            run.record_eval(entry)  # a new best is saved; early_stopping_patience may end the loop
         if run.save_due():
             checkpoint.save(acc, config, run.state)
 
-    # -------- last evaluation, best model, answers for every eval example, export --------
-    entry = evaluate()
-    run.log(entry)
-    run.finish(entry)
+    # -------- last evaluation (early stopping's, if it ended the loop), best model, answers, export --------
+    run.finish(run.final_evaluation(evaluate))
     scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)
     final_loss = eval_loss(acc, model, eval_dl, decoder_start, pad)
     run.log({f"final_{eval_name}/exact_match": scores["exact_match"], f"final_{eval_name}/f1": scores["f1"],

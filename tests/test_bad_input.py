@@ -103,6 +103,10 @@ CASES = {
                                     "model_name_or_path: cannot load 'nobody/no-such-model-xyz' (not in the local cache and the hub is unreachable", True),
     "23 accumulation larger than the data": ("classify.py", lambda t: ["--config", SPAM, "--gradient_accumulation_steps", "64"],
                                              "gradient_accumulation_steps: 64 x batch 8 x 1 processes needs more than the 42 training examples", False),
+    "24 early stopping without evaluations": ("t5_qa.py", lambda t: ["--config", QA, "--early_stopping_patience", "2",
+                                                                     "--eval_strategy", "steps", "--eval_steps", "null"],
+                                              "early_stopping_patience: needs evaluations during training, but "
+                                              "eval_strategy is 'steps' without eval_steps", True),
     "25 predict input with wrong columns": ("classify.py", lambda t: ["--predict", "--model", _trained_classifier(),
                                                                        "--input_file", write(t / "in.jsonl", '{"body": "hi"}\n')],
                                             "text_column: column 'text' not in", True),

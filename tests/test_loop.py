@@ -39,6 +39,24 @@ def test_record_eval_tracks_the_best_by_direction():
     assert loop.record_eval(up, {"eval/accuracy": 0.6}, _config("accuracy"))
 
 
+def test_early_stopping_counts_evaluations_since_the_last_improvement_beyond_the_threshold():
+    losses = {"2": 0.5, "4": 0.4, "6": 0.45, "8": 0.41, "10": 0.42}  # steps as trainer_state.json holds them
+    assert loop.evaluations_without_improvement(losses, greater=False) == 3  # "10" after "8": numeric order
+    assert loop.evaluations_without_improvement({**losses, "12": 0.3}, greater=False) == 0
+    creeping = {"1": 0.50, "2": 0.49, "3": 0.48, "4": 0.44}  # each a new best, none by more than 0.05 until step 4
+    assert loop.evaluations_without_improvement(creeping, greater=False) == 0
+    assert loop.evaluations_without_improvement(dict(list(creeping.items())[:3]), False, threshold=0.05) == 2
+    assert loop.evaluations_without_improvement(creeping, False, threshold=0.05) == 0  # 0.44 beats 0.50 by 0.06
+    assert loop.evaluations_without_improvement({"1": 0.7, "2": 0.7, "3": 0.9}, greater=True) == 0
+    assert loop.evaluations_without_improvement({}, greater=True) == 0
+    config = SimpleNamespace(metric_for_best_model="accuracy", greater_is_better=None, early_stopping_threshold=0.0,
+                             early_stopping_patience=2)
+    assert not loop.early_stop_due(config, {"scores": {"1": 0.7, "2": 0.6}})
+    assert loop.early_stop_due(config, {"scores": {"1": 0.7, "2": 0.6, "3": 0.7}})  # equal is no improvement
+    config.early_stopping_patience = None
+    assert not loop.early_stop_due(config, {"scores": {"1": 0.7, "2": 0.6, "3": 0.7}})
+
+
 def test_unknown_best_metric_names_the_computed_ones():
     with pytest.raises(ConfigError, match=r"metric_for_best_model: 'bleu' is not computed \(metrics: loss, f1\)"):
         loop.record_eval({"global_step": 1}, {"eval/loss": 1.0, "eval/f1": 0.2}, _config("bleu"))

@@ -37,6 +37,20 @@ def test_tiny_recipe_completes_with_its_outputs(tmp_path):
         assert os.path.isfile(out / "final" / name), name
 
 
+def test_early_stopping_ends_training_and_reports_the_best_checkpoint(tmp_path):
+    # threshold 100: no F1 gain counts as an improvement, so the evaluation at step 4 ends the run (patience 1)
+    out = tmp_path / "run"
+    proc = launch("t5_qa.py", ["--config", TINY, "--output_dir", str(out), "--max_steps", "20", "--eval_steps", "2",
+                               "--early_stopping_patience", "1", "--early_stopping_threshold", "100",
+                               "--max_eval_samples", "4"])
+    assert "[ftkit] early stopping at step 4: eval/f1 has not improved on" in proc.stdout
+    result = json.load(open(out / "metrics.json"))
+    assert (result["global_step"], result["early_stopped_at"], result["best_step"]) == (4, 4, 2)
+    evals = {r["step"]: r["eval/loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r}
+    assert list(evals) == [2, 4]  # the evaluation that stopped the run is the final one, not made twice
+    assert result["eval_loss"] == pytest.approx(evals[2], rel=1e-5)  # the best checkpoint (step 2) was loaded
+
+
 def test_exact_match_rises_from_the_untrained_model_to_at_least_80(memorised, tmp_path):
     out, questions = memorised
     result = json.load(open(out / "metrics.json"))

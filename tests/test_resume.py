@@ -124,6 +124,37 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
     assert "max_steps" not in lines[-1].split("a resume may change only")[0]
 
 
+def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trains_on(tmp_path):
+    # threshold 100: no evaluation counts as an improvement; evaluations at steps 2, 4, 6 end the run at step 6
+    early = ["--config", os.path.join(TINY, "spam.yaml"), "--max_steps", "20", "--eval_strategy", "steps",
+             "--eval_steps", "2", "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "1",
+             "--early_stopping_threshold", "100", "--load_best_model_at_end", "false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    first = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"])
+    assert "[ftkit] early stopping at step 6: eval/accuracy has not improved on" in first.stdout
+    result = json.load(open(straight / "metrics.json"))
+    assert (result["global_step"], result["early_stopped_at"]) == (6, 6)
+    assert [r["step"] for r in read_jsonl(straight / "metrics.jsonl") if "eval/loss" in r] == [2, 4, 6]
+
+    # preempted after step 4 (one evaluation without improvement): the resumed run stops at step 6 too, where a
+    # patience counter that restarts from 0 would train on to step 8
+    shutil.copytree(straight / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
+    launch("classify.py", early + ["--output_dir", str(resumed), "--early_stopping_patience", "2"])
+    assert json.load(open(resumed / "metrics.json"))["global_step"] == 6
+    assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "eval/loss" in r] == [6]
+    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # the same command again trains nothing and rewrites no checkpoint; a larger patience trains on
+    saved = {p: p.stat().st_mtime_ns for p in (straight / "checkpoints").rglob("*")}
+    again = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"])
+    assert "[ftkit] this run stopped early at step 6" in again.stdout and "Saving current state" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in (straight / "checkpoints").rglob("*")} == saved
+    more = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "3"])
+    assert "[ftkit] early stopping at step 8" in more.stdout
+    assert json.load(open(straight / "metrics.json"))["early_stopped_at"] == 8
+
+
 def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
     # 2 processes x batch 8 made each step; 1 process would make steps of 8 and start elsewhere in the epoch
     classify, out = SCRIPTS["classify.py"][0], tmp_path / "run"
