@@ -98,7 +98,9 @@ class LoopState:
         self.batches_per_epoch = batches_per_epoch
         self.log_ = tracking.start(acc, config, state)
         self.speed = tracking.Throughput(acc.unwrap_model(model), tracking.peak_tflops(config), acc.num_processes)
-        self.loss_sum, self.loss_units = torch.zeros((), device=acc.device), 0  # since the last log event
+        # the loss summed since the last log event; a checkpoint keeps it, so a resumed run logs the same means
+        pending, self.loss_units = state.get("loss_since_log", [0.0, 0])
+        self.loss_sum = torch.tensor(pending if acc.is_main_process else 0.0, device=acc.device)
         self.stop = StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
@@ -122,6 +124,8 @@ class LoopState:
             else:  # the epoch's batches are used up (a trailing incomplete window is skipped)
                 self.state["epoch"] += 1
                 self.state["batches_in_epoch"] = 0
+        if self.stopped_early and self.loss_units:  # the steps since the last log event, logged as at the end
+            self.log_train(self.acc.ftkit_scheduler)
         self.progress.close()
 
     def epoch_batches(self, train_dl, sampler):
@@ -247,10 +251,20 @@ class LoopState:
         due = save_due(self.config, self.step, self.total_steps) or self.new_best
         return due and self.step < self.total_steps and not self.stopped_early  # else finish() saves
 
+    def save(self) -> str:
+        """A checkpoint of this step (all processes call it), with the loss summed since the last log event."""
+        self.note_pending_loss()
+        return checkpoint.save(self.acc, self.config, self.state)
+
+    def note_pending_loss(self) -> None:
+        from ftkit.distributed import reduce_sum
+
+        self.state["loss_since_log"] = [reduce_sum(self.acc, self.loss_sum).item(), self.loss_units]
+
     def save_and_stop(self) -> None:
         """A stop signal: save the last completed step, say how to go on; the script returns (exit 0)."""
         self.progress.close()
-        path = checkpoint.save(self.acc, self.config, self.state)
+        path = self.save()
         if self.acc.is_main_process:
             print(f"[ftkit] stopped by {self.stop.signal_name or 'a signal on another rank'} at step {self.step}: "
                   f"checkpoint {path} saved; run the same command again to resume", flush=True)
@@ -260,6 +274,7 @@ class LoopState:
         """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
         if final_eval is not None:
             record_eval(self.state, final_eval, self.config)
+        self.note_pending_loss()
         if json.dumps(self.state, sort_keys=True, default=str) != self.resumed_state:  # else: a finished run again
             checkpoint.save(self.acc, self.config, self.state)
         if final_eval is not None and self.config.load_best_model_at_end:

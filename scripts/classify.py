@@ -279,7 +279,7 @@ def main(config):
             run.log(eval_entry(result))
             run.record_eval(eval_entry(result))  # a new best is saved; early_stopping_patience may end the loop
         if run.save_due():
-            checkpoint.save(acc, config, run.state)
+            run.save()
 
     # -------- last evaluation (early stopping's, if it ended the loop), best model, metrics on every split, export --
     run.finish(run.final_evaluation(lambda: eval_entry(evaluate(acc, model, eval_dls["validation"], len(names))[0])))

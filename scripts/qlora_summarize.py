@@ -253,7 +253,7 @@ def main(config):
                 entry.update({f"eval/{k}": v for k, v in scores.items()})
             run.log(entry)
         if run.save_due():
-            checkpoint.save(acc, config, run.state)
+            run.save()
 
     # -------- final evaluation, the S001 comparison table, export --------
     run.finish()

@@ -279,7 +279,7 @@ def main(config):
             run.log(entry)
             run.record_eval(entry)  # a new best is saved; early_stopping_patience may end the loop
         if run.save_due():
-            checkpoint.save(acc, config, run.state)
+            run.save()
 
     # -------- last evaluation (early stopping's, if it ended the loop), best model, answers, export --------
     run.finish(run.final_evaluation(evaluate))

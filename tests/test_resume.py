@@ -74,6 +74,22 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, script, processe
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6 * scale
 
 
+def test_a_resumed_run_logs_the_loss_means_of_the_uninterrupted_one(tmp_path):
+    # logging every 4 steps, resumed from step 3: the mean logged at step 4 still covers steps 1-4 (the checkpoint
+    # keeps the loss summed since the last log event), not step 4 alone
+    args = SCRIPTS["classify.py"][0] + ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch("classify.py", args + ["--output_dir", str(straight)])
+    assert json.load(open(straight / "checkpoints" / "step_3" / "trainer_state.json"))["loss_since_log"][1] > 0
+    shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
+    launch("classify.py", args + ["--output_dir", str(resumed)])
+
+    def logged(out):
+        return [(r["step"], r["train/loss"]) for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+
+    assert [step for step, _ in logged(straight)] == [4, 6] and logged(resumed) == logged(straight)
+
+
 def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_change(tmp_path):
     from ftkit import optim
 
@@ -127,7 +143,7 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
 def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trains_on(tmp_path):
     # threshold 100: no evaluation counts as an improvement; evaluations at steps 2, 4, 6 end the run at step 6
     early = ["--config", os.path.join(TINY, "spam.yaml"), "--max_steps", "20", "--eval_strategy", "steps",
-             "--eval_steps", "2", "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "1",
+             "--eval_steps", "2", "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "4",
              "--early_stopping_threshold", "100", "--load_best_model_at_end", "false"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     first = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"])
@@ -135,6 +151,8 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
     result = json.load(open(straight / "metrics.json"))
     assert (result["global_step"], result["early_stopped_at"]) == (6, 6)
     assert [r["step"] for r in read_jsonl(straight / "metrics.jsonl") if "eval/loss" in r] == [2, 4, 6]
+    train_losses = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl") if "train/loss" in r}
+    assert list(train_losses) == [4, 6]  # steps 5-6 are logged when the run stops, though 6 is no logging step
 
     # preempted after step 4 (one evaluation without improvement): the resumed run stops at step 6 too, where a
     # patience counter that restarts from 0 would train on to step 8
@@ -142,6 +160,8 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
     launch("classify.py", early + ["--output_dir", str(resumed), "--early_stopping_patience", "2"])
     assert json.load(open(resumed / "metrics.json"))["global_step"] == 6
     assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "eval/loss" in r] == [6]
+    assert [(r["step"], r["train/loss"]) for r in read_jsonl(resumed / "metrics.jsonl") if "train/loss" in r] == [
+        (6, train_losses[6])]
     wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
