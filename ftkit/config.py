@@ -140,6 +140,9 @@ class TrainingArguments:
     save_total_limit: int | None = opt(2, "Keep at most N step checkpoints (oldest removed first).", min=1)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from (output_dir's "
                                                    "own are found automatically).")
+    ddp_timeout: int = opt(1800, "Seconds a process waits for the others at a collective operation (e.g. while the "
+                                 "main process tokenizes the data first) before the run fails (NCCL's own default: 600).",
+                           min=1)
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json) when the launcher gives none; "
                                       "'auto' values are filled from this recipe.")
     max_bad_steps: int = opt(3, "Optimizer steps in a row with a non-finite loss or gradient that are skipped "
@@ -350,6 +353,12 @@ def run(config_cls, train, predict) -> None:
         if config.debug:
             raise
         fail(error, EXIT_BAD_INPUT if isinstance(error, ConfigError) else 1)
+    except RuntimeError as error:  # a collective that waited past ddp_timeout (gloo raises; NCCL's watchdog aborts)
+        if config.debug or "timed out" not in str(error).lower() or not hasattr(config, "ddp_timeout"):
+            raise
+        fail(RunError(f"ddp_timeout: rank {os.environ.get('RANK', '0')} waited more than {config.ddp_timeout} s for the "
+                      f"other processes ({str(error).strip().splitlines()[0]}); if one was busy (the main process "
+                      f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
     # Free the run's reference cycles (a DeepSpeed engine and its hooks hold the process groups) while the
     # interpreter is whole: left to interpreter shutdown, a gloo group's pending work can abort the process
     # ("terminate called without an active exception", seen on rank 1 of ZeRO-3 runs on CPU).

@@ -22,8 +22,11 @@ def accelerator(config):
       multi-process CPU runs (and DeepSpeed on CPU) count every process.
     - Gradient accumulation is driven by the script's accumulation windows (always complete), so
       accelerate must not force a sync at the end of the dataloader."""
+    from datetime import timedelta
+
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, InitProcessGroupKwargs,
+                                  ProjectConfiguration, set_seed)
 
     from ftkit.data import pin_memory
 
@@ -43,9 +46,10 @@ def accelerator(config):
     if use_deepspeed and "LOCAL_RANK" not in os.environ and launch_processes() == 1:  # DeepSpeed needs a group
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    timeout = timedelta(seconds=getattr(config, "ddp_timeout", 1800))  # how long a collective waits for every rank
     if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or use_deepspeed):
         # `cpu=True` would make accelerate fall back to plain MULTI_CPU and silently drop DeepSpeed
-        PartialState(cpu=not use_deepspeed, backend="gloo")
+        PartialState(cpu=not use_deepspeed, backend="gloo", timeout=timeout)
     cpu = cpu and not use_deepspeed
     trackers = [] if config.report_to == "none" or config.debug else (
         ["wandb", "tensorboard"] if config.report_to == "all" else [config.report_to])
@@ -64,6 +68,7 @@ def accelerator(config):
                                             logging_dir=os.path.join(config.output_dir, "tensorboard")),
         step_scheduler_with_optimizer=False,
         deepspeed_plugin=deepspeed_plugin,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
     fill_deepspeed_config(acc, config)
     planned_processes(acc, config)  # a preflight_num_processes that contradicts the launcher: before anything is built

@@ -169,6 +169,34 @@ def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
     assert subprocess.run(["pgrep", "-f", f"classify.py.*{out}"], capture_output=True).returncode == 1  # none left
 
 
+def test_a_rank_waiting_past_ddp_timeout_stops_with_one_line_naming_it(tmp_path):
+    # rank 0 paused (SIGSTOP) mid-run, as if busy: rank 1 waits at the next step's all-reduce for ddp_timeout (3 s)
+    out = tmp_path / "run"
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml"), "--main_process_port",
+           str(free_port()), os.path.join(ROOT, "scripts", "classify.py"), *RUN,
+           "--max_steps", "100000", "--ddp_timeout", "3", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until_step(proc, out, 3)
+    ps = subprocess.run(["pgrep", "-f", f"classify.py.*{out}"], capture_output=True, text=True).stdout.split()
+    ranks = {open(f"/proc/{p}/environ").read().split("\0RANK=")[1].split("\0")[0]: int(p) for p in ps
+             if int(p) != proc.pid and "accelerate" not in open(f"/proc/{p}/cmdline").read()}
+    os.kill(ranks["0"], signal.SIGSTOP)
+    paused = time.time()
+    try:
+        while os.path.exists(f"/proc/{ranks['1']}") and time.time() - paused < 60:
+            time.sleep(0.1)
+        waited = time.time() - paused
+    finally:
+        os.kill(ranks["0"], signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and 3 <= waited < 30, (proc.returncode, waited)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors and errors[0].startswith("error: ddp_timeout: rank 1 waited more than 3 s for the other processes ("), \
+        stderr[-3000:]
+    assert "raise ddp_timeout" in errors[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite loss, full disk
 # ---------------------------------------------------------------------------------------------
