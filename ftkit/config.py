@@ -136,6 +136,9 @@ class TrainingArguments:
     bf16: bool = opt(False, "bf16 mixed precision.")
     logging_steps: int = opt(10, "Log train metrics every N optimizer steps.", min=1)
     eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (default: only at the end).", min=1)
+    save_strategy: str = opt("steps", "Save a checkpoint every save_steps optimizer steps, or at the end of every epoch "
+                                      "(the last step and each new best are saved in any case).",
+                             choices=["steps", "epoch"])
     save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (default: only at the end).", min=1)
     save_total_limit: int | None = opt(2, "Keep at most N step checkpoints (oldest removed first).", min=1)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from (output_dir's "
@@ -478,6 +481,7 @@ def apply_debug(config) -> None:
     config.max_eval_samples = min(config.max_eval_samples or 8, 8)
     config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
     config.eval_steps, config.save_steps, config.logging_steps = 2, 2, 1
+    config.save_strategy = "steps"
     if hasattr(config, "eval_strategy"):
         config.eval_strategy = "steps"
     config.report_to = "none"

@@ -212,8 +212,11 @@ class LoopState:
 
     def evaluation_due(self) -> bool:
         """Evaluate now? Every ``eval_steps``, or at the end of each epoch (the final one is separate)."""
-        epoch_end = self.state["batches_in_epoch"] >= self.windows_per_epoch * self.config.gradient_accumulation_steps
-        return evaluation_due(self.config, self.step, self.total_steps, epoch_end)
+        return evaluation_due(self.config, self.step, self.total_steps, self.epoch_end())
+
+    def epoch_end(self) -> bool:
+        """Whether this step used the epoch's last complete window."""
+        return self.state["batches_in_epoch"] >= self.windows_per_epoch * self.config.gradient_accumulation_steps
 
     def record_eval(self, entry: dict) -> None:
         """Rank an evaluation by ``metric_for_best_model``; a new best makes a save due now; ``early_stopping_patience``
@@ -247,8 +250,8 @@ class LoopState:
         return entry
 
     def save_due(self) -> bool:
-        """Save now? Every ``save_steps`` and at each new best (the last checkpoint is :meth:`finish`'s)."""
-        due = save_due(self.config, self.step, self.total_steps) or self.new_best
+        """Save now? Every ``save_steps`` (or epoch) and at each new best (the last checkpoint is :meth:`finish`'s)."""
+        due = save_due(self.config, self.step, self.total_steps, self.epoch_end()) or self.new_best
         return due and self.step < self.total_steps and not self.stopped_early  # else finish() saves
 
     def save(self) -> str:
@@ -300,16 +303,20 @@ def evaluation_due(config, step: int, total_steps: int, epoch_end: bool) -> bool
     return bool(config.eval_steps) and step % config.eval_steps == 0
 
 
-def save_due(config, step: int, total_steps: int) -> bool:
-    """A checkpoint by the ``save_steps`` cadence (the last one is saved at the end, others at each new best)."""
-    return bool(config.save_steps) and step % config.save_steps == 0 and step < total_steps
+def save_due(config, step: int, total_steps: int, epoch_end: bool) -> bool:
+    """A checkpoint by the ``save_strategy`` cadence (the last one is saved at the end, others at each new best)."""
+    if step >= total_steps:
+        return False
+    if getattr(config, "save_strategy", "steps") == "epoch":
+        return epoch_end
+    return bool(config.save_steps) and step % config.save_steps == 0
 
 
 def planned(config, total_steps: int, windows_per_epoch: int) -> dict:
     """The steps after which a fresh run evaluates and saves by its cadence, and its number of log events."""
     steps = range(1, total_steps + 1)
     return {"evaluation_steps": [s for s in steps if evaluation_due(config, s, total_steps, s % windows_per_epoch == 0)],
-            "save_steps": [s for s in steps if save_due(config, s, total_steps)],
+            "save_steps": [s for s in steps if save_due(config, s, total_steps, s % windows_per_epoch == 0)],
             "log_events": sum(log_due(config, s, total_steps) for s in steps)}
 
 

@@ -474,7 +474,7 @@ def table(report: dict) -> str:
               f"evaluations: {len(s['evaluation_steps'])} during training + the final one"
               + (" (early stopping may end it sooner)" if s.get("early_stopping_patience") else "")
               + "; checkpoints: "
-              f"{len(s['save_steps'])} by save_steps + the last (and one at each new best)"]
+              f"{len(s['save_steps'])} during training + the last (and one at each new best)"]
     m = report["memory"]
     lines += ["", f"memory per device (longest micro-batch {m['longest_batch'][0]} x {m['longest_batch'][1]} tokens; "
                   f"{m['trainable_params']:,} trainable of {m['trainable_params'] + m['frozen_params']:,} parameters)"]

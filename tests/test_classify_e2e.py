@@ -91,6 +91,17 @@ def test_the_best_checkpoint_is_reloaded_with_the_metrics_it_was_chosen_for(tmp_
     assert kept == sorted({f"step_{result['best_step']}", f"step_{result['global_step']}"})
 
 
+def test_save_strategy_epoch_checkpoints_every_epoch_end(tmp_path):
+    # 42 examples, batch 8, drop_last: 5 steps an epoch; the last epoch's end is the final checkpoint
+    out = tmp_path / "run"
+    launch("classify.py", ["--config", TINY["spam"], "--output_dir", str(out), "--num_train_epochs", "3",
+                           "--eval_strategy", "no", "--save_strategy", "epoch", "--save_steps", "2",
+                           "--save_total_limit", "5"])
+    assert sorted(os.listdir(out / "checkpoints"), key=lambda d: int(d[5:])) == ["step_5", "step_10", "step_15"]
+    state = json.load(open(out / "checkpoints" / "step_10" / "trainer_state.json"))
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 5)
+
+
 def test_two_processes_score_every_example_exactly_once(tmp_path):
     # 60 balanced examples split 70/15/15: validation and test hold 9 each, odd for 2 processes.
     out = tmp_path / "run"

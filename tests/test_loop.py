@@ -23,6 +23,12 @@ def test_evaluations_follow_eval_strategy_and_leave_the_last_step_to_the_final_o
     assert loop.planned(config, total_steps=10, windows_per_epoch=3)["evaluation_steps"] == expected
 
 
+@pytest.mark.parametrize("strategy, expected", [("steps", [4, 8]), ("epoch", [3, 6, 9])])
+def test_checkpoints_follow_save_strategy_and_leave_the_last_step_to_the_end(strategy, expected):
+    config = SimpleNamespace(eval_strategy="no", eval_steps=None, save_strategy=strategy, save_steps=4, logging_steps=5)
+    assert loop.planned(config, total_steps=10, windows_per_epoch=3)["save_steps"] == expected
+
+
 def test_record_eval_tracks_the_best_by_direction():
     state = {"global_step": 1}
     config = _config("loss")  # lower is better for *loss
