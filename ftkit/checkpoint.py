@@ -371,16 +371,17 @@ def load(accelerator, config, path: str) -> dict:
     return state
 
 
-def load_best(accelerator, config, state: dict) -> None:
-    """Load the best checkpoint's weights back (``load_best_model_at_end``); no-op if the last is best."""
+def load_best(accelerator, config, state: dict) -> bool:
+    """Load the best checkpoint's weights back (``load_best_model_at_end``); False (a no-op) if the last is best."""
     best = state.get("best_checkpoint")
     if not best or state.get("best_step") == state["global_step"]:
-        return
+        return False
     if not os.path.isfile(os.path.join(best, STATE_FILE)):
         logger.warning("best checkpoint %s is missing: keeping the last weights", best)
-        return
+        return False
     _load_state(accelerator, config, best)
     logger.info("loaded the best checkpoint %s (%s = %.4f)", best, config.metric_for_best_model, state["best_metric"])
+    return True
 
 
 # --- Export: output_dir/final ---------------------------------------------------------------------

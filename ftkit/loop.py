@@ -234,8 +234,11 @@ class LoopState:
             return False
         self.state["early_stopped_at"] = self.step
         if self.acc.is_main_process and (not resumed or self.step < self.total_steps):
-            why = (f"eval/{self.config.metric_for_best_model} has not improved on {self.state['best_metric']:.6g} (step "
-                   f"{self.state['best_step']}) for {self.config.early_stopping_patience} evaluation(s)")
+            step, value, _ = last_improvement(self.state["scores"], greater_is_better(self.config),
+                                              self.config.early_stopping_threshold)
+            by = f" by more than {self.config.early_stopping_threshold:g}" if self.config.early_stopping_threshold else ""
+            why = (f"eval/{self.config.metric_for_best_model} has not improved{by} on {value:.6g} (step {step}) for "
+                   f"{self.config.early_stopping_patience} evaluation(s)")
             print(f"[ftkit] this run stopped early at step {self.step}: {why}; raise early_stopping_patience to train on"
                   if resumed else f"[ftkit] early stopping at step {self.step}: {why}", flush=True)
         return True
@@ -273,15 +276,17 @@ class LoopState:
                   f"checkpoint {path} saved; run the same command again to resume", flush=True)
         distributed.end(self.acc)
 
-    def finish(self, final_eval: dict | None = None) -> None:
-        """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best."""
+    def finish(self, final_eval: dict | None = None) -> bool:
+        """The last checkpoint; with a best-model metric, rank the final evaluation and reload the best (True if that
+        is not the last step's)."""
         if final_eval is not None:
             record_eval(self.state, final_eval, self.config)
         self.note_pending_loss()
         if json.dumps(self.state, sort_keys=True, default=str) != self.resumed_state:  # else: a finished run again
             checkpoint.save(self.acc, self.config, self.state)
         if final_eval is not None and self.config.load_best_model_at_end:
-            checkpoint.load_best(self.acc, self.config, self.state)
+            return checkpoint.load_best(self.acc, self.config, self.state)
+        return False
 
     def close(self) -> None:
         """Close the trackers, draw the curves (and the --debug summary)."""
@@ -323,14 +328,19 @@ def planned(config, total_steps: int, windows_per_epoch: int) -> dict:
 def evaluations_without_improvement(scores: dict, greater: bool, threshold: float = 0.0) -> int:
     """Evaluations since the last one that beat the best before it by more than ``threshold`` (the first one counts as
     an improvement). ``scores`` maps a step (as a string) to its metric."""
-    best, count = None, 0
+    return last_improvement(scores, greater, threshold)[2]
+
+
+def last_improvement(scores: dict, greater: bool, threshold: float = 0.0) -> tuple:
+    """(step, value) of the last evaluation that counted as an improvement, and the evaluations since."""
+    best, count = (None, None), 0
     for step in sorted(scores, key=int):
         value = scores[step]
-        if best is None or (value - best if greater else best - value) > threshold:
-            best, count = value, 0
+        if best[1] is None or (value - best[1] if greater else best[1] - value) > threshold:
+            best, count = (int(step), value), 0
         else:
             count += 1
-    return count
+    return (*best, count)
 
 
 def early_stop_due(config, state: dict) -> bool:

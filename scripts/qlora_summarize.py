@@ -36,8 +36,11 @@ logger = logging.getLogger("ftkit")
 
 @dataclass
 class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, cfg.TrainingArguments,
-                      cfg.TrackingArguments, cfg.PreflightArguments):
+                      cfg.EvaluationArguments, cfg.TrackingArguments, cfg.PreflightArguments):
     """Fine-tune a causal LM (QLoRA by default) to summarize dialogues."""
+
+    load_best_model_at_end: bool = opt(False, "Reload the best adapter by metric_for_best_model before the final "
+                                              "evaluation and export (S001 exports the last one).")
 
     dialogue_column: str = opt("dialogue", "Column holding the dialogue.")
     summary_column: str = opt("summary", "Column holding the reference summary.")
@@ -71,6 +74,10 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
                 raise ConfigError("input_file: --predict needs --text TEXT or --input_file FILE")
             return
         cfg.check_common(self)
+        scored = ["loss"] + (list(metrics.ROUGE_KEYS) if self.num_eval_generate else [])
+        if self.metric_for_best_model not in scored:
+            raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of {', '.join(scored)}"
+                              + ("" if self.num_eval_generate else " (ROUGE needs num_eval_generate > 0)"))
 
 
 # --- Prompt format: one template for training and generation (S001 used two different ones) -------
@@ -220,6 +227,13 @@ def main(config):
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
+    def evaluate() -> dict:  # validation loss, and ROUGE of num_eval_generate summaries
+        entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
+        if config.num_eval_generate:
+            scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
+            entry.update({f"eval/{k}": v for k, v in scores.items()})
+        return entry
+
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl),
                      dropped_overlong=train_counts["dropped"])
     ga = config.gradient_accumulation_steps
@@ -247,20 +261,18 @@ def main(config):
         if run.log_due():
             run.log_train(scheduler)
         if run.evaluation_due():
-            entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
-            if config.num_eval_generate:
-                scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
-                entry.update({f"eval/{k}": v for k, v in scores.items()})
+            entry = evaluate()
             run.log(entry)
+            run.record_eval(entry)  # a new best is saved; early_stopping_patience may end the loop
         if run.save_due():
             run.save()
 
-    # -------- final evaluation, the S001 comparison table, export --------
-    run.finish()
-    final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
+    # -------- final evaluation (early stopping's, if it ended the loop), best adapter, S001's table, export --------
+    final_eval = run.final_evaluation(evaluate)
+    if run.finish(final_eval):  # load_best_model_at_end reloaded an earlier adapter: the exported one's loss
+        final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
     tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
-    final_eval.update({f"eval/{k}": v for k, v in tuned.items()})
-    run.log(final_eval)
+    run.log({f"test/{k}": v for k, v in tuned.items()})
     # the vocabulary is never resized, so the base's embeddings need no copy in the adapter
     final = checkpoint.export(acc, model, tokenizer, config, **({"save_embedding_layers": False} if config.use_peft else {}))
     if acc.is_main_process and config.merge_adapter and config.use_peft:

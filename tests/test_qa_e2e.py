@@ -43,7 +43,8 @@ def test_early_stopping_ends_training_and_reports_the_best_checkpoint(tmp_path):
     proc = launch("t5_qa.py", ["--config", TINY, "--output_dir", str(out), "--max_steps", "20", "--eval_steps", "2",
                                "--early_stopping_patience", "1", "--early_stopping_threshold", "100",
                                "--max_eval_samples", "4"])
-    assert "[ftkit] early stopping at step 4: eval/f1 has not improved on" in proc.stdout
+    assert ("[ftkit] early stopping at step 4: eval/f1 has not improved by more than 100 on 0 (step 2) for 1 "
+            "evaluation(s)") in proc.stdout
     result = json.load(open(out / "metrics.json"))
     assert (result["global_step"], result["early_stopped_at"], result["best_step"]) == (4, 4, 2)
     evals = {r["step"]: r["eval/loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r}

@@ -147,7 +147,8 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
              "--early_stopping_threshold", "100", "--load_best_model_at_end", "false"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     first = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"])
-    assert "[ftkit] early stopping at step 6: eval/accuracy has not improved on" in first.stdout
+    assert ("[ftkit] early stopping at step 6: eval/accuracy has not improved by more than 100 on 1 (step 2) for 2 "
+            "evaluation(s)") in first.stdout
     result = json.load(open(straight / "metrics.json"))
     assert (result["global_step"], result["early_stopped_at"]) == (6, 6)
     assert [r["step"] for r in read_jsonl(straight / "metrics.jsonl") if "eval/loss" in r] == [2, 4, 6]

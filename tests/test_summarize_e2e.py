@@ -40,7 +40,27 @@ def test_run_writes_config_metrics_checkpoints_and_final_adapter(memorised):
     log = read_jsonl(memorised / "metrics.jsonl")
     assert [r["step"] for r in log if "train/loss" in r] == list(range(1, 61))
     assert [r["step"] for r in log if "eval/loss" in r] == [30, 60]
-    assert all("eval/rougeL" in r for r in log if "eval/loss" in r)
+    assert all("eval/rougeL" in r for r in log if "eval/loss" in r)  # validation ROUGE, each evaluation
+    assert [r["step"] for r in log if "test/rougeL" in r] == [60]  # the S001 table's, once
+
+
+def test_early_stopping_and_the_best_adapter(tmp_path):
+    # ranked by the *highest* validation loss (the first evaluation, step 4) and no improvement counted (threshold
+    # 100): the evaluation at step 8 stops the run and the step-4 adapter is reloaded and exported
+    out = tmp_path / "run"
+    proc = launch("qlora_summarize.py", [
+        "--config", TINY_SUMMARIZE, "--output_dir", str(out), "--max_steps", "40", "--eval_steps", "4",
+        "--save_steps", "4", "--num_eval_generate", "1", "--num_test_compare", "2", "--greater_is_better", "true",
+        "--early_stopping_patience", "1", "--early_stopping_threshold", "100", "--load_best_model_at_end", "true"])
+    assert "[ftkit] early stopping at step 8: eval/loss has not improved by more than 100" in proc.stdout
+    result = json.load(open(out / "metrics.json"))
+    assert (result["global_step"], result["early_stopped_at"], result["best_step"]) == (8, 8, 4)
+    evals = {r["step"]: r["eval/loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r}
+    assert list(evals) == [4, 8] and evals[4] > evals[8]
+    assert result["eval_loss"] == pytest.approx(evals[4], rel=1e-5)  # the exported adapter is step 4's
+    exported = load_file(out / "final" / "adapter_model.safetensors")
+    best = {k.replace(".default", ""): v for k, v in load_file(out / "checkpoints" / "step_4" / "model.safetensors").items()}
+    assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in exported)
 
 
 def test_training_loss_falls_by_half_and_tuned_rouge_beats_base(memorised):
