@@ -1,6 +1,6 @@
 """The training loop's state and cadence: counters, accumulation windows (one all-reduce per step), the
-resume position, when to log/evaluate/save, the non-finite guard, stop signals. Not here: forward, backward and
-the optimizer step (each script's own loop), checkpoint files (checkpoint.py)."""
+resume position, when to log/evaluate/save, early stopping, the non-finite guard, stop signals. Not here: forward,
+backward and the optimizer step (each script's own loop), checkpoint files (checkpoint.py)."""
 
 from __future__ import annotations
 
