@@ -1,8 +1,8 @@
 """Measure a real run's peak tensor memory: ``python tests/peak_memory.py OUT scripts/X.py --option value ...`` (also
 under ``accelerate launch``). Every tensor storage created through PyTorch's dispatcher is counted from its creation
 until it is freed (``preflight.LiveTensorBytes`` on real tensors), and the prepared model's own weights with them;
-from the end of ``Accelerator.prepare`` to the loop's end (``LoopState.finish``), the most bytes alive at once are the
-training's peak. Each rank writes ``OUT.<rank>.json``: ``{"peak": bytes, "at_prepare": bytes}``."""
+from the end of ``Accelerator.prepare`` to the loop's end (``LoopState.final_evaluation`` or ``finish``, whichever
+comes first), the most bytes alive at once are the training's peak. Each rank writes ``OUT.<rank>.json``: ``{"peak": bytes, "at_prepare": bytes}``."""
 
 import atexit
 import json
@@ -40,14 +40,19 @@ def measured_finish(self, *args, **kwargs):
     return finish(self, *args, **kwargs)
 
 
+def measured_final_evaluation(self, *args, **kwargs):
+    marks.setdefault("peak", live.peak)
+    return final_evaluation(self, *args, **kwargs)
+
+
 def write():
     rank = os.environ.get("RANK", "0")
     with open(f"{out}.{rank}.json", "w") as f:
         json.dump({"peak": marks.get("peak", live.peak), "at_prepare": marks.get("at_prepare")}, f)
 
 
-finish = loop.LoopState.finish
-loop.LoopState.finish = measured_finish
+finish, final_evaluation = loop.LoopState.finish, loop.LoopState.final_evaluation
+loop.LoopState.finish, loop.LoopState.final_evaluation = measured_finish, measured_final_evaluation
 accelerate.Accelerator.prepare = measured_prepare
 out, script, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
 atexit.register(write)
