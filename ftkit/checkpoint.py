@@ -361,10 +361,9 @@ def load(accelerator, config, path: str) -> dict:
     """Restore model/optimizer/scheduler state from ``path``; returns its trainer state."""
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
-    written_by = state.get("config_hash")
-    if written_by not in (config_hash(config), config_hash(config, legacy=True)) and not config.overwrite_output_dir:
-        raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config (compare the "
-                          f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
+    from ftkit.rundir import check_config_of  # (rundir imports this module)
+
+    check_config_of(config, path, state)
     _load_state(accelerator, config, path)
     logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, state["global_step"], state["epoch"],
                 state["batches_in_epoch"])

@@ -4,6 +4,7 @@ anything is loaded. Not here: the checkpoint files themselves (checkpoint.py).""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -12,8 +13,8 @@ import os
 import socket
 import time
 
-from ftkit.checkpoint import (RESCHEDULE_KEYS, STATE_FILE, config_changes, explicit_checkpoint, list_checkpoints,
-                              resolve_resume_path)
+from ftkit.checkpoint import (RESCHEDULE_KEYS, STATE_FILE, config_changes, config_hash, explicit_checkpoint,
+                              list_checkpoints, resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe
 from ftkit.distributed import launch_processes, launch_zero_stage
 
@@ -81,12 +82,18 @@ def check_output_dir(config) -> None:
     """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
     ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
     explicit = explicit_checkpoint(config)  # checked now, before anything is built or loaded
-    if explicit or not config.overwrite_output_dir:
-        resume = resolve_resume_path(config)
-        if resume:
-            check_launch(resume, launch_processes(), launch_zero_stage(config))
-            if config.max_steps > 0:  # with epochs the run's length is known once the data is
-                check_not_past(resume, config.max_steps, "max_steps")
+    resume = resolve_resume_path(config) if explicit or not config.overwrite_output_dir else None
+    if resume:
+        check_launch(resume, launch_processes(), launch_zero_stage(config))
+        if config.max_steps > 0:  # with epochs the run's length is known once the data is
+            check_not_past(resume, config.max_steps, "max_steps")
+    check_saved_config(config, explicit)
+    if resume:  # after the saved config's auto batch size is adopted
+        check_config_of(config, resume)  # a checkpoint of another training config
+
+
+def check_saved_config(config, explicit: bool) -> None:
+    """Refuse an ``output_dir`` whose config.yaml is another run's (unless overwritten); adopt its auto batch size."""
     saved = os.path.join(config.output_dir, "config.yaml")
     if config.overwrite_output_dir or not os.path.isfile(saved):
         return
@@ -138,15 +145,46 @@ def check_not_past(path: str, total_steps: int, option: str) -> None:
                           f"output_dir or with --overwrite_output_dir true")
 
 
-def adopt_auto_batch_size(previous, config) -> None:
+def check_config_of(config, path: str, state: dict | None = None) -> None:
+    """Refuse a checkpoint written with another training config: its config hash differs and the config.yaml of its
+    output_dir does not train as ``config`` does (a hash from an earlier ftkit, without the options added since, is
+    fine when that config.yaml matches)."""
+    if state is None:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = json.load(f)
+    if config.overwrite_output_dir or state.get("config_hash") in (config_hash(config), config_hash(config, legacy=True)):
+        return
+    if not trains_as_saved(config, path):
+        raise ConfigError(f"resume_from_checkpoint: {path} was written with a different config (compare the "
+                          f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
+    logger.info("%s: its config hash is another ftkit version's; its config.yaml trains as this run does (options it "
+                "did not have count at their defaults)", path)
+
+
+def trains_as_saved(config, checkpoint_path: str) -> bool:
+    """Whether the config.yaml of the output_dir holding ``checkpoint_path`` trains as ``config`` does, options missing
+    from it (added to ftkit after it was written) counted at their defaults: a job requeued after an ftkit upgrade
+    resumes, though the checkpoint's config hash, taken over every option, differs."""
+    saved = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path))), "config.yaml")
+    try:
+        previous = build(type(config), load_yaml_recipe(saved), where=saved)
+    except (ConfigError, OSError, TypeError, ValueError):
+        return False
+    current = dataclasses.replace(config)
+    adopt_auto_batch_size(previous, current, quiet=True)
+    return not config_changes(previous, current)[1]
+
+
+def adopt_auto_batch_size(previous, config, quiet: bool = False) -> None:
     """``per_device_train_batch_size: auto`` in a resumed run keeps the micro-batch and accumulation the run chose
     (saved in its config.yaml) when they make the same examples per step: the data order and the position of a
     mid-epoch checkpoint depend on the micro-batch, and a new device would choose anew."""
     b, ga = previous.per_device_train_batch_size, previous.gradient_accumulation_steps
     if config.per_device_train_batch_size == "auto" and b != "auto" and b * ga == config.gradient_accumulation_steps:
         config.per_device_train_batch_size, config.gradient_accumulation_steps = b, ga
-        logger.warning("per_device_train_batch_size auto: %d x gradient_accumulation_steps %d, as the run in %s chose",
-                       b, ga, config.output_dir)
+        if not quiet:
+            logger.warning("per_device_train_batch_size auto: %d x gradient_accumulation_steps %d, as the run in %s "
+                           "chose", b, ga, config.output_dir)
 
 
 # what a run writes into output_dir, besides base_model/ (the built random-init model, stamped) and base_eval.json

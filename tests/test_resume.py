@@ -176,6 +176,34 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
     assert json.load(open(straight / "metrics.json"))["early_stopped_at"] == 8
 
 
+def test_a_checkpoint_of_an_earlier_ftkit_resumes_and_one_of_another_config_is_refused(tmp_path):
+    import yaml
+
+    # an earlier ftkit wrote a config.yaml without the options added since and hashed only the options it had: a job
+    # requeued after an upgrade resumes
+    classify, out = SCRIPTS["classify.py"][0], tmp_path / "run"
+    _run("classify.py", classify, out, 3, 1)
+    saved = yaml.safe_load(open(out / "config.yaml"))
+    for key in ("early_stopping_patience", "early_stopping_threshold", "save_strategy", "ddp_timeout", "subset_seed"):
+        del saved[key]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    state_file = out / "checkpoints" / "step_3" / "trainer_state.json"
+    state = json.load(open(state_file))
+    state_file.write_text(json.dumps({**state, "config_hash": "0123456789abcdef"}))
+    _run("classify.py", classify, out, 6, 1)
+    assert json.load(open(out / "metrics.json"))["global_step"] == 6
+
+    # another run's checkpoint (another learning rate), named from a fresh output_dir: refused before anything loads
+    other = tmp_path / "other"
+    refused = run_python("classify.py", classify + ["--output_dir", str(other), "--learning_rate", "5e-4",
+                                                    "--max_steps", "9", "--resume_from_checkpoint",
+                                                    str(out / "checkpoints" / "step_6")])
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume_from_checkpoint: {out / 'checkpoints' / 'step_6'} was written with a different config "
+        "(compare the config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
+    assert not other.exists()
+
+
 def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
     # 2 processes x batch 8 made each step; 1 process would make steps of 8 and start elsewhere in the epoch
     classify, out = SCRIPTS["classify.py"][0], tmp_path / "run"
