@@ -137,7 +137,7 @@ def test_qlora_under_zero3_saves_a_complete_adapter_and_resumes_exactly(tmp_path
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     script, args, _ = SCRIPTS["qlora_summarize"]
-    args = args + ["--max_steps", "4", "--save_steps", "2"]
+    args = args + ["--max_steps", "4", "--save_steps", "2", "--save_total_limit", "4"]  # (and step 3: a new best)
     launch_with("deepspeed_zero3.yaml", script, args + ["--output_dir", str(straight)])
     adapter = load_file(straight / "final" / "adapter_model.safetensors")
     config = json.load(open(straight / "final" / "adapter_config.json"))
