@@ -136,16 +136,14 @@ class TrainingArguments:
     bf16: bool = opt(False, "bf16 mixed precision.")
     logging_steps: int = opt(10, "Log train metrics every N optimizer steps.", min=1)
     eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (default: only at the end).", min=1)
-    save_strategy: str = opt("steps", "Save a checkpoint every save_steps optimizer steps, or at the end of every epoch "
-                                      "(the last step and each new best are saved in any case).",
-                             choices=["steps", "epoch"])
+    save_strategy: str = opt("steps", "Save a checkpoint every save_steps optimizer steps, or at each epoch's end (the "
+                                      "last step and each new best are saved anyway).", choices=["steps", "epoch"])
     save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (default: only at the end).", min=1)
     save_total_limit: int | None = opt(2, "Keep at most N step checkpoints (oldest removed first).", min=1)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from (output_dir's "
                                                    "own are found automatically).")
-    ddp_timeout: int = opt(1800, "Seconds a process waits for the others at a collective operation (e.g. while the "
-                                 "main process tokenizes the data first) before the run fails (NCCL's own default: 600).",
-                           min=1)
+    ddp_timeout: int = opt(1800, "Seconds a process waits for the others at a collective (e.g. while the main process "
+                                 "tokenizes the data first) before the run fails (NCCL's own default: 600).", min=1)
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json) when the launcher gives none; "
                                       "'auto' values are filled from this recipe.")
     max_bad_steps: int = opt(3, "Optimizer steps in a row with a non-finite loss or gradient that are skipped "
