@@ -142,6 +142,8 @@ class TrainingArguments:
     save_total_limit: int | None = opt(2, "Keep at most N step checkpoints (oldest removed first).", min=1)
     resume_from_checkpoint: str | None = opt(None, "'latest' or a checkpoint directory to resume from (output_dir's "
                                                    "own are found automatically).")
+    ignore_data_skip: bool = opt(False, "On resume, start the checkpoint's epoch from its first batch instead of where "
+                                        "it stopped; lets a run resume on changed training data.")
     ddp_timeout: int = opt(1800, "Seconds a process waits for the others at a collective (e.g. while the main process "
                                  "tokenizes the data first) before the run fails (NCCL's own default: 600).", min=1)
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (e.g. ds_configs/zero2.json) when the launcher gives none; "
@@ -294,9 +296,7 @@ def help_text(cls, prog: str) -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base, _ = _base_type(hints[f.name])
         tname = getattr(base, "__name__", str(base))
-        extra = ""
-        if "choices" in f.metadata:
-            extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}"
+        extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}" if "choices" in f.metadata else ""
         lines.append(f"  --{f.name} {tname.upper()}{'|auto' if f.metadata.get('auto') else ''}{extra}")
         lines.append(f"      {f.metadata.get('help', '')} (default: {default!r})")
     return "\n".join(lines)
@@ -478,8 +478,7 @@ def apply_debug(config) -> None:
     config.max_train_samples = min(config.max_train_samples or 16, 16)
     config.max_eval_samples = min(config.max_eval_samples or 8, 8)
     config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
-    config.eval_steps, config.save_steps, config.logging_steps = 2, 2, 1
-    config.save_strategy = "steps"
+    config.eval_steps, config.save_steps, config.logging_steps, config.save_strategy = 2, 2, 1, "steps"
     if hasattr(config, "eval_strategy"):
         config.eval_strategy = "steps"
     config.report_to = "none"

@@ -61,10 +61,11 @@ class WindowCounts(NamedTuple):
 
 
 def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: int, batches_per_epoch: int,
-          **extra) -> "LoopState":
+          train_data: dict | None = None, **extra) -> "LoopState":
     """A fresh trainer state, or the one of the checkpoint to resume from (``--resume_from_checkpoint``
     or the latest in ``output_dir``: weights, optimizer and scheduler restored); writes config.yaml
-    and starts the trackers. ``extra`` goes into the state (e.g. counts of dropped examples)."""
+    and starts the trackers. ``train_data``: the training data's fingerprint (:func:`rundir.check_train_data`);
+    ``extra`` goes into the state (e.g. counts of dropped examples)."""
     from ftkit.config import save as save_config
 
     acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
@@ -78,6 +79,13 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
         rundir.check_launch(resume_path, acc.num_processes, plugin.zero_stage if plugin is not None else None)
         rundir.check_not_past(resume_path, total_steps, "max_steps" if config.max_steps > 0 else "num_train_epochs")
         state.update(checkpoint.load(acc, config, resume_path))
+        if config.ignore_data_skip:  # the epoch again from its first batch, or the next one if it was complete
+            epoch_batches = state.get("epoch_windows", windows_per_epoch) * config.gradient_accumulation_steps
+            complete = state["batches_in_epoch"] >= epoch_batches
+            state["epoch"], state["batches_in_epoch"] = state["epoch"] + complete, 0
+    state["epoch_windows"] = windows_per_epoch  # optimizer steps in an epoch of this data
+    if train_data is not None:
+        state["train_data"] = train_data
     if acc.is_main_process:
         save_config(config, os.path.join(config.output_dir, "config.yaml"))
     return LoopState(acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch)

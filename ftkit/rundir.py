@@ -1,6 +1,6 @@
 """The output directory a run finds: another run's config (refused, or set aside with ``overwrite_output_dir``), a
-checkpoint to resume and the launch that wrote it, a run that would end before that checkpoint; all checked before
-anything is loaded. Not here: the checkpoint files themselves (checkpoint.py)."""
+checkpoint to resume, the launch and the training data that wrote it, a run that would end before that checkpoint; all
+checked before any model is loaded. Not here: the checkpoint files themselves (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -78,11 +78,16 @@ def lock(config, main: bool) -> None:
     _LOCK.append(f)
 
 
+def _resume_path(config) -> str | None:
+    """The checkpoint this run will resume, or None (with ``overwrite_output_dir``: only one named explicitly)."""
+    return resolve_resume_path(config) if explicit_checkpoint(config) or not config.overwrite_output_dir else None
+
+
 def check_output_dir(config) -> None:
     """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
     ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
     explicit = explicit_checkpoint(config)  # checked now, before anything is built or loaded
-    resume = resolve_resume_path(config) if explicit or not config.overwrite_output_dir else None
+    resume = _resume_path(config)
     if resume:
         check_launch(resume, launch_processes(), launch_zero_stage(config))
         if config.max_steps > 0:  # with epochs the run's length is known once the data is
@@ -159,6 +164,55 @@ def check_config_of(config, path: str, state: dict | None = None) -> None:
                           f"config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
     logger.info("%s: its config hash is another ftkit version's; its config.yaml trains as this run does (options it "
                 "did not have count at their defaults)", path)
+
+
+def train_data_fingerprint(ds) -> dict:
+    """The training data as a resume checks it: its rows and a digest of every column's values in row order (the token
+    ids, labels and masks the loader batches, after filtering, truncation and packing)."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def add(array) -> None:
+        if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+            digest.update(pc.list_value_length(array).fill_null(-1).to_numpy().tobytes())
+            add(pc.list_flatten(array))
+        elif pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_boolean(array.type):
+            digest.update(array.to_numpy(zero_copy_only=False).tobytes())
+        else:
+            digest.update(json.dumps(array.to_pylist(), default=str).encode())
+
+    digest = hashlib.sha256()
+    for table in ds.with_format("arrow").iter(batch_size=10_000):
+        for name in sorted(table.column_names):
+            digest.update(name.encode())
+            add(table.column(name).combine_chunks())
+    return {"rows": len(ds), "digest": digest.hexdigest()[:16]}
+
+
+def check_train_data(config, train_ds) -> dict:
+    """The training data's fingerprint (kept in every checkpoint), checked against the checkpoint this run resumes:
+    other data (a file edited since, another hub revision, another tokenizer) would leave the checkpoint's position in
+    the epoch pointing at other examples, so the resume is refused, before any model is loaded, unless
+    ``ignore_data_skip`` restarts the epoch from its first batch."""
+    found, path = train_data_fingerprint(train_ds), _resume_path(config)
+    if path is None:
+        return found
+    with open(os.path.join(path, STATE_FILE)) as f:
+        saved = json.load(f).get("train_data")  # None: a checkpoint of an ftkit that did not record it
+    if saved is None or saved == found:
+        return found
+    what = (f"{saved['rows']} rows then, {found['rows']} now" if saved["rows"] != found["rows"] else
+            f"{found['rows']} rows, other values: digest {saved['digest']} then, {found['digest']} now")
+    if not config.ignore_data_skip:
+        raise ConfigError(f"resume_from_checkpoint: {path} was trained on other training data ({what}); its position "
+                          f"in the epoch would point at other examples: restore the data, pass --ignore_data_skip true "
+                          f"to go on from its weights and step with this data (the epoch restarts from its first "
+                          f"batch), or start over with --overwrite_output_dir true")
+    logger.warning("resume_from_checkpoint: %s was trained on other training data (%s); ignore_data_skip: this epoch "
+                   "restarts from its first batch on this data", path, what)
+    return found
 
 
 def trains_as_saved(config, checkpoint_path: str) -> bool:

@@ -223,6 +223,7 @@ def main(config):
     tokenized = {name: ds for name, (ds, _) in tokenized.items()}
     eval_name = "test" if "test" in splits else "validation"
 
+    train_data = rundir.check_train_data(config, tokenized["train"])  # a resume refuses data its checkpoint did not see
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForSeq2SeqLM, modeling.training_setup,
                                   lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(), tokenized["train"],
                                   tokenizer.pad_token_id)
@@ -243,7 +244,8 @@ def main(config):
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
-    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), truncation=counts)
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), train_data,
+                     truncation=counts)
     ga = config.gradient_accumulation_steps
 
     def evaluate() -> dict:

@@ -189,6 +189,7 @@ def test_a_checkpoint_of_an_earlier_ftkit_resumes_and_one_of_another_config_is_r
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     state_file = out / "checkpoints" / "step_3" / "trainer_state.json"
     state = json.load(open(state_file))
+    state = {k: v for k, v in state.items() if k not in ("train_data", "epoch_windows")}  # recorded since
     state_file.write_text(json.dumps({**state, "config_hash": "0123456789abcdef"}))
     _run("classify.py", classify, out, 6, 1)
     assert json.load(open(out / "metrics.json"))["global_step"] == 6
@@ -202,6 +203,43 @@ def test_a_checkpoint_of_an_earlier_ftkit_resumes_and_one_of_another_config_is_r
         f"error: resume_from_checkpoint: {out / 'checkpoints' / 'step_6'} was written with a different config "
         "(compare the config.yaml of its output_dir); pass --overwrite_output_dir true to start over")
     assert not other.exists()
+
+
+def test_a_resume_on_other_training_data_is_refused_unless_ignore_data_skip_restarts_the_epoch(tmp_path):
+    # 42 training rows, batch 8, drop_last, accumulation 2: an epoch is 2 steps of 2 micro-batches
+    train = tmp_path / "spam.tsv"
+    shutil.copy(os.path.join(ROOT, "data", "spam_sample.tsv"), train)
+    classify = SCRIPTS["classify.py"][0] + ["--train_file", str(train), "--tokenizer_files", str(train)]
+    out = tmp_path / "run"
+    _run("classify.py", classify, out, 4, 1)  # ends with epoch 1 complete
+    state = lambda step: json.load(open(out / "checkpoints" / f"step_{step}" / "trainer_state.json"))  # noqa: E731
+    assert (state(4)["epoch"], state(4)["batches_in_epoch"], state(4)["train_data"]["rows"]) == (1, 4, 42)
+    saved = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    lines = train.read_text().splitlines(keepends=True)  # one message's label edited: after balancing, 43 rows
+    first = next(i for i, line in enumerate(lines) if line.startswith("ham\t"))
+    lines[first] = "spam" + lines[first][3:]
+    train.write_text("".join(lines))
+    refused = run_python("classify.py", classify + ["--output_dir", str(out), "--max_steps", "5"])
+    step_4 = out / "checkpoints" / "step_4"
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"error: resume_from_checkpoint: {step_4} was trained on other training data (42 rows then, 43 now); its "
+        "position in the epoch would point at other examples: restore the data, pass --ignore_data_skip true to go on "
+        "from its weights and step with this data (the epoch restarts from its first batch), or start over with "
+        "--overwrite_output_dir true"), refused.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == saved  # refused before the model: nothing written
+
+    # ignore_data_skip: the checkpoint's epoch was complete, so step 5 starts epoch 2 on the new data
+    extended = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "5", "--save_steps", "3",
+                                                 "--ignore_data_skip", "true"])
+    assert "(42 rows then, 43 now); ignore_data_skip: this epoch restarts" in extended.stderr
+    assert (state(5)["epoch"], state(5)["batches_in_epoch"], state(5)["train_data"]["rows"]) == (2, 2, 43)
+    # from a checkpoint inside its epoch, the same data: no warning; the epoch starts again from its first batch
+    again = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
+                                              "--ignore_data_skip", "true"])
+    assert "other training data" not in again.stderr
+    assert (state(6)["epoch"], state(6)["batches_in_epoch"], state(6)["global_step"]) == (2, 2, 6)
+    assert state(6)["train_data"] == state(5)["train_data"]
 
 
 def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
