@@ -53,7 +53,7 @@ def against_gpu_measurements() -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from ftkit import modeling, preflight
+    from ftkit import fakestep, modeling
 
     measured = json.load(open(os.path.join(RESULTS, "gpu.json")))
     phi = dict(PHI2)
@@ -79,11 +79,11 @@ def against_gpu_measurements() -> dict:
     rows = {}
     for batch, seq in ((1, 512), (4, 1024)):
         ids = torch.zeros(batch, seq, dtype=torch.long)
-        parts = preflight.fake_step(qlora, phi_cfg, AutoModelForCausalLM, qlora_setup, loss,
+        parts = fakestep.fake_step(qlora, phi_cfg, AutoModelForCausalLM, qlora_setup, loss,
                                     {"input_ids": ids, "labels": ids}, "cuda")
         rows[f"qlora {batch}x{seq}"] = parts
     ids, labels = torch.zeros(32, 512, dtype=torch.long), torch.zeros(32, 128, dtype=torch.long)
-    rows["t5-base full"] = preflight.fake_step(full, t5_cfg, AutoModelForSeq2SeqLM, modeling.training_setup, loss,
+    rows["t5-base full"] = fakestep.fake_step(full, t5_cfg, AutoModelForSeq2SeqLM, modeling.training_setup, loss,
                                                {"input_ids": ids, "labels": labels}, "cuda")
     out = {}
     for name, parts in rows.items():

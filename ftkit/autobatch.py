@@ -12,7 +12,8 @@ import torch
 
 from ftkit import distributed
 from ftkit.config import RunError
-from ftkit.preflight import GB, HEADROOM, Estimate, LiveTensorBytes, _gb, budget_bytes
+from ftkit.fakestep import LiveTensorBytes
+from ftkit.preflight import GB, HEADROOM, Estimate, _gb, budget_bytes
 
 logger = logging.getLogger("ftkit")
 

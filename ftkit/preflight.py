@@ -1,106 +1,27 @@
 """Preflight (``--preflight true``): what a run will need, known before it is queued: the data kept, dropped and
 truncated, the schedule, memory per device (one training step of the real model code on fake tensors: shapes,
-no weights), time, a verdict and the cheapest change that fits. Not here: loading weights or training (scripts)."""
+no weights: fakestep.py), time, a verdict and the cheapest change that fits. Not here: loading weights or training
+(scripts)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
 import sys
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ftkit import data, distributed, loop, modeling, optim, tracking
+from ftkit import data, distributed, loop, optim, rundir, tracking
+from ftkit.fakestep import fake_step
 
 logger = logging.getLogger("ftkit")
 
 EXIT_FITS, EXIT_DOES_NOT_FIT = 0, 3
 GB = 2**30
 HEADROOM = 0.9  # a run fits when its estimate is at most this share of the device (allocator slack, context)
-BNB_OPTIMIZERS = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}  # state bytes per parameter
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
-HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")  # kept unquantized by transformers' bitsandbytes
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of tensor storage alive at once, on real or fake tensors: each storage an operation creates (or that
-    :meth:`add` is given) counts from its creation until it is freed; ``peak`` is the most at any moment."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def add(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key, size = id(storage), storage.nbytes()
-        if key in self.live:
-            return
-        self.live[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
-        self.now += size
-        self.peak = max(self.peak, self.now)
-
-    def _free(self, key: int, size: int) -> None:
-        if self.live.pop(key, None) is not None:
-            self.now -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.add(t)
-        return out
-
-
-class FusedAttention(torch.autograd.Function):
-    """What a GPU's fused attention kernels (flash, memory-efficient) hold: the output, the inputs and a log-sum-exp
-    row statistic are saved for backward, no score matrix; backward makes the input gradients (and the mask's, when
-    it has one, like T5's learned position bias). Shapes only: used on fake tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask):
-        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
-        ctx.mask_shape = None if mask is None or not mask.requires_grad else (
-            torch.broadcast_shapes(mask.shape, q.shape[:-1] + k.shape[-2:-1]), mask.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, _, _ = ctx.saved_tensors
-        mask = None if ctx.mask_shape is None else q.new_empty(ctx.mask_shape[0], dtype=ctx.mask_shape[1])
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), mask
-
-
-class CudaRules(torch.overrides.TorchFunctionMode):
-    """A CPU step that holds what the same step on a GPU would: attention through :class:`FusedAttention`, and under
-    bf16 autocast CUDA's float32 list (the CPU's keeps these ops in bf16: e.g. ``pow`` in GELU's tanh form and
-    ``layer_norm``/``softmax`` of bf16 inputs give fp32 tensors on a GPU, twice the bytes)."""
-
-    FLOAT32 = {"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
-               "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "group_norm", "cosine_similarity",
-               "nll_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "cross_entropy",
-               "binary_cross_entropy_with_logits", "cdist", "renorm", "logsumexp", "prod", "softmax", "log_softmax",
-               "cumprod", "cumsum", "sum", "norm"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs, name, autocast = kwargs or {}, getattr(func, "__name__", ""), torch.is_autocast_enabled("cpu")
-        if name == "scaled_dot_product_attention":
-            q, k, v, mask = (list(args) + [kwargs.get("attn_mask")])[:4]
-            if autocast:  # autocast casts every floating input of attention, the mask too
-                q, k, v, mask = (t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                                 for t in (q, k, v, mask))
-            return FusedAttention.apply(q, k, v, mask)
-        if autocast and name in self.FLOAT32:
-            args, kwargs = torch.utils._pytree.tree_map(
-                lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, (args, kwargs))
-        return func(*args, **kwargs)
 
 
 # --- Data and schedule ----------------------------------------------------------------------------
@@ -135,115 +56,23 @@ def data_section(splits: dict, counts: dict, config) -> dict:
     return out
 
 
-def schedule_section(config, num_batches: int, num_processes: int, windows_per_epoch: int, total_steps: int) -> dict:
-    """Micro-batches and optimizer steps per epoch for ``num_processes``, total and warmup steps, and the steps at
-    which the run evaluates and saves (from loop.planned, the loop's own cadence)."""
-    plan = loop.planned(config, total_steps, windows_per_epoch)
+def schedule_section(config, num_batches: int, num_processes: int, windows_per_epoch: int, total_steps: int,
+                     resumes_at: int = 0) -> dict:
+    """Micro-batches and optimizer steps per epoch for ``num_processes``, total and warmup steps, the steps left after
+    the checkpoint the run resumes (``resumes_at``), and the steps after it at which the run evaluates and saves (from
+    loop.planned, the loop's own cadence)."""
+    plan = {k: [s for s in v if s > resumes_at] if isinstance(v, list) else v
+            for k, v in loop.planned(config, total_steps, windows_per_epoch).items()}
     return {"processes": num_processes, "micro_batches_per_epoch": num_batches,
             "micro_batches_per_epoch_per_process": math.ceil(num_batches / num_processes),
             "optimizer_steps_per_epoch": windows_per_epoch, "epochs": total_steps / windows_per_epoch,
-            "total_steps": total_steps, "warmup_steps": optim.warmup_steps(config, total_steps),
+            "total_steps": total_steps, "resumes_at_step": resumes_at, "steps_left": total_steps - resumes_at,
+            "warmup_steps": optim.warmup_steps(config, total_steps),
             "examples_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps * num_processes,
             "early_stopping_patience": getattr(config, "early_stopping_patience", None), **plan}
 
 
 # --- Memory ---------------------------------------------------------------------------------------
-
-
-def _elements_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def quantized_bytes(numel: int, config) -> float:
-    """Bytes bitsandbytes holds for a weight of ``numel`` elements: 4-bit with a scale per 64 (double quantization:
-    8-bit scales and one fp32 per 256 of them), or 8-bit with a fp32 scale per row (about)."""
-    if config.load_in_8bit:
-        return numel * (1 + 4 / 4096)
-    scales = numel / 64 * (1 + 4 / 256) if config.bnb_4bit_use_double_quant else numel / 64 * 4
-    return numel / 2 + scales
-
-
-def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str) -> dict:
-    """Two training steps (forward, loss and backward of up to two micro-batches, clipping, optimizer) of the model
-    as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive counted: returns the
-    bytes by part on one device."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    model = modeling.skeleton_of(model_cfg, auto_cls, dtype=weights_dtype(config, model_cfg))
-    quantized = []
-    if config.load_in_4bit or config.load_in_8bit:  # bitsandbytes' layers: fake ones in the compute dtype
-        quantized = [m for name, m in model.named_modules() if type(m) is torch.nn.Linear
-                     and m is not model.get_output_embeddings() and name.rsplit(".", 1)[-1] not in HEAD_NAMES]
-        model.is_loaded_in_4bit, model.is_loaded_in_8bit = config.load_in_4bit, config.load_in_8bit
-    model = setup(model, dataclasses.replace(config, torch_compile=False))
-    compute = modeling.DTYPES[config.bnb_4bit_compute_dtype] if config.load_in_4bit else torch.float32
-    for m in quantized:  # k-bit preparation upcast them as it does every unquantized weight; bitsandbytes' stay
-        m.weight.data = m.weight.data.to(compute)  # and a matmul never saves a cast copy of them for backward
-    if device == "cuda":  # checkpointed blocks recompute in backward, where the mode is not on: they enter it too
-        for m in model.modules():
-            if getattr(m, "_gradient_checkpointing_func", None) is not None:
-                m._gradient_checkpointing_func = functools.partial(
-                    m._gradient_checkpointing_func, context_fn=lambda: (contextlib.nullcontext(), CudaRules()))
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        for module in model.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
-            for name, b in list(module.named_buffers(recurse=False)):
-                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
-        batch = {k: fake.from_tensor(v) for k, v in batch.items()}
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if config.optim in BNB_OPTIMIZERS or config.optim == "sgd":  # bitsandbytes' state is counted below
-            optimizer = torch.optim.SGD(trainable, lr=1e-3)
-        else:  # the kernels the run will use: a loop over tensors on a CPU, foreach (or fused) on a GPU
-            optimizer = torch.optim.AdamW(trainable, foreach=device == "cuda" and config.optim == "adamw_torch",
-                                          fused=config.optim == "adamw_torch_fused")
-        logits = [0]  # the largest output of the output layer (a chunk's with the chunked loss), and its fp32 copy
-        head = model.get_output_embeddings()
-        hook = head.register_forward_hook(lambda m, i, out: logits.__setitem__(0, max(logits[0], out.numel() * (
-            out.element_size() + (4 if out.dtype != torch.float32 else 0))))) if head is not None else None
-        live = LiveTensorBytes()
-        for t in [*model.parameters(), *model.buffers()]:
-            live.add(t)
-        with live, CudaRules() if device == "cuda" else contextlib.nullcontext():
-            for _ in range(2):  # the second step holds the optimizer state from the first
-                for _ in range(min(config.gradient_accumulation_steps, 2)):  # a second one meets the gradients
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                        loss = step_loss(model, batch)
-                    loss.backward()
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=device == "cuda")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
-                                if isinstance(v, torch.Tensor) and v.dim())
-        if hook is not None:
-            hook.remove()
-    weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(trainable)
-    kept = {id(m.weight) for m in quantized}  # bitsandbytes' weights, whatever dtype the fake ones have
-    fp32 = [t for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32 and id(t) not in kept]
-    activations = max(live.peak - weights - grads - state, 0)
-    if config.optim in BNB_OPTIMIZERS:
-        state = sum(p.numel() * (BNB_OPTIMIZERS[config.optim] if p.numel() >= BNB_MIN_8BIT_SIZE else 8)
-                    for p in trainable)
-    if quantized:  # their real size, and one weight dequantized at a time in the compute dtype
-        weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
-        activations += max(m.weight.numel() for m in quantized) * compute.itemsize
-    trainable_params = sum(p.numel() for p in trainable)
-    return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
-            "logits": logits[0], "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
-            "fp32_trainable_bytes": _elements_bytes(t for t in fp32 if t.requires_grad),
-            "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params}
-
-
-def weights_dtype(config, model_cfg) -> torch.dtype:
-    """The dtype ``modeling.load_pretrained`` gives the (unquantized) weights."""
-    DTYPES = modeling.DTYPES
-    if config.torch_dtype != "auto":
-        return DTYPES[config.torch_dtype]
-    if config.load_in_4bit:
-        return DTYPES[config.bnb_4bit_compute_dtype]
-    saved = str(getattr(model_cfg, "dtype", None) or "").replace("torch.", "")
-    return torch.float32 if config.load_in_8bit or config.model_config is not None else DTYPES.get(saved, torch.float32)
 
 
 def _zero_number(zero: dict, key: str, auto: float, default: float) -> float:
@@ -404,6 +233,7 @@ def time_section(config, model_cfg, memory: dict, data_info: dict, schedule: dic
         rate = out["peak_tflops"] * 1e12 * config.assumed_mfu * schedule["processes"]
         out["seconds_per_epoch"] = per_token * tokens_per_epoch / rate
         out["seconds_total"] = out["seconds_per_epoch"] * schedule["epochs"]
+        out["seconds_left"] = out["seconds_total"] * schedule["steps_left"] / schedule["total_steps"]
     return out
 
 
@@ -415,6 +245,9 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     processes = estimate.num_processes
     windows_per_epoch = loop.windows_per_epoch(config, num_batches, processes, len(splits["train"]))
     total_steps = optim.total_optimizer_steps(config, windows_per_epoch)
+    resume = rundir.resume_path(config)  # a checkpoint past the run's end is refused here too
+    resumes_at = rundir.check_not_past(resume, total_steps, "max_steps" if config.max_steps > 0 else
+                                       "num_train_epochs") if resume else 0
     device, zero = estimate.device, estimate.zero
     memory = estimate(config)
     other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing))
@@ -428,7 +261,7 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
               "batch_size": {"per_device_train_batch_size": config.per_device_train_batch_size,
                              "gradient_accumulation_steps": config.gradient_accumulation_steps, "auto": estimate.auto},
               "data": data_section(splits, counts, config)}
-    report["schedule"] = schedule_section(config, num_batches, processes, windows_per_epoch, total_steps)
+    report["schedule"] = schedule_section(config, num_batches, processes, windows_per_epoch, total_steps, resumes_at)
     report["memory"] = {"parts_gb": {k: v / GB for k, v in memory["parts"].items()}, "total_gb": memory["total"] / GB,
                         "activations_gb": memory["activations_gb"], "longest_batch": memory["longest_batch"],
                         "trainable_params": memory["trainable_params"], "frozen_params": memory["frozen_params"],
@@ -475,6 +308,8 @@ def table(report: dict) -> str:
               + (" (early stopping may end it sooner)" if s.get("early_stopping_patience") else "")
               + "; checkpoints: "
               f"{len(s['save_steps'])} during training + the last (and one at each new best)"]
+    if s["resumes_at_step"]:
+        lines.append(f"  resumes its checkpoint at step {s['resumes_at_step']}: {s['steps_left']} steps left")
     m = report["memory"]
     lines += ["", f"memory per device (longest micro-batch {m['longest_batch'][0]} x {m['longest_batch'][1]} tokens; "
                   f"{m['trainable_params']:,} trainable of {m['trainable_params'] + m['frozen_params']:,} parameters)"]
@@ -491,6 +326,7 @@ def table(report: dict) -> str:
     t = report["time"]
     lines += ["", f"time: {t['flops_per_step'] / 1e12:.3g} TFLOPs per optimizer step"
               + (f"; about {t['seconds_per_epoch'] / 60:.1f} min per epoch, {t['seconds_total'] / 60:.1f} min in all at "
-                 f"{100 * t['assumed_mfu']:.0f}% of {t['peak_tflops']:.0f} TFLOP/s" if "seconds_per_epoch" in t
+                 f"{100 * t['assumed_mfu']:.0f}% of {t['peak_tflops']:.0f} TFLOP/s"
+                 + (f", {t['seconds_left'] / 60:.1f} min left" if s["resumes_at_step"] else "") if "seconds_per_epoch" in t
                  else " (set --peak_tflops for a time estimate)")]
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def lock(config, main: bool) -> None:
     _LOCK.append(f)
 
 
-def _resume_path(config) -> str | None:
+def resume_path(config) -> str | None:
     """The checkpoint this run will resume, or None (with ``overwrite_output_dir``: only one named explicitly)."""
     return resolve_resume_path(config) if explicit_checkpoint(config) or not config.overwrite_output_dir else None
 
@@ -87,7 +87,7 @@ def check_output_dir(config) -> None:
     """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
     ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
     explicit = explicit_checkpoint(config)  # checked now, before anything is built or loaded
-    resume = _resume_path(config)
+    resume = resume_path(config)
     if resume:
         check_launch(resume, launch_processes(), launch_zero_stage(config))
         if config.max_steps > 0:  # with epochs the run's length is known once the data is
@@ -140,14 +140,16 @@ def check_launch(path: str, processes: int, zero_stage: int | None | str = "unkn
                           f"it, or start over with --overwrite_output_dir true")
 
 
-def check_not_past(path: str, total_steps: int, option: str) -> None:
-    """A resume extends a run, it cannot shorten one: the checkpoint must not be past the run's last step."""
+def check_not_past(path: str, total_steps: int, option: str) -> int:
+    """A resume extends a run, it cannot shorten one: the checkpoint must not be past the run's last step (returns
+    the checkpoint's step)."""
     with open(os.path.join(path, STATE_FILE)) as f:
         step = json.load(f)["global_step"]
     if step > total_steps:
         raise ConfigError(f"{option}: this run ends at step {total_steps}, but the checkpoint it would resume, {path}, "
                           f"is at step {step}; a resume can only extend a run: raise {option}, or start over in another "
                           f"output_dir or with --overwrite_output_dir true")
+    return step
 
 
 def check_config_of(config, path: str, state: dict | None = None) -> None:
@@ -196,7 +198,7 @@ def check_train_data(config, train_ds) -> dict:
     other data (a file edited since, another hub revision, another tokenizer) would leave the checkpoint's position in
     the epoch pointing at other examples, so the resume is refused, before any model is loaded, unless
     ``ignore_data_skip`` restarts the epoch from its first batch."""
-    found, path = train_data_fingerprint(train_ds), _resume_path(config)
+    found, path = train_data_fingerprint(train_ds), resume_path(config)
     if path is None:
         return found
     with open(os.path.join(path, STATE_FILE)) as f:

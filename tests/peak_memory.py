@@ -1,6 +1,6 @@
 """Measure a real run's peak tensor memory: ``python tests/peak_memory.py OUT scripts/X.py --option value ...`` (also
 under ``accelerate launch``). Every tensor storage created through PyTorch's dispatcher is counted from its creation
-until it is freed (``preflight.LiveTensorBytes`` on real tensors), and the prepared model's own weights with them;
+until it is freed (``fakestep.LiveTensorBytes`` on real tensors), and the prepared model's own weights with them;
 from the end of ``Accelerator.prepare`` to the loop's end (``LoopState.final_evaluation`` or ``finish``, whichever
 comes first), the most bytes alive at once are the training's peak. Each rank writes ``OUT.<rank>.json``: ``{"peak": bytes, "at_prepare": bytes}``."""
 
@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import accelerate  # noqa: E402
 
 from ftkit import loop  # noqa: E402
-from ftkit.preflight import LiveTensorBytes  # noqa: E402
+from ftkit.fakestep import LiveTensorBytes  # noqa: E402
 
 live = LiveTensorBytes()
 marks = {}

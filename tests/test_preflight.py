@@ -31,7 +31,7 @@ ZERO = {2: os.path.join(ROOT, "launch", "accelerate", "deepspeed_zero2.yaml"),
 
 
 def test_live_tensor_bytes_counts_each_storage_from_creation_to_free():
-    from ftkit.preflight import LiveTensorBytes
+    from ftkit.fakestep import LiveTensorBytes
 
     live = LiveTensorBytes()
     with live:
@@ -50,7 +50,7 @@ def test_cuda_rules_keep_fused_attention_s_memory_and_cuda_s_float32_ops():
     softmax of bf16 inputs give fp32 as on a GPU (on a CPU they stay bf16); a checkpointed block recomputes alike."""
     from torch.utils.checkpoint import checkpoint
 
-    from ftkit.preflight import CudaRules, LiveTensorBytes
+    from ftkit.fakestep import CudaRules, LiveTensorBytes
 
     q = torch.randn(2, 4, 1024, 16, requires_grad=True)
     kv = torch.randn(2, 2, 1024, 16, requires_grad=True)  # grouped-query: fewer key/value heads
@@ -174,6 +174,18 @@ def test_schedule_is_what_the_run_then_does_with_max_steps_and_cadences(tmp_path
     out = tmp_path / "run"
     launch("t5_qa.py", args + ["--output_dir", str(out)])
     assert_run_follows(report, out)
+
+    # the preflight of an extension resumes the run's checkpoint: the steps left, and the cadence after it
+    longer = [*args[:args.index("--max_steps")], "--max_steps", "12", *args[args.index("--max_steps") + 2:],
+              "--output_dir", str(out)]
+    before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
+    proc = run_python("t5_qa.py", longer + ["--preflight", "true"])
+    assert proc.returncode == 0 and "resumes its checkpoint at step 7: 5 steps left" in proc.stdout, proc.stderr[-2000:]
+    s = json.load(open(out / "preflight.json"))["schedule"]
+    assert (s["resumes_at_step"], s["steps_left"], s["evaluation_steps"], s["save_steps"]) == (7, 5, [9], [8, 10])
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before
+    launch("t5_qa.py", longer)
+    assert [e["step"] for e in read_jsonl(out / "metrics.jsonl") if "eval/loss" in e] == [3, 6, 7, 9, 12]
 
 
 def assert_run_follows(report: dict, out):

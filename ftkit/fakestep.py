@@ -1,0 +1,192 @@
+"""One training step of a recipe's model on fake tensors (shapes, no weights, no memory), with the bytes of tensor storage
+alive at once counted, and what a GPU step would hold instead where a CPU step differs (fused attention, autocast's
+float32 ops). Not here: the per-device accounting under DDP/ZeRO, the verdict and the report (preflight.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ftkit import modeling
+
+BNB_OPTIMIZERS = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}  # state bytes per parameter
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")  # kept unquantized by transformers' bitsandbytes
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive at once, on real or fake tensors: each storage an operation creates (or that
+    :meth:`add` is given) counts from its creation until it is freed; ``peak`` is the most at any moment."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key, size = id(storage), storage.nbytes()
+        if key in self.live:
+            return
+        self.live[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+        self.now += size
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, key: int, size: int) -> None:
+        if self.live.pop(key, None) is not None:
+            self.now -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+class FusedAttention(torch.autograd.Function):
+    """What a GPU's fused attention kernels (flash, memory-efficient) hold: the output, the inputs and a log-sum-exp
+    row statistic are saved for backward, no score matrix; backward makes the input gradients (and the mask's, when
+    it has one, like T5's learned position bias). Shapes only: used on fake tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        ctx.mask_shape = None if mask is None or not mask.requires_grad else (
+            torch.broadcast_shapes(mask.shape, q.shape[:-1] + k.shape[-2:-1]), mask.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        mask = None if ctx.mask_shape is None else q.new_empty(ctx.mask_shape[0], dtype=ctx.mask_shape[1])
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), mask
+
+
+class CudaRules(torch.overrides.TorchFunctionMode):
+    """A CPU step that holds what the same step on a GPU would: attention through :class:`FusedAttention`, and under
+    bf16 autocast CUDA's float32 list (the CPU's keeps these ops in bf16: e.g. ``pow`` in GELU's tanh form and
+    ``layer_norm``/``softmax`` of bf16 inputs give fp32 tensors on a GPU, twice the bytes)."""
+
+    FLOAT32 = {"acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+               "sinh", "tan", "pow", "__pow__", "__rpow__", "softplus", "layer_norm", "group_norm", "cosine_similarity",
+               "nll_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "cross_entropy",
+               "binary_cross_entropy_with_logits", "cdist", "renorm", "logsumexp", "prod", "softmax", "log_softmax",
+               "cumprod", "cumsum", "sum", "norm"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, name, autocast = kwargs or {}, getattr(func, "__name__", ""), torch.is_autocast_enabled("cpu")
+        if name == "scaled_dot_product_attention":
+            q, k, v, mask = (list(args) + [kwargs.get("attn_mask")])[:4]
+            if autocast:  # autocast casts every floating input of attention, the mask too
+                q, k, v, mask = (t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                 for t in (q, k, v, mask))
+            return FusedAttention.apply(q, k, v, mask)
+        if autocast and name in self.FLOAT32:
+            args, kwargs = torch.utils._pytree.tree_map(
+                lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 else t, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+# --- The step ------------------------------------------------------------------------------------
+
+
+def _elements_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def quantized_bytes(numel: int, config) -> float:
+    """Bytes bitsandbytes holds for a weight of ``numel`` elements: 4-bit with a scale per 64 (double quantization:
+    8-bit scales and one fp32 per 256 of them), or 8-bit with a fp32 scale per row (about)."""
+    if config.load_in_8bit:
+        return numel * (1 + 4 / 4096)
+    scales = numel / 64 * (1 + 4 / 256) if config.bnb_4bit_use_double_quant else numel / 64 * 4
+    return numel / 2 + scales
+
+
+def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str) -> dict:
+    """Two training steps (forward, loss and backward of up to two micro-batches, clipping, optimizer) of the model
+    as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive counted: returns the
+    bytes by part on one device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = modeling.skeleton_of(model_cfg, auto_cls, dtype=weights_dtype(config, model_cfg))
+    quantized = []
+    if config.load_in_4bit or config.load_in_8bit:  # bitsandbytes' layers: fake ones in the compute dtype
+        quantized = [m for name, m in model.named_modules() if type(m) is torch.nn.Linear
+                     and m is not model.get_output_embeddings() and name.rsplit(".", 1)[-1] not in HEAD_NAMES]
+        model.is_loaded_in_4bit, model.is_loaded_in_8bit = config.load_in_4bit, config.load_in_8bit
+    model = setup(model, dataclasses.replace(config, torch_compile=False))
+    compute = modeling.DTYPES[config.bnb_4bit_compute_dtype] if config.load_in_4bit else torch.float32
+    for m in quantized:  # k-bit preparation upcast them as it does every unquantized weight; bitsandbytes' stay
+        m.weight.data = m.weight.data.to(compute)  # and a matmul never saves a cast copy of them for backward
+    if device == "cuda":  # checkpointed blocks recompute in backward, where the mode is not on: they enter it too
+        for m in model.modules():
+            if getattr(m, "_gradient_checkpointing_func", None) is not None:
+                m._gradient_checkpointing_func = functools.partial(
+                    m._gradient_checkpointing_func, context_fn=lambda: (contextlib.nullcontext(), CudaRules()))
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
+            for name, b in list(module.named_buffers(recurse=False)):
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        batch = {k: fake.from_tensor(v) for k, v in batch.items()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if config.optim in BNB_OPTIMIZERS or config.optim == "sgd":  # bitsandbytes' state is counted below
+            optimizer = torch.optim.SGD(trainable, lr=1e-3)
+        else:  # the kernels the run will use: a loop over tensors on a CPU, foreach (or fused) on a GPU
+            optimizer = torch.optim.AdamW(trainable, foreach=device == "cuda" and config.optim == "adamw_torch",
+                                          fused=config.optim == "adamw_torch_fused")
+        logits = [0]  # the largest output of the output layer (a chunk's with the chunked loss), and its fp32 copy
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda m, i, out: logits.__setitem__(0, max(logits[0], out.numel() * (
+            out.element_size() + (4 if out.dtype != torch.float32 else 0))))) if head is not None else None
+        live = LiveTensorBytes()
+        for t in [*model.parameters(), *model.buffers()]:
+            live.add(t)
+        with live, CudaRules() if device == "cuda" else contextlib.nullcontext():
+            for _ in range(2):  # the second step holds the optimizer state from the first
+                for _ in range(min(config.gradient_accumulation_steps, 2)):  # a second one meets the gradients
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                        loss = step_loss(model, batch)
+                    loss.backward()
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=device == "cuda")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
+                                if isinstance(v, torch.Tensor) and v.dim())
+        if hook is not None:
+            hook.remove()
+    weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(trainable)
+    kept = {id(m.weight) for m in quantized}  # bitsandbytes' weights, whatever dtype the fake ones have
+    fp32 = [t for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32 and id(t) not in kept]
+    activations = max(live.peak - weights - grads - state, 0)
+    if config.optim in BNB_OPTIMIZERS:
+        state = sum(p.numel() * (BNB_OPTIMIZERS[config.optim] if p.numel() >= BNB_MIN_8BIT_SIZE else 8)
+                    for p in trainable)
+    if quantized:  # their real size, and one weight dequantized at a time in the compute dtype
+        weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
+        activations += max(m.weight.numel() for m in quantized) * compute.itemsize
+    trainable_params = sum(p.numel() for p in trainable)
+    return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
+            "logits": logits[0], "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
+            "fp32_trainable_bytes": _elements_bytes(t for t in fp32 if t.requires_grad),
+            "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params}
+
+
+def weights_dtype(config, model_cfg) -> torch.dtype:
+    """The dtype ``modeling.load_pretrained`` gives the (unquantized) weights."""
+    DTYPES = modeling.DTYPES
+    if config.torch_dtype != "auto":
+        return DTYPES[config.torch_dtype]
+    if config.load_in_4bit:
+        return DTYPES[config.bnb_4bit_compute_dtype]
+    saved = str(getattr(model_cfg, "dtype", None) or "").replace("torch.", "")
+    return torch.float32 if config.load_in_8bit or config.model_config is not None else DTYPES.get(saved, torch.float32)
