@@ -87,11 +87,20 @@ def _profile(step, device: str, step_s: float) -> dict:
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    averages = prof.key_averages()
+    events = [e for e in averages if getattr(e, key) > 0]
     busy_ms = sum(getattr(e, key) for e in events) / 1e3 if cuda else None
-    top = sorted(events, key=lambda e: -getattr(e, key))[:8]
-    return {"step_ms": 1e3 * step_s, "gpu_busy_ms": busy_ms,
-            "top_ops_ms": [[e.key[:80], round(getattr(e, key) / 1e3, 2), e.count] for e in top]}
+
+    def top(by: str, among) -> list:
+        ranked = sorted(among, key=lambda e: -getattr(e, by))[:8]
+        return [[e.key[:80], round(getattr(e, by) / 1e3, 2), e.count] for e in ranked]
+
+    runtime = [e for e in averages if e.key.startswith(("cuda", "cu"))]  # CUDA runtime/driver calls made by the host
+    return {"step_ms": 1e3 * step_s, "gpu_busy_ms": busy_ms, "top_ops_ms": top(key, events),
+            "top_cpu_ops_ms": top("self_cpu_time_total", [e for e in averages if e.self_cpu_time_total > 0]),
+            # the fixed per-step cost's suspects: kernel launches and host-device synchronisations in one step
+            "kernel_launches": sum(e.count for e in runtime if "Launch" in e.key) if cuda else None,
+            "synchronizations": sum(e.count for e in runtime if "Synchronize" in e.key) if cuda else None}
 
 
 def _mfu(flops_per_s: float) -> float | None:
@@ -200,14 +209,22 @@ def main() -> int:
     harness.write_results("gpu", {"results": results, "targets": TARGETS, "timed_steps": TIMED, "warmup": WARMUP,
                                   "qlora_train_mode": True})  # checkpointing and dropout on (preflight.py reads it)
     fmt = (lambda v: f"{100 * v:.1f}%" if v is not None else "n/a")
-    lines = ["| model | batch | tokens/s | MFU | peak memory (GiB) | targets |", "|---|---|---|---|---|---|"]
+    lines = ["| model | batch | tokens/s | MFU | peak memory (GiB) | step: ms, GPU busy, kernel launches, syncs | "
+             "targets |", "|---|---|---|---|---|---|---|"]
+
+    def step_profile(r: dict) -> str:
+        p = r["profile"]
+        return (f"{p['step_ms']:.0f}, {100 * p['gpu_busy_ms'] / p['step_ms']:.0f}%, {p['kernel_launches']:,}, "
+                f"{p['synchronizations']:,}")
+
     for (batch, seq) in QLORA_SHAPES:
         r = results[f"qlora {batch}x{seq}"]
         lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | "
-                     f"{r['peak_gib']:.2f} | MFU >= 30%, peak <= {TARGETS[f'qlora_peak_gib_{batch}x{seq}']:.0f} GiB |")
+                     f"{r['peak_gib']:.2f} | {step_profile(r)} | MFU >= 30%, peak <= "
+                     f"{TARGETS[f'qlora_peak_gib_{batch}x{seq}']:.0f} GiB |")
     r = results["t5-base full"]
     lines.append(f"| T5-base-shaped, full | {T5_SHAPE[0]} x ({T5_SHAPE[1]} + {T5_SHAPE[2]}) | {r['tokens_per_s']:,.0f} | "
-                 f"{fmt(r['mfu'])} | {r['peak_gib']:.2f} | MFU >= 35% |")
+                 f"{fmt(r['mfu'])} | {r['peak_gib']:.2f} | {step_profile(r)} | MFU >= 35% |")
     harness.write_table("gpu", "GPU: real model sizes, random weights", lines)
     return 0
 
