@@ -60,8 +60,11 @@ def repeated_train_file(config: dict, workdir: str, batch: int, seq: int) -> str
 
 
 def ftkit_run(workdir: str, batch: int, seq: int, tiny: bool) -> dict:
+    import torch
+
     config = gpu_smoke.smoke_config("phi2_qlora_dialogsum", workdir, STEPS, tiny)
-    config.update({"train_file": repeated_train_file(config, workdir, batch, seq), "dataloader_drop_last": True,
+    config.update({"bf16": torch.cuda.is_available(),  # as gpu.qlora_config: bf16 autocast on a GPU only
+                   "train_file": repeated_train_file(config, workdir, batch, seq), "dataloader_drop_last": True,
                    "packing": True, "max_length": seq, "overlong": "truncate", "per_device_train_batch_size": batch,
                    "gradient_accumulation_steps": 1, "eval_steps": None, "save_steps": None, "logging_steps": LOGGING,
                    "num_eval_generate": 0, "num_test_compare": 1, "max_new_tokens": 8,
