@@ -61,10 +61,10 @@ class WindowCounts(NamedTuple):
 
 
 def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: int, batches_per_epoch: int,
-          train_data: dict | None = None, **extra) -> "LoopState":
+          fingerprints: dict | None = None, **extra) -> "LoopState":
     """A fresh trainer state, or the one of the checkpoint to resume from (``--resume_from_checkpoint``
     or the latest in ``output_dir``: weights, optimizer and scheduler restored); writes config.yaml
-    and starts the trackers. ``train_data``: the training data's fingerprint (:func:`rundir.check_train_data`);
+    and starts the trackers. ``fingerprints``: of the training and validation data (:func:`rundir.check_data`);
     ``extra`` goes into the state (e.g. counts of dropped examples)."""
     from ftkit.config import save as save_config
 
@@ -84,8 +84,7 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
             complete = state["batches_in_epoch"] >= epoch_batches
             state["epoch"], state["batches_in_epoch"] = state["epoch"] + complete, 0
     state["epoch_windows"] = windows_per_epoch  # optimizer steps in an epoch of this data
-    if train_data is not None:
-        state["train_data"] = train_data
+    state.update(fingerprints or {})
     if acc.is_main_process:
         save_config(config, os.path.join(config.output_dir, "config.yaml"))
     return LoopState(acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch)

@@ -168,8 +168,8 @@ def check_config_of(config, path: str, state: dict | None = None) -> None:
                 "did not have count at their defaults)", path)
 
 
-def train_data_fingerprint(ds) -> dict:
-    """The training data as a resume checks it: its rows and a digest of every column's values in row order (the token
+def data_fingerprint(ds) -> dict:
+    """The data as a resume checks it: its rows and a digest of every column's values in row order (the token
     ids, labels and masks the loader batches, after filtering, truncation and packing)."""
     import hashlib
 
@@ -193,28 +193,40 @@ def train_data_fingerprint(ds) -> dict:
     return {"rows": len(ds), "digest": digest.hexdigest()[:16]}
 
 
-def check_train_data(config, train_ds) -> dict:
-    """The training data's fingerprint (kept in every checkpoint), checked against the checkpoint this run resumes:
-    other data (a file edited since, another hub revision, another tokenizer) would leave the checkpoint's position in
-    the epoch pointing at other examples, so the resume is refused, before any model is loaded, unless
-    ``ignore_data_skip`` restarts the epoch from its first batch."""
-    found, path = train_data_fingerprint(train_ds), resume_path(config)
+def check_data(config, train_ds, eval_ds) -> dict:
+    """The fingerprints of the training and validation data (kept in every checkpoint), checked against the checkpoint
+    this run resumes. Other training data (a file edited since, another hub revision, another tokenizer) would leave
+    the checkpoint's position in the epoch pointing at other examples: the resume is refused, before any model is
+    loaded, unless ``ignore_data_skip`` restarts the epoch from its first batch. Other validation data gets a warning:
+    the best checkpoint and early stopping then compare scores of both."""
+    found = {"train_data": data_fingerprint(train_ds), "eval_data": data_fingerprint(eval_ds)}
+    path = resume_path(config)
     if path is None:
         return found
     with open(os.path.join(path, STATE_FILE)) as f:
-        saved = json.load(f).get("train_data")  # None: a checkpoint of an ftkit that did not record it
-    if saved is None or saved == found:
-        return found
-    what = (f"{saved['rows']} rows then, {found['rows']} now" if saved["rows"] != found["rows"] else
-            f"{found['rows']} rows, other values: digest {saved['digest']} then, {found['digest']} now")
-    if not config.ignore_data_skip:
-        raise ConfigError(f"resume_from_checkpoint: {path} was trained on other training data ({what}); its position "
-                          f"in the epoch would point at other examples: restore the data, pass --ignore_data_skip true "
-                          f"to go on from its weights and step with this data (the epoch restarts from its first "
-                          f"batch), or start over with --overwrite_output_dir true")
-    logger.warning("resume_from_checkpoint: %s was trained on other training data (%s); ignore_data_skip: this epoch "
-                   "restarts from its first batch on this data", path, what)
+        state = json.load(f)
+    saved = state.get("train_data")  # None: a checkpoint of an ftkit that did not record it
+    if saved not in (None, found["train_data"]):
+        what = _difference(saved, found["train_data"])
+        if not config.ignore_data_skip:
+            raise ConfigError(f"resume_from_checkpoint: {path} was trained on other training data ({what}); its "
+                              f"position in the epoch would point at other examples: restore the data, pass "
+                              f"--ignore_data_skip true to go on from its weights and step with this data (the epoch "
+                              f"restarts from its first batch), or start over with --overwrite_output_dir true")
+        logger.warning("resume_from_checkpoint: %s was trained on other training data (%s); ignore_data_skip: this "
+                       "epoch restarts from its first batch on this data", path, what)
+    if state.get("eval_data") not in (None, found["eval_data"]) and state.get("scores"):
+        logger.warning("resume_from_checkpoint: the validation data differs from the one the %d evaluation(s) before "
+                       "%s scored (%s): the best checkpoint (step %s) and early stopping compare scores of both",
+                       len(state["scores"]), path, _difference(state["eval_data"], found["eval_data"]),
+                       state.get("best_step"))
     return found
+
+
+def _difference(saved: dict, found: dict) -> str:
+    if saved["rows"] != found["rows"]:
+        return f"{saved['rows']} rows then, {found['rows']} now"
+    return f"{found['rows']} rows, other values: digest {saved['digest']} then, {found['digest']} now"
 
 
 def trains_as_saved(config, checkpoint_path: str) -> bool:

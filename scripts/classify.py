@@ -232,7 +232,7 @@ def main(config):
     counts = {name: {"truncated": sum(ds["truncated"])} for name, ds in tokenized.items()}
     tokenized = {name: ds.remove_columns("truncated") for name, ds in tokenized.items()}
 
-    train_data = rundir.check_train_data(config, tokenized["train"])  # a resume refuses data its checkpoint did not see
+    fingerprints = rundir.check_data(config, tokenized["train"], tokenized["validation"])  # a resume checks the data
     setup = functools.partial(modeling.training_setup, pad_token_id=tokenizer.pad_token_id)
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModel, setup, step_loss, tokenized["train"],
                                   tokenizer.pad_token_id)
@@ -250,7 +250,7 @@ def main(config):
     model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
     eval_dls = {name: acc.prepare(dl) for name, dl in eval_dls.items()}
 
-    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), train_data)
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), fingerprints)
     ga = config.gradient_accumulation_steps
     model.train()
     for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position

@@ -202,7 +202,7 @@ def main(config):
                     "sdpa/eager and varlen kernels with flash_attention_2", examples, len(train_ds), max_length,
                     100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
-    train_data = rundir.check_train_data(config, train_ds)  # a resume refuses data its checkpoint did not see
+    fingerprints = rundir.check_data(config, train_ds, eval_ds)  # a resume checks the training and validation data
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForCausalLM, setup,
                                   lambda m, b: step_loss(m, b, config), train_ds, tokenizer.pad_token_id)
     autobatch.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
@@ -235,7 +235,7 @@ def main(config):
             entry.update({f"eval/{k}": v for k, v in scores.items()})
         return entry
 
-    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), train_data,
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), fingerprints,
                      dropped_overlong=train_counts["dropped"])
     ga = config.gradient_accumulation_steps
     model.train()

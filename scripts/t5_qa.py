@@ -223,7 +223,7 @@ def main(config):
     tokenized = {name: ds for name, (ds, _) in tokenized.items()}
     eval_name = "test" if "test" in splits else "validation"
 
-    train_data = rundir.check_train_data(config, tokenized["train"])  # a resume refuses data its checkpoint did not see
+    fingerprints = rundir.check_data(config, tokenized["train"], tokenized["validation"])  # a resume checks the data
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForSeq2SeqLM, modeling.training_setup,
                                   lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(), tokenized["train"],
                                   tokenizer.pad_token_id)
@@ -244,7 +244,7 @@ def main(config):
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
-    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), train_data,
+    run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), fingerprints,
                      truncation=counts)
     ga = config.gradient_accumulation_steps
 

@@ -120,22 +120,22 @@ def test_a_resume_with_more_steps_sets_the_optimizer_to_the_new_plans_rate(tmp_p
     assert extended.param_groups[0]["lr"] == sched.get_last_lr()[0] == pytest.approx(0.5)  # step 4 of 6
 
 
-def test_the_training_data_fingerprint_follows_every_value_and_the_row_order():
+def test_the_data_fingerprint_follows_every_value_and_the_row_order():
     from datasets import Dataset
 
-    from ftkit.rundir import train_data_fingerprint
+    from ftkit.rundir import data_fingerprint
 
     rows = {"input_ids": [[5, 6, 7], [8, 9], [10, 11, 12, 13]], "labels": [1, 0, 1], "length": [3, 2, 4]}
-    base = train_data_fingerprint(Dataset.from_dict(rows))
-    assert base == train_data_fingerprint(Dataset.from_dict({k: list(v) for k, v in rows.items()}))
+    base = data_fingerprint(Dataset.from_dict(rows))
+    assert base == data_fingerprint(Dataset.from_dict({k: list(v) for k, v in rows.items()}))
     assert base["rows"] == 3 and len(base["digest"]) == 16
     changed = [{**rows, "input_ids": [[5, 6, 7], [8, 9], [10, 11, 12, 14]]},  # one token
                {**rows, "labels": [1, 1, 1]},  # one label
                {**rows, "input_ids": [[5, 6], [7, 8, 9], [10, 11, 12, 13]]},  # the same tokens, split elsewhere
                {k: v[::-1] for k, v in rows.items()},  # another order
                {k: v[:2] for k, v in rows.items()}]  # a row fewer
-    digests = {train_data_fingerprint(Dataset.from_dict(r))["digest"] for r in changed}
+    digests = {data_fingerprint(Dataset.from_dict(r))["digest"] for r in changed}
     assert len(digests) == len(changed) and base["digest"] not in digests
     # a selection (an indices mapping over a larger table) reads as the same rows stored on their own
     larger = Dataset.from_dict({k: v + v[:1] for k, v in rows.items()}).select([0, 1, 2])
-    assert train_data_fingerprint(larger) == base
+    assert data_fingerprint(larger) == base

@@ -59,3 +59,47 @@ def test_a_filesystem_without_locks_gets_a_warning_and_the_run_goes_on(tmp_path,
     assert not rundir._LOCK
     assert f"output_dir: {config.output_dir} cannot be locked (No locks available): a second run started there is not " \
            "refused" in caplog.text
+
+
+def test_a_resume_checks_the_training_data_and_warns_of_other_validation_data(tmp_path, caplog):
+    import json
+
+    from datasets import Dataset
+
+    def rows(*tokens):
+        return Dataset.from_dict({"input_ids": [list(t) for t in tokens], "labels": [0] * len(tokens)})
+
+    train, validation = rows([5, 6], [7, 8, 9]), rows([10, 11])
+    config = SimpleNamespace(output_dir=str(tmp_path / "run"), resume_from_checkpoint=None, overwrite_output_dir=False,
+                             ignore_data_skip=False)
+    fresh = rundir.check_data(config, train, validation)  # nothing to resume: the fingerprints to keep
+    assert fresh == {"train_data": rundir.data_fingerprint(train), "eval_data": rundir.data_fingerprint(validation)}
+    step = tmp_path / "run" / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 4, "scores": {"2": 0.5, "4": 0.4},
+                                                         "best_step": 4, **fresh}))
+    with caplog.at_level(logging.WARNING, logger="ftkit"):
+        assert rundir.check_data(config, train, validation) == fresh
+        assert not caplog.text
+        other_validation = rows([10, 12])
+        rundir.check_data(config, train, other_validation)  # resumes, with a warning
+    assert (f"the validation data differs from the one the 2 evaluation(s) before {step} scored (1 rows, other values: "
+            f"digest {fresh['eval_data']['digest']} then, {rundir.data_fingerprint(other_validation)['digest']} now): "
+            "the best checkpoint (step 4) and early stopping compare scores of both") in caplog.text
+
+    longer = rows([5, 6], [7, 8, 9], [1, 2])
+    with pytest.raises(ConfigError, match=r"was trained on other training data \(2 rows then, 3 now\)"):
+        rundir.check_data(config, longer, validation)
+    config.ignore_data_skip = True
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ftkit"):
+        assert rundir.check_data(config, longer, validation)["train_data"]["rows"] == 3
+    assert "(2 rows then, 3 now); ignore_data_skip: this epoch restarts from its first batch" in caplog.text
+
+    # a checkpoint of an ftkit that recorded no fingerprints resumes on any data, silently
+    (step / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    config.ignore_data_skip = False
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ftkit"):
+        rundir.check_data(config, longer, other_validation)
+    assert not caplog.text
