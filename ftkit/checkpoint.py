@@ -357,10 +357,15 @@ def _load_state(accelerator, config, path: str) -> None:
         _replan_learning_rates(scheduler)
 
 
+def read_state(path: str) -> dict:
+    """The trainer state of the checkpoint at ``path`` (its trainer_state.json)."""
+    with open(os.path.join(path, STATE_FILE)) as f:
+        return json.load(f)
+
+
 def load(accelerator, config, path: str) -> dict:
     """Restore model/optimizer/scheduler state from ``path``; returns its trainer state."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_state(path)
     from ftkit.rundir import check_config_of  # (rundir imports this module)
 
     check_config_of(config, path, state)

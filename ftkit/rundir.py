@@ -13,8 +13,8 @@ import os
 import socket
 import time
 
-from ftkit.checkpoint import (RESCHEDULE_KEYS, STATE_FILE, config_changes, config_hash, explicit_checkpoint,
-                              list_checkpoints, resolve_resume_path)
+from ftkit.checkpoint import (RESCHEDULE_KEYS, config_changes, config_hash, explicit_checkpoint, list_checkpoints,
+                              read_state, resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe
 from ftkit.distributed import launch_processes, launch_zero_stage
 
@@ -126,8 +126,7 @@ def check_launch(path: str, processes: int, zero_stage: int | None | str = "unkn
     """A checkpoint resumes only under the launch that wrote it: as many processes (the examples per optimizer step
     and the position in the epoch, in micro-batches per process, depend on them) and the same DeepSpeed ZeRO stage
     or none (each writes other files). Checkpoints written before these were recorded are not checked."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_state(path)
     written = state.get("num_processes")
     if written and written != processes:
         raise ConfigError(f"resume_from_checkpoint: {path} was written by {written} processes and this run has "
@@ -143,8 +142,7 @@ def check_launch(path: str, processes: int, zero_stage: int | None | str = "unkn
 def check_not_past(path: str, total_steps: int, option: str) -> int:
     """A resume extends a run, it cannot shorten one: the checkpoint must not be past the run's last step (returns
     the checkpoint's step)."""
-    with open(os.path.join(path, STATE_FILE)) as f:
-        step = json.load(f)["global_step"]
+    step = read_state(path)["global_step"]
     if step > total_steps:
         raise ConfigError(f"{option}: this run ends at step {total_steps}, but the checkpoint it would resume, {path}, "
                           f"is at step {step}; a resume can only extend a run: raise {option}, or start over in another "
@@ -156,9 +154,7 @@ def check_config_of(config, path: str, state: dict | None = None) -> None:
     """Refuse a checkpoint written with another training config: its config hash differs and the config.yaml of its
     output_dir does not train as ``config`` does (a hash from an earlier ftkit, without the options added since, is
     fine when that config.yaml matches)."""
-    if state is None:
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
+    state = read_state(path) if state is None else state
     if config.overwrite_output_dir or state.get("config_hash") in (config_hash(config), config_hash(config, legacy=True)):
         return
     if not trains_as_saved(config, path):
@@ -203,8 +199,7 @@ def check_data(config, train_ds, eval_ds) -> dict:
     path = resume_path(config)
     if path is None:
         return found
-    with open(os.path.join(path, STATE_FILE)) as f:
-        state = json.load(f)
+    state = read_state(path)
     saved = state.get("train_data")  # None: a checkpoint of an ftkit that did not record it
     if saved not in (None, found["train_data"]):
         what = _difference(saved, found["train_data"])
