@@ -36,11 +36,15 @@ def logged_steps(out):
     return [r["step"] for r in map(json.loads, lines) if "train/loss" in r]
 
 
-def wait_until_step(proc, out, step, timeout=120):
+def wait_until_step(proc, out, step, timeout=120, alive=True):
+    """Until the run has logged ``step``; by then it must still run (``alive``), or its error is the failure."""
     deadline = time.time() + timeout
     while (max(logged_steps(out), default=0) < step) and proc.poll() is None:
         assert time.time() < deadline, "training did not get going"
         time.sleep(0.02)
+    if alive and proc.poll() is not None:
+        raise AssertionError(f"the run ended ({proc.returncode}) by step {step}: "
+                             f"{proc.stderr.read()[-3000:] if proc.stderr else ''}")
 
 
 def final_weights(out):
@@ -62,7 +66,7 @@ def test_kill_9_at_random_moments_never_loses_completed_work(uninterrupted, tmp_
     for trial in range(10):
         proc = start(out)
         target = rng.randint(1, 55)
-        wait_until_step(proc, out, target)
+        wait_until_step(proc, out, target, alive=False)  # (a run resumed near the end may finish first)
         time.sleep(rng.uniform(0.0, 0.05))  # lands inside a step or inside a checkpoint save (every 2 steps)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
