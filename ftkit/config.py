@@ -63,6 +63,9 @@ class ModelArguments:
     bnb_4bit_quant_storage: str | None = opt(None, "Storage dtype of 4-bit weights (default uint8; set to the compute "
                                                    "dtype automatically under ZeRO-3).",
                                              choices=[None, "uint8", "bfloat16", "float16", "float32"])
+    upcast_unquantized_weights: bool = opt(True, "4/8-bit: cast the weights left unquantized (embeddings, output layer, "
+                                                 "norms, biases) to float32, as peft's k-bit preparation does (S001); "
+                                                 "false keeps them in the compute dtype (less memory, no fp32 head).")
 
 
 @dataclass

@@ -123,7 +123,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         model.is_loaded_in_4bit, model.is_loaded_in_8bit = config.load_in_4bit, config.load_in_8bit
     model = setup(model, dataclasses.replace(config, torch_compile=False))
     compute = modeling.DTYPES[config.bnb_4bit_compute_dtype] if config.load_in_4bit else torch.float32
-    for m in quantized:  # k-bit preparation upcast them as it does every unquantized weight; bitsandbytes' stay
+    for m in quantized:  # k-bit preparation may have upcast them as any unquantized weight; bitsandbytes' stay
         m.weight.data = m.weight.data.to(compute)  # and a matmul never saves a cast copy of them for backward
     if device == "cuda":  # checkpointed blocks recompute in backward, where the mode is not on: they enter it too
         for m in model.modules():

@@ -410,10 +410,15 @@ def add_lora(model, config, task_type: str):
 
     if config.load_in_4bit:
         keep_4bit_training_layout(model)
-    if config.load_in_4bit or config.load_in_8bit:
-        # casts norms to fp32 and enables input grads; gradient checkpointing set up here too
+    if (config.load_in_4bit or config.load_in_8bit) and config.upcast_unquantized_weights:
+        # freezes the base, casts its unquantized bf16/fp16 weights to fp32; gradient checkpointing set up here too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif config.load_in_4bit or config.load_in_8bit:
+        # the same without the cast (non-reentrant checkpointing needs no input gradients)
+        model.requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.use_peft:

@@ -172,6 +172,38 @@ def test_a_4bit_weight_already_in_the_cpu_inference_layout_is_restored_for_train
     assert torch.isfinite(train_step_after_an_evaluation(model, tiny_tokenizer))
 
 
+def test_without_the_upcast_unquantized_weights_stay_in_the_compute_dtype_and_train_alike(tmp_path, tiny_tokenizer):
+    # peft's k-bit preparation casts every unquantized bf16 weight (embeddings, head, norms, biases) to fp32;
+    # upcast_unquantized_weights false keeps them in bf16: half their bytes, and the losses of a few steps agree
+    ids = torch.tensor([tiny_tokenizer("#Person1#: Hello there, how are you? #Person2#: Fine, thanks!")["input_ids"]])
+    runs = {}
+    for upcast in (True, False):
+        model, config = tiny_4bit_base(tmp_path / str(upcast), tiny_tokenizer, bnb_4bit_compute_dtype="bfloat16",
+                                       lora_dropout=0.0, upcast_unquantized_weights=upcast, learning_rate=1e-2)
+        model = modeling.add_lora(model, config, "CAUSAL_LM")
+        frozen = [p for p in model.parameters() if not p.requires_grad and p.__class__.__name__ != "Params4bit"]
+        assert frozen and {p.dtype for p in frozen} == {torch.float32 if upcast else torch.bfloat16}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # the adapters
+        assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+        prepared_bytes = sum(p.numel() * p.element_size() for p in frozen)
+        opt, losses = optim.build_optimizer(model, config), []
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[upcast] = losses, prepared_bytes, sum(p.numel() * p.element_size() for p in frozen)
+    (upcast_losses, upcast_prepared, upcast_trained), (kept_losses, kept_prepared, kept_trained) = runs[True], runs[False]
+    assert kept_prepared == upcast_prepared // 2
+    # bitsandbytes casts a 4-bit layer's bias to its input's dtype at the first forward: that part of the upcast
+    # is undone anyway; the embeddings, head and norms stay in fp32
+    assert kept_trained == kept_prepared and kept_prepared < upcast_trained < upcast_prepared
+    assert upcast_losses[-1] < upcast_losses[0] - 0.1, upcast_losses  # it trains: the comparison means something
+    assert kept_losses == pytest.approx(upcast_losses, rel=1e-2)  # bf16 keeps 8 significant bits; 4e-4 measured
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_batch(tmp_path, tiny_tokenizer, quantized):
     from transformers import AutoModelForCausalLM
