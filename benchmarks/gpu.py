@@ -12,6 +12,11 @@ MFU follows the telemetry's convention (``ftkit.tracking.flops_per_token``: 6 x 
 the device's peak dense bf16 FLOP/s. Timed: 10 steps
 after 3 warm-up steps, synchronised. Each configuration runs in its own process.
 
+3. The recipe's speed and memory levers (``LEVERS``: recipe options), each alone over the recipe's
+   settings at 4 x 1024, then together those that were faster at no more memory: tokens/s against the
+   recipe's in the same invocation, peak memory, and the profile of each. Their order puts what a cut-off
+   run (one short device call) must not miss first; the results are written after every probe.
+
 Without CUDA this prints that it was skipped and exits 0; ``--tiny`` runs the same code on tiny
 configs (CPU allowed), which is how the code path is tested without a GPU.
 
@@ -40,19 +45,32 @@ TINY = {"phi": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, 
         "t5": {"vocab_size": 512, "d_model": 64, "d_kv": 16, "d_ff": 128, "num_layers": 2, "num_heads": 4}}
 QLORA_SHAPES = [(1, 512), (4, 1024)]
 T5_SHAPE = (32, 512, 128)
+TINY_SHAPES = {"qlora": [(1, 128), (2, 256)], "lever": (2, 256), "t5": (4, 128, 32)}  # --tiny: the code path, fast
 TARGETS = {"qlora_mfu": 0.30, "qlora_peak_gib_1x512": 4.0, "qlora_peak_gib_4x1024": 6.0, "t5_mfu": 0.35}
 WARMUP, TIMED = 3, 10
+LEVER_SHAPE = (4, 1024)
+# each over the recipe's settings; torch_compile last (its compilation is the longest probe)
+LEVERS = {"upcast_unquantized_weights false": {"upcast_unquantized_weights": False},
+          "cross_entropy_chunk_tokens 1024": {"cross_entropy_chunk_tokens": 1024},
+          "optim adamw_torch_fused": {"optim": "adamw_torch_fused"},
+          "gradient_checkpointing false": {"gradient_checkpointing": False},
+          "torch_compile true": {"torch_compile": True}}
+MEMORY_LEVERS = {"gradient_checkpointing false"}  # faster by spending memory: not taken into the combination
+FASTER = 1.03  # a lever joins the combination when it gives this many times the recipe's tokens/s, peak no higher
 
 
-def _train(model, optimizer, inputs: dict, device: str, tiny: bool) -> tuple[int, float, dict]:
+def _train(model, optimizer, inputs: dict, device: str, tiny: bool, loss_of=None) -> tuple[int, float, dict]:
     """Warm-up steps, then timed steps (synchronised) of forward/backward/step on ``inputs``;
     returns (timed steps, seconds, a profile of one more step). The peak-memory counter is reset
-    first: it then holds the model, its optimizer state and the training steps, not the loading."""
+    first: it then holds the model, its optimizer state and the training steps, not the loading.
+    ``loss_of(model, inputs)``: the loss (default: the model's own)."""
     import torch
+
+    loss_of = loss_of or (lambda m, batch: m(**batch).loss)
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(**inputs).loss
+            loss = loss_of(model, inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the recipes' max_grad_norm
         optimizer.step()
@@ -116,23 +134,25 @@ def _peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
-def qlora_config(model_dir: str, cuda: bool):
-    """recipes/phi2_qlora_dialogsum.yaml's model and optimizer settings (bf16 only on a GPU)."""
+def qlora_config(model_dir: str, cuda: bool, overrides: dict | None = None):
+    """recipes/phi2_qlora_dialogsum.yaml's model and optimizer settings (bf16 only on a GPU), and ``overrides``."""
     return fixtures.script_config("qlora_summarize", "SummarizeConfig", {
         "model_name_or_path": model_dir, "output_dir": os.path.join(model_dir, "unused"), "train_file": "unused.jsonl",
         "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16" if cuda else "float32",
         "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05, "gradient_checkpointing": True,
-        "optim": "paged_adamw_8bit", "learning_rate": 2e-4, "bf16": cuda})
+        "optim": "paged_adamw_8bit", "learning_rate": 2e-4, "bf16": cuda, **(overrides or {})})
 
 
-def qlora(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
+def qlora(model_dir: str, batch: int, seq: int, overrides: dict | None = None, tiny: bool = False) -> dict:
+    """The recipe's QLoRA set-up (with ``overrides`` of its options) trained on random rows: the model's own loss
+    (a bare loop's), or ftkit's chunked loss where ``cross_entropy_chunk_tokens`` asks for it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from ftkit import modeling, optim, tracking
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = qlora_config(model_dir, device == "cuda")
+    config = qlora_config(model_dir, device == "cuda", overrides)
     model = modeling.load_pretrained(AutoModelForCausalLM, model_dir, config, device=device)
     model.config.use_cache = False
     model = modeling.add_lora(model, config, task_type="CAUSAL_LM").to(device)
@@ -140,7 +160,13 @@ def qlora(model_dir: str, batch: int, seq: int, tiny: bool) -> dict:
     trainable, total = modeling.parameter_counts(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     model.train()  # gradient checkpointing (and LoRA dropout) act in training mode only
-    steps, elapsed, profiled = _train(model, optimizer, {"input_ids": ids, "labels": ids}, device, tiny)
+    def chunked_loss(m, batch):  # ftkit's loss, as the recipe computes it with cross_entropy_chunk_tokens
+        loss_sum, count = modeling.causal_lm_forward_loss(m, {"input_ids": batch["input_ids"]}, batch["labels"],
+                                                          config.cross_entropy_chunk_tokens)
+        return loss_sum.sum() / count.sum()
+
+    steps, elapsed, profiled = _train(model, optimizer, {"input_ids": ids, "labels": ids}, device, tiny,
+                                      chunked_loss if config.cross_entropy_chunk_tokens else None)
     tokens_per_s = batch * seq * steps / elapsed
     flops = tracking.flops_per_token(model.config, trainable, total - trainable, seq)
     return {"tokens_per_s": tokens_per_s, "mfu": _mfu(tokens_per_s * flops), "peak_gib": _peak_gib(device),
@@ -183,7 +209,11 @@ def build(workdir: str, kind: str, tiny: bool) -> str:
     torch.manual_seed(0)
     cls = AutoModelForCausalLM if kind == "phi" else AutoModelForSeq2SeqLM
     path = os.path.join(workdir, kind)
-    cls.from_config(config, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32).save_pretrained(path)
+    cuda = torch.cuda.is_available()
+    with torch.device("cuda" if cuda else "cpu"):  # random init of 2.7B weights: seconds on a GPU, minutes on a CPU
+        cls.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32).save_pretrained(path)
+    if cuda:
+        torch.cuda.empty_cache()
     return path
 
 
@@ -195,38 +225,83 @@ def main() -> int:
     if not torch.cuda.is_available() and not args.tiny:
         print("gpu benchmarks: no CUDA device here, skipped (results/gpu.json is left as it was)")
         return 0
-    results = {}
+    results, levers = {}, {}
+    shapes = TINY_SHAPES if args.tiny else {"qlora": QLORA_SHAPES, "lever": LEVER_SHAPE, "t5": T5_SHAPE}
+    lever_shape = f"{shapes['lever'][0]}x{shapes['lever'][1]}"
+
+    def record(name: str, result: dict, into: dict) -> None:  # written at once: a run cut short keeps what it had
+        into[name] = result
+        print(f"{name}: {result}", flush=True)
+        if not args.tiny:  # a smoke run records nothing
+            write(results, levers, shapes)
+
     with tempfile.TemporaryDirectory() as workdir:
         phi = build(workdir, "phi", args.tiny)
-        for batch, seq in QLORA_SHAPES:
-            results[f"qlora {batch}x{seq}"] = harness.probe(__file__, "qlora", [phi, batch, seq], args.tiny)
-            print(f"Phi-2-shaped QLoRA {batch}x{seq}: {results[f'qlora {batch}x{seq}']}", flush=True)
-        t5 = build(workdir, "t5", args.tiny)
-        results["t5-base full"] = harness.probe(__file__, "t5", [t5, *T5_SHAPE], args.tiny)
-        print(f"T5-base-shaped full fine-tune {T5_SHAPE}: {results['t5-base full']}", flush=True)
-    if args.tiny:  # a smoke run: nothing to record
-        return 0
-    harness.write_results("gpu", {"results": results, "targets": TARGETS, "timed_steps": TIMED, "warmup": WARMUP,
+        for batch, seq in sorted(shapes["qlora"], key=lambda shape: shape != shapes["lever"]):  # the levers' baseline first
+            record(f"qlora {batch}x{seq}", harness.probe(__file__, "qlora", [phi, batch, seq], args.tiny), results)
+        levers["recipe"] = results[f"qlora {lever_shape}"]
+        for name, overrides in LEVERS.items():
+            if name == "torch_compile true":  # T5 before the longest probe
+                t5 = build(workdir, "t5", args.tiny)
+                record("t5-base full", harness.probe(__file__, "t5", [t5, *shapes["t5"]], args.tiny), results)
+            record(name, harness.probe(__file__, "qlora", [phi, *shapes["lever"], overrides], args.tiny), levers)
+        helped = faster_levers(levers)
+        if len(helped) > 1:
+            combined = {k: v for name in helped for k, v in LEVERS[name].items()}
+            record(" + ".join(helped), harness.probe(__file__, "qlora", [phi, *shapes["lever"], combined], args.tiny), levers)
+    if args.tiny:  # the tables a GPU run writes, printed
+        print("\n".join(table(results, levers, shapes)))
+    print(f"levers faster than the recipe at no more memory: {faster_levers(levers) or 'none'}", flush=True)
+    return 0
+
+
+def faster_levers(levers: dict) -> list[str]:
+    """The single levers that gave >= FASTER x the recipe's tokens/s with a peak no higher (memory levers aside)."""
+    base = levers["recipe"]
+    return [name for name in LEVERS if name in levers and name not in MEMORY_LEVERS
+            and levers[name]["tokens_per_s"] >= FASTER * base["tokens_per_s"]
+            and not levers[name]["peak_gib"] > base["peak_gib"]]
+
+
+def write(results: dict, levers: dict, shapes: dict) -> None:
+    """results/gpu.json and the README tables, from what has been measured so far."""
+    harness.write_results("gpu", {"results": results, "levers": levers, "lever_shape": list(shapes["lever"]),
+                                  "targets": TARGETS, "timed_steps": TIMED, "warmup": WARMUP,
                                   "qlora_train_mode": True})  # checkpointing and dropout on (preflight.py reads it)
+    harness.write_table("gpu", "GPU: real model sizes, random weights", table(results, levers, shapes))
+
+
+def table(results: dict, levers: dict, shapes: dict) -> list[str]:
     fmt = (lambda v: f"{100 * v:.1f}%" if v is not None else "n/a")
+
+    def step_profile(r: dict) -> str:  # (a CPU has no GPU-busy time, launches or syncs)
+        p = r["profile"]
+        busy = f"{100 * p['gpu_busy_ms'] / p['step_ms']:.0f}%" if p["gpu_busy_ms"] is not None else "n/a"
+        count = (lambda n: f"{n:,}" if n is not None else "n/a")
+        return f"{p['step_ms']:.0f}, {busy}, {count(p['kernel_launches'])}, {count(p['synchronizations'])}"
+
     lines = ["| model | batch | tokens/s | MFU | peak memory (GiB) | step: ms, GPU busy, kernel launches, syncs | "
              "targets |", "|---|---|---|---|---|---|---|"]
-
-    def step_profile(r: dict) -> str:
-        p = r["profile"]
-        return (f"{p['step_ms']:.0f}, {100 * p['gpu_busy_ms'] / p['step_ms']:.0f}%, {p['kernel_launches']:,}, "
-                f"{p['synchronizations']:,}")
-
-    for (batch, seq) in QLORA_SHAPES:
-        r = results[f"qlora {batch}x{seq}"]
-        lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | "
-                     f"{r['peak_gib']:.2f} | {step_profile(r)} | MFU >= 30%, peak <= "
-                     f"{TARGETS[f'qlora_peak_gib_{batch}x{seq}']:.0f} GiB |")
-    r = results["t5-base full"]
-    lines.append(f"| T5-base-shaped, full | {T5_SHAPE[0]} x ({T5_SHAPE[1]} + {T5_SHAPE[2]}) | {r['tokens_per_s']:,.0f} | "
-                 f"{fmt(r['mfu'])} | {r['peak_gib']:.2f} | {step_profile(r)} | MFU >= 35% |")
-    harness.write_table("gpu", "GPU: real model sizes, random weights", lines)
-    return 0
+    for (batch, seq) in shapes["qlora"]:
+        if (r := results.get(f"qlora {batch}x{seq}")) is not None:
+            lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | "
+                         f"{r['peak_gib']:.2f} | {step_profile(r)} | MFU >= 30%, peak <= "
+                         f"{TARGETS.get(f'qlora_peak_gib_{batch}x{seq}', float('nan')):.0f} GiB |")
+    if (r := results.get("t5-base full")) is not None:
+        lines.append(f"| T5-base-shaped, full | {shapes['t5'][0]} x ({shapes['t5'][1]} + {shapes['t5'][2]}) | "
+                     f"{r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | {r['peak_gib']:.2f} | {step_profile(r)} | "
+                     f"MFU >= 35% |")
+    if "recipe" not in levers:
+        return lines
+    base = levers["recipe"]["tokens_per_s"]
+    lines += ["", f"The recipe's levers, Phi-2-shaped QLoRA at {shapes['lever'][0]} x {shapes['lever'][1]}, each alone over "
+              "the recipe's settings (the last row: those faster at no more memory, together):", "",
+              "| options | tokens/s | vs recipe | MFU | peak memory (GiB) | step: ms, GPU busy, kernel launches, syncs |",
+              "|---|---|---|---|---|---|"]
+    for name, r in levers.items():
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.3f} | {fmt(r['mfu'])} | "
+                     f"{r['peak_gib']:.2f} | {step_profile(r)} |")
+    return lines
 
 
 if __name__ == "__main__":

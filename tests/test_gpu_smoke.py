@@ -74,3 +74,23 @@ def test_the_smoke_run_with_its_preflight_runs_on_a_cpu_at_tiny_size():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("phi2_qlora_dialogsum: ", 1)[1].splitlines()[0])
     assert result["rc"] == result["resume_rc"] == 0 and result["preflight_fits"] and result["preflight_gb"] > 0, result
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_its_code_path_and_its_levers_on_a_cpu():
+    # make bench-gpu's first benchmark (a short device session may give it its only run): every probe, the lever
+    # sweep and the tables, on tiny configs
+    import subprocess
+
+    import gpu
+    from conftest import script_env
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--tiny"], cwd=ROOT,
+                          env=script_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert any(row.startswith("| T5-base-shaped, full |") for row in rows), rows
+    assert sum(row.startswith("| Phi-2-shaped, QLoRA |") for row in rows) == len(gpu.TINY_SHAPES["qlora"])
+    for lever in ["recipe", *gpu.LEVERS]:
+        assert any(row.startswith(f"| {lever} | ") for row in rows), (lever, rows)
+    assert proc.stdout.strip().splitlines()[-1].startswith("levers faster than the recipe at no more memory: ")
