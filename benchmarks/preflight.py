@@ -10,10 +10,12 @@
    peaks (torch.cuda.max_memory_allocated). The QLoRA estimate takes gpu.py's settings (gradient checkpointing,
    LoRA dropout 0.05) when results/gpu.json says its QLoRA rows ran in training mode ("qlora_train_mode"); the
    run of 2026-11-22 had the model in eval mode (no checkpointing, no dropout), which the estimate then
-   reproduces.
+   reproduces. Where results/gpu.json also holds gpu.py's lever sweep, each lever's set-up is estimated too,
+   against its own measured peak (``torch_compile`` is estimated eager: the fake step does not compile).
 
 Writes results/preflight.json and prints the table and the ratios."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ import subprocess
 import sys
 
 import fixtures
-from gpu import PHI2, T5_BASE
+from gpu import LEVERS, PHI2, T5_BASE
 from harness import REAL, RESULTS, ROOT, env
 
 PHI2_YAML = "{" + ", ".join(f"{k}: {v}" for k, v in PHI2.items()) + "}"
@@ -76,21 +78,37 @@ def against_gpu_measurements() -> dict:
     def loss(model, batch):
         return model(**batch).loss
 
-    rows = {}
-    for batch, seq in ((1, 512), (4, 1024)):
+    def qlora_loss(config):  # gpu.py's: the model's own, or ftkit's chunked loss where the lever asks for it
+        if not config.cross_entropy_chunk_tokens:
+            return loss
+        return lambda model, batch: modeling.causal_lm_forward_loss(
+            model, {"input_ids": batch["input_ids"]}, batch["labels"], config.cross_entropy_chunk_tokens)[0].sum()
+
+    def qlora_step(config, batch, seq):
         ids = torch.zeros(batch, seq, dtype=torch.long)
-        parts = fakestep.fake_step(qlora, phi_cfg, AutoModelForCausalLM, qlora_setup, loss,
-                                    {"input_ids": ids, "labels": ids}, "cuda")
-        rows[f"qlora {batch}x{seq}"] = parts
+        return fakestep.fake_step(config, phi_cfg, AutoModelForCausalLM, qlora_setup, qlora_loss(config),
+                                  {"input_ids": ids, "labels": ids}, "cuda")
+
+    rows, peaks = {}, {}
+    for batch, seq in ((1, 512), (4, 1024)):
+        rows[f"qlora {batch}x{seq}"] = qlora_step(qlora, batch, seq)
+        peaks[f"qlora {batch}x{seq}"] = measured["results"][f"qlora {batch}x{seq}"]["peak_gib"]
     ids, labels = torch.zeros(32, 512, dtype=torch.long), torch.zeros(32, 128, dtype=torch.long)
     rows["t5-base full"] = fakestep.fake_step(full, t5_cfg, AutoModelForSeq2SeqLM, modeling.training_setup, loss,
                                                {"input_ids": ids, "labels": labels}, "cuda")
+    peaks["t5-base full"] = measured["results"]["t5-base full"]["peak_gib"]
+    for name, lever in measured.get("levers", {}).items():  # gpu.py's lever sweep, each at its shape
+        if name == "recipe":
+            continue
+        overrides = {k: v for part in name.split(" + ") for k, v in LEVERS[part].items()}
+        rows[f"lever: {name}"] = qlora_step(dataclasses.replace(qlora, **overrides), *measured["lever_shape"])
+        peaks[f"lever: {name}"] = lever["peak_gib"]
     out = {}
     for name, parts in rows.items():
         estimate = sum(parts[k] for k in ("weights", "gradients", "optimizer", "activations")) / 2**30
-        peak = measured["results"][name]["peak_gib"]
-        out[name] = {"estimate_gib": estimate, "measured_gib": peak, "ratio": estimate / peak}
-        print(f"{name:<14} estimate {estimate:6.2f} GiB  measured {peak:6.2f} GiB  ratio {estimate / peak:.3f}")
+        out[name] = {"estimate_gib": estimate, "measured_gib": peaks[name], "ratio": estimate / peaks[name]}
+        print(f"{name:<48} estimate {estimate:6.2f} GiB  measured {peaks[name]:6.2f} GiB  "
+              f"ratio {estimate / peaks[name]:.3f}")
     return {"measured_on": measured["machine"], "measured_when": measured["when"], "rows": out}
 
 
