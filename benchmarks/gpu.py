@@ -26,6 +26,7 @@ configs (CPU allowed), which is how the code path is tested without a GPU.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -229,26 +230,30 @@ def main() -> int:
     shapes = TINY_SHAPES if args.tiny else {"qlora": QLORA_SHAPES, "lever": LEVER_SHAPE, "t5": T5_SHAPE}
     lever_shape = f"{shapes['lever'][0]}x{shapes['lever'][1]}"
 
-    def record(name: str, result: dict, into: dict) -> None:  # written at once: a run cut short keeps what it had
-        into[name] = result
-        print(f"{name}: {result}", flush=True)
+    def record(name: str, into: dict, kind: str, probe_args: list) -> None:
+        """One probe in its own process; its result (or its failure: the sweep goes on) written at once, so that a
+        run cut short keeps what it measured."""
+        try:
+            into[name] = harness.probe(__file__, kind, probe_args, args.tiny)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            into[name] = {"error": str(e).strip().splitlines()[-1][:300]}
+        print(f"{name}: {into[name]}", flush=True)
         if not args.tiny:  # a smoke run records nothing
             write(results, levers, shapes)
 
     with tempfile.TemporaryDirectory() as workdir:
         phi = build(workdir, "phi", args.tiny)
         for batch, seq in sorted(shapes["qlora"], key=lambda shape: shape != shapes["lever"]):  # the levers' baseline first
-            record(f"qlora {batch}x{seq}", harness.probe(__file__, "qlora", [phi, batch, seq], args.tiny), results)
+            record(f"qlora {batch}x{seq}", results, "qlora", [phi, batch, seq])
         levers["recipe"] = results[f"qlora {lever_shape}"]
         for name, overrides in LEVERS.items():
             if name == "torch_compile true":  # T5 before the longest probe
-                t5 = build(workdir, "t5", args.tiny)
-                record("t5-base full", harness.probe(__file__, "t5", [t5, *shapes["t5"]], args.tiny), results)
-            record(name, harness.probe(__file__, "qlora", [phi, *shapes["lever"], overrides], args.tiny), levers)
+                record("t5-base full", results, "t5", [build(workdir, "t5", args.tiny), *shapes["t5"]])
+            record(name, levers, "qlora", [phi, *shapes["lever"], overrides])
         helped = faster_levers(levers)
         if len(helped) > 1:
-            combined = {k: v for name in helped for k, v in LEVERS[name].items()}
-            record(" + ".join(helped), harness.probe(__file__, "qlora", [phi, *shapes["lever"], combined], args.tiny), levers)
+            record(" + ".join(helped), levers, "qlora",
+                   [phi, *shapes["lever"], {k: v for name in helped for k, v in LEVERS[name].items()}])
     if args.tiny:  # the tables a GPU run writes, printed
         print("\n".join(table(results, levers, shapes)))
     print(f"levers faster than the recipe at no more memory: {faster_levers(levers) or 'none'}", flush=True)
@@ -258,7 +263,9 @@ def main() -> int:
 def faster_levers(levers: dict) -> list[str]:
     """The single levers that gave >= FASTER x the recipe's tokens/s with a peak no higher (memory levers aside)."""
     base = levers["recipe"]
-    return [name for name in LEVERS if name in levers and name not in MEMORY_LEVERS
+    if "error" in base:
+        return []
+    return [name for name in LEVERS if name in levers and name not in MEMORY_LEVERS and "error" not in levers[name]
             and levers[name]["tokens_per_s"] >= FASTER * base["tokens_per_s"]
             and not levers[name]["peak_gib"] > base["peak_gib"]]
 
@@ -273,34 +280,35 @@ def write(results: dict, levers: dict, shapes: dict) -> None:
 
 def table(results: dict, levers: dict, shapes: dict) -> list[str]:
     fmt = (lambda v: f"{100 * v:.1f}%" if v is not None else "n/a")
+    count = (lambda n: f"{n:,}" if n is not None else "n/a")  # (a CPU has no GPU-busy time, launches or syncs)
 
-    def step_profile(r: dict) -> str:  # (a CPU has no GPU-busy time, launches or syncs)
+    def cells(r: dict, base: float | None = None) -> str:  # tokens/s [| vs recipe] | MFU | peak | step profile
+        if "error" in r:
+            return " | ".join([f"failed: {r['error']}"] + ["-"] * (3 if base is None else 4))
         p = r["profile"]
         busy = f"{100 * p['gpu_busy_ms'] / p['step_ms']:.0f}%" if p["gpu_busy_ms"] is not None else "n/a"
-        count = (lambda n: f"{n:,}" if n is not None else "n/a")
-        return f"{p['step_ms']:.0f}, {busy}, {count(p['kernel_launches'])}, {count(p['synchronizations'])}"
+        ratio = [] if base is None else [f"{r['tokens_per_s'] / base:.3f}" if base else "n/a"]
+        return " | ".join([f"{r['tokens_per_s']:,.0f}", *ratio, fmt(r["mfu"]), f"{r['peak_gib']:.2f}",
+                           f"{p['step_ms']:.0f}, {busy}, {count(p['kernel_launches'])}, {count(p['synchronizations'])}"])
 
     lines = ["| model | batch | tokens/s | MFU | peak memory (GiB) | step: ms, GPU busy, kernel launches, syncs | "
              "targets |", "|---|---|---|---|---|---|---|"]
     for (batch, seq) in shapes["qlora"]:
         if (r := results.get(f"qlora {batch}x{seq}")) is not None:
-            lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | "
-                         f"{r['peak_gib']:.2f} | {step_profile(r)} | MFU >= 30%, peak <= "
-                         f"{TARGETS.get(f'qlora_peak_gib_{batch}x{seq}', float('nan')):.0f} GiB |")
+            peak = TARGETS.get(f"qlora_peak_gib_{batch}x{seq}")
+            lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {cells(r)} | MFU >= 30%"
+                         + (f", peak <= {peak:.0f} GiB |" if peak else " |"))
     if (r := results.get("t5-base full")) is not None:
         lines.append(f"| T5-base-shaped, full | {shapes['t5'][0]} x ({shapes['t5'][1]} + {shapes['t5'][2]}) | "
-                     f"{r['tokens_per_s']:,.0f} | {fmt(r['mfu'])} | {r['peak_gib']:.2f} | {step_profile(r)} | "
-                     f"MFU >= 35% |")
+                     f"{cells(r)} | MFU >= 35% |")
     if "recipe" not in levers:
         return lines
-    base = levers["recipe"]["tokens_per_s"]
-    lines += ["", f"The recipe's levers, Phi-2-shaped QLoRA at {shapes['lever'][0]} x {shapes['lever'][1]}, each alone over "
-              "the recipe's settings (the last row: those faster at no more memory, together):", "",
+    base = levers["recipe"].get("tokens_per_s", 0.0)
+    lines += ["", f"The recipe's levers, Phi-2-shaped QLoRA at {shapes['lever'][0]} x {shapes['lever'][1]}, each alone "
+              "over the recipe's settings (the last row: those faster at no more memory, together):", "",
               "| options | tokens/s | vs recipe | MFU | peak memory (GiB) | step: ms, GPU busy, kernel launches, syncs |",
               "|---|---|---|---|---|---|"]
-    for name, r in levers.items():
-        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.3f} | {fmt(r['mfu'])} | "
-                     f"{r['peak_gib']:.2f} | {step_profile(r)} |")
+    lines += [f"| {name} | {cells(r, base)} |" for name, r in levers.items()]
     return lines
 
 

@@ -90,15 +90,18 @@ def against_gpu_measurements() -> dict:
                                   {"input_ids": ids, "labels": ids}, "cuda")
 
     rows, peaks = {}, {}
+    ran = {name: r for name, r in measured["results"].items() if "peak_gib" in r}  # (a probe may have failed)
     for batch, seq in ((1, 512), (4, 1024)):
-        rows[f"qlora {batch}x{seq}"] = qlora_step(qlora, batch, seq)
-        peaks[f"qlora {batch}x{seq}"] = measured["results"][f"qlora {batch}x{seq}"]["peak_gib"]
-    ids, labels = torch.zeros(32, 512, dtype=torch.long), torch.zeros(32, 128, dtype=torch.long)
-    rows["t5-base full"] = fakestep.fake_step(full, t5_cfg, AutoModelForSeq2SeqLM, modeling.training_setup, loss,
-                                               {"input_ids": ids, "labels": labels}, "cuda")
-    peaks["t5-base full"] = measured["results"]["t5-base full"]["peak_gib"]
+        if f"qlora {batch}x{seq}" in ran:
+            rows[f"qlora {batch}x{seq}"] = qlora_step(qlora, batch, seq)
+            peaks[f"qlora {batch}x{seq}"] = ran[f"qlora {batch}x{seq}"]["peak_gib"]
+    if "t5-base full" in ran:
+        ids, labels = torch.zeros(32, 512, dtype=torch.long), torch.zeros(32, 128, dtype=torch.long)
+        rows["t5-base full"] = fakestep.fake_step(full, t5_cfg, AutoModelForSeq2SeqLM, modeling.training_setup, loss,
+                                                   {"input_ids": ids, "labels": labels}, "cuda")
+        peaks["t5-base full"] = ran["t5-base full"]["peak_gib"]
     for name, lever in measured.get("levers", {}).items():  # gpu.py's lever sweep, each at its shape
-        if name == "recipe":
+        if name == "recipe" or "peak_gib" not in lever:
             continue
         overrides = {k: v for part in name.split(" + ") for k, v in LEVERS[part].items()}
         rows[f"lever: {name}"] = qlora_step(dataclasses.replace(qlora, **overrides), *measured["lever_shape"])
