@@ -93,6 +93,26 @@ def test_scheduler_warms_up_then_decays():
     assert optim.total_optimizer_steps(tiny_config(max_steps=-1, num_train_epochs=2.5), 4) == 10
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("warmup,total", [(0, 1), (0, 7), (3, 10), (5, 5), (4, 3)])
+def test_scheduler_gives_transformers_rates_and_state(kind, warmup, total):
+    """ftkit's schedules are its own (no transformers.optimization import at start-up): the rates of
+    transformers.get_scheduler at every step, past the end too, and a state the other one loads."""
+    from transformers import get_scheduler
+
+    config = tiny_config(learning_rate=0.3, warmup_steps=warmup, lr_scheduler_type=kind)
+    ours_opt, theirs_opt = (optim.build_optimizer(torch.nn.Linear(2, 2), config) for _ in range(2))
+    ours = optim.build_scheduler(ours_opt, config, total_steps=total)
+    theirs = get_scheduler(kind, optimizer=theirs_opt, num_warmup_steps=warmup, num_training_steps=total)
+    for _ in range(total + 3):
+        assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), rel=1e-12, abs=0), (kind, ours.last_epoch)
+        ours_opt.step(), theirs_opt.step()
+        ours.step(), theirs.step()
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.last_epoch == theirs.last_epoch == total + 3
+
+
 def test_tokenizer_built_offline_round_trips_unseen_text(tiny_tokenizer):
     text = "#Person1#: Zebra café ünïcode 123?"
     assert tiny_tokenizer.decode(tiny_tokenizer(text)["input_ids"]) == text
