@@ -371,13 +371,10 @@ def run(config_cls, train, predict) -> None:
 
 def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
     """Report a user error as one line and exit."""
-    try:  # close progress bars first, or one would redraw itself after the error line
-        from tqdm import tqdm
+    from tqdm import tqdm  # (a dependency of transformers and datasets)
 
-        for bar in list(getattr(tqdm, "_instances", [])):
-            bar.close()
-    except ImportError:
-        pass
+    for bar in list(getattr(tqdm, "_instances", [])):  # or a progress bar would redraw itself after the error line
+        bar.close()
     sys.stderr.write(f"error: {error}\n")  # one write: the same line from several ranks must not interleave
     sys.stderr.flush()
     sys.exit(code)
@@ -464,8 +461,7 @@ def check_common(config) -> None:
         from ftkit.distributed import read_deepspeed_config
 
         read_deepspeed_config(config.deepspeed, "deepspeed")
-    data_keys = ("dataset_name", "train_file")
-    if hasattr(config, "train_file") and not any(getattr(config, k) for k in data_keys):
+    if hasattr(config, "train_file") and not (config.train_file or config.dataset_name):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")

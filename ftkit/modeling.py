@@ -193,17 +193,16 @@ def prepare_source(config, accelerator, auto_model_cls, weights: bool = True, **
             token_id = getattr(tok, f"{role}_token_id")
             if token_id is not None:
                 setattr(model_cfg, f"{role}_token_id", token_id)
-        if not weights:
+        if not weights:  # the config alone, and no stamp: a run after it builds the weights
             model_cfg.save_pretrained(path)
-            accelerator.wait_for_everyone()
-            return path
-        torch.manual_seed(config.seed)
-        with whole_model_init():
-            model = auto_model_cls.from_config(model_cfg)
-        if model_cfg.is_encoder_decoder and model.generation_config.decoder_start_token_id is None:
-            model.generation_config.decoder_start_token_id = tok.pad_token_id  # as T5 does
-        model.save_pretrained(path)
-        stamp()
+        else:
+            torch.manual_seed(config.seed)
+            with whole_model_init():
+                model = auto_model_cls.from_config(model_cfg)
+            if model_cfg.is_encoder_decoder and model.generation_config.decoder_start_token_id is None:
+                model.generation_config.decoder_start_token_id = tok.pad_token_id  # as T5 does
+            model.save_pretrained(path)
+            stamp()
     accelerator.wait_for_everyone()
     return path
 
@@ -222,9 +221,8 @@ def linear_module_names(model) -> list[str]:
 
 @contextlib.contextmanager
 def whole_model_init():
-    """Build a model unpartitioned even under ZeRO-3 (transformers would wrap it in ``zero.Init``,
-    a collective that partitions it): for skeletons on the meta device and the tiny base model
-    that rank 0 alone builds and saves."""
+    """Build a model unpartitioned even under ZeRO-3 (transformers would wrap it in ``zero.Init``, a collective that
+    partitions it): for skeletons on the meta device and the tiny base model that rank 0 alone builds and saves."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
@@ -304,7 +302,6 @@ def freeze_except(model, patterns: list[str] | None) -> None:
 
 def quantization_config(config):
     from transformers import BitsAndBytesConfig
-
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if config.load_in_4bit:  # ZeRO-3 shards parameters by dtype: 4-bit weights stored in the compute dtype
@@ -347,13 +344,12 @@ def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quant
 
 
 def keep_4bit_training_layout(model) -> int:
-    """Keep every 4-bit weight of a model that will train in the layout training reads; returns the
-    number of 4-bit layers.
+    """Keep every 4-bit weight of a model that will train in the layout training reads; returns the 4-bit layers' count.
 
-    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place into an
-    inference-only layout at its first no-grad forward in eval mode (an evaluation or ``generate``);
-    the training forward afterwards crashes on it. A model that trains never takes that layout (we
-    clear the layer's CPU-feature flag, and undo a repacking already done); ``--predict`` keeps it."""
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight in place into an inference-only layout at
+    its first no-grad forward in eval mode (an evaluation or ``generate``); the training forward afterwards crashes on
+    it. A model that trains never takes that layout (we clear the layer's CPU-feature flag, and undo a repacking
+    already done); ``--predict`` keeps it."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     from bitsandbytes.nn import Linear4bit
 
@@ -389,10 +385,10 @@ def training_setup(model, config, pad_token_id: int | None = None):
 
 
 def compile_blocks(model, config) -> int:
-    """With ``torch_compile``: ``torch.compile`` each transformer block (the model's ``_no_split_modules``
-    held in a ModuleList). The blocks share one graph, their weights being its inputs; a new sequence
-    length recompiles once, with dynamic shapes. Training runs without the KV cache: its per-layer state
-    would make every block a graph of its own. Returns the number of blocks compiled."""
+    """With ``torch_compile``: ``torch.compile`` each transformer block (the model's ``_no_split_modules`` held in a
+    ModuleList). The blocks share one graph, their weights being its inputs; a new sequence length recompiles once,
+    with dynamic shapes. Training runs without the KV cache: its per-layer state would make every block a graph of its
+    own. Returns the number of blocks compiled."""
     if not getattr(config, "torch_compile", False):
         return 0
     model.config.use_cache = False
@@ -410,17 +406,16 @@ def add_lora(model, config, task_type: str):
 
     if config.load_in_4bit:
         keep_4bit_training_layout(model)
-    if (config.load_in_4bit or config.load_in_8bit) and config.upcast_unquantized_weights:
+    kbit, checkpointing = config.load_in_4bit or config.load_in_8bit, {"use_reentrant": False}
+    if kbit and config.upcast_unquantized_weights:
         # freezes the base, casts its unquantized bf16/fp16 weights to fp32; gradient checkpointing set up here too
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif config.load_in_4bit or config.load_in_8bit:
-        # the same without the cast (non-reentrant checkpointing needs no input gradients)
-        model.requires_grad_(False)
+                                                gradient_checkpointing_kwargs=checkpointing)
+    else:
+        if kbit:  # frozen as above, without the cast (non-reentrant checkpointing needs no input gradients)
+            model.requires_grad_(False)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if config.use_peft:
         model = get_peft_model(model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias=config.lora_bias,

@@ -69,9 +69,8 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
 
 
 def build_scheduler(optimizer, config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``config.lr_scheduler_type`` over ``total_steps``. A ``partial`` of a module function, not a closure:
-    LambdaLR's state then holds no plan (an empty dict, as transformers' schedulers write), so a resumed run
-    follows the plan of its own total (checkpoint.py re-plans the rates)."""
+    """``config.lr_scheduler_type`` over ``total_steps``. LambdaLR's state keeps no plan (for a ``partial``, an empty
+    dict, as transformers' schedulers write): a resumed run follows the plan of its own total (checkpoint.py)."""
     factor = functools.partial(lr_factor, kind=config.lr_scheduler_type, warmup=warmup_steps(config, total_steps),
                                total=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
