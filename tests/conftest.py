@@ -23,24 +23,28 @@ def script_env():
 
 def free_port() -> int:
     """A TCP port nobody listens on now, for one run's rendezvous (tests run in parallel, see the Makefile). Taken
-    below the kernel's ephemeral range: a port from there (``bind(0)``) may go, before the launcher binds it, to
-    one of the many outgoing connections gloo makes in the other worker's runs."""
+    outside the kernel's ephemeral range: a port from there (``bind(0)``) may go, before the launcher binds it, to
+    one of the many outgoing connections gloo makes in the other worker's runs. Below the range (from 20000), or
+    above it where the range starts too low to leave room below; bind(0) where neither has room."""
     import random
 
     try:
-        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    spans = [span for span in ((20000, low), (high + 1, 65536)) if span[1] - span[0] >= 1000]
     rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(20000, max(low, 20001))
+    for _ in range(100 if spans else 0):
+        port = rng.randrange(*rng.choice(spans))
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError(f"no free TCP port in 20000-{low}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
