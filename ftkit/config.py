@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import gc
+import faulthandler
 import operator
 import os
 import sys
@@ -343,8 +343,9 @@ def with_saved_run(cls, config, key: str, marker: str):
 
 
 def run(config_cls, train, predict) -> None:
-    """A script's entry point: parse, apply --debug, run ``train`` (or ``predict`` with --predict);
-    a ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
+    """A script's entry point: parse, apply --debug, run ``train`` (or ``predict`` with --predict), exit 0; a
+    ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
+    faulthandler.enable()  # a rank killed by a signal (a native library's SIGSEGV, SIGABRT) prints its Python stacks
     config = parse(config_cls)
     if config.debug:
         import torch
@@ -363,10 +364,9 @@ def run(config_cls, train, predict) -> None:
         fail(RunError(f"ddp_timeout: rank {os.environ.get('RANK', '0')} waited more than {config.ddp_timeout} s for the "
                       f"other processes ({str(error).strip().splitlines()[0]}); if one was busy (the main process "
                       f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
-    # Free the run's reference cycles (a DeepSpeed engine and its hooks hold the process groups) while the
-    # interpreter is whole: left to interpreter shutdown, a gloo group's pending work can abort the process
-    # ("terminate called without an active exception", seen on rank 1 of ZeRO-3 runs on CPU).
-    gc.collect()
+    from ftkit import distributed
+
+    distributed.exit_finished()  # without the interpreter's teardown of native state (see there)
 
 
 def fail(error: BaseException, code: int = EXIT_BAD_INPUT):

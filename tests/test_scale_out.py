@@ -328,3 +328,28 @@ def test_no_rank_closes_its_process_group_before_the_others_are_done(tmp_path):
     main, other = (json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1))
     assert other["ended"] >= main["arrived"] and main["arrived"] - other["arrived"] >= 2.5, (main, other)
     assert not main["open"] and not other["open"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_finished_run_exits_0_even_if_the_interpreter_teardown_would_abort(tmp_path, processes):
+    """After the last barrier, what interpreter shutdown does is destroy module state, native libraries' included; a
+    rank that aborted there (SIGABRT, "terminate called without an active exception" from gloo's threads) turned a
+    finished run into a failed job. Here a module global aborts when torn down: the run still exits 0, and the atexit
+    handlers (W&B's, logging's) still ran on every rank."""
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(
+        "import atexit, os, runpy, sys\n"
+        "class AbortsWhenTornDown:\n"
+        "    def __del__(self):\n"
+        "        os.abort()\n"
+        "doomed = AbortsWhenTornDown()\n"
+        "done = sys.argv[1]\n"
+        "atexit.register(lambda: open(os.path.join(done, 'atexit.' + os.environ.get('RANK', '0')), 'w').close())\n"
+        "sys.argv = sys.argv[2:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "run"
+    launch(str(wrapper), [str(tmp_path), os.path.join(ROOT, "scripts", "classify.py"), "--config", SPAM,
+                          "--max_steps", "2", "--output_dir", str(out)],
+           num_processes=processes)
+    assert json.load(open(out / "metrics.json"))["global_step"] == 2
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("atexit.")) == [f"atexit.{r}" for r in range(processes)]
