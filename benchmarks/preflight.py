@@ -68,8 +68,12 @@ def against_gpu_measurements() -> dict:
         **common, "model_name_or_path": "phi-2-shaped", "load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16",
         "lora_r": 32, "lora_alpha": 32, "lora_dropout": 0.05 if train_mode else 0.0,
         "gradient_checkpointing": train_mode, "optim": "paged_adamw_8bit"})
+    # gpu.py's T5 row: the recipe's float32 weights under bf16 autocast with adamw_torch since it says so, before
+    # that bf16 weights with fused AdamW
+    t5_recipe = measured.get("t5_recipe_setup", False)
     full = fixtures.script_config("t5_qa", "QAConfig", {
-        **common, "model_name_or_path": "t5-base-shaped", "torch_dtype": "bfloat16", "optim": "adamw_torch_fused"})
+        **common, "model_name_or_path": "t5-base-shaped", "torch_dtype": "float32" if t5_recipe else "bfloat16",
+        "optim": "adamw_torch" if t5_recipe else "adamw_torch_fused"})
 
     def qlora_setup(model, config):
         model.config.use_cache = False
