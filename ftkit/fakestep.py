@@ -131,9 +131,12 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                 m._gradient_checkpointing_func = functools.partial(
                     m._gradient_checkpointing_func, context_fn=lambda: (contextlib.nullcontext(), CudaRules()))
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        fakes = {}  # one fake per parameter, so that tied weights (T5's embeddings and head, GPT-2's) stay one tensor
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
+                if id(p) not in fakes:  # (the real one is kept in the entry: its id is not reused while it lives)
+                    fakes[id(p)] = (p, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
+                setattr(module, name, fakes[id(p)][1])
             for name, b in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
         batch = {k: fake.from_tensor(v) for k, v in batch.items()}

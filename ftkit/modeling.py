@@ -31,13 +31,10 @@ def _texts_of(path: str):
     ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8") as f:
         if ext == ".jsonl":
-            for line in f:
-                if line.strip():
-                    yield from (v for v in json.loads(line).values() if isinstance(v, str))
+            yield from (v for line in f if line.strip() for v in json.loads(line).values() if isinstance(v, str))
         elif ext in (".csv", ".tsv"):
-            reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",",
-                                quoting=csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL)
-            for row in reader:
+            for row in csv.reader(f, delimiter="\t" if ext == ".tsv" else ",",
+                                  quoting=csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL):
                 yield from row
         else:
             yield f.read()
@@ -245,11 +242,14 @@ def gathered(model):
 
 
 def skeleton_of(model_cfg, auto_model_cls, **kwargs):
-    """The model's modules on the meta device (no memory, no weights) for checks before loading and preflight."""
+    """The model's modules on the meta device (no memory, no weights) for checks before loading and preflight; tied
+    weights one tensor as when loaded (``init_empty_weights`` leaves T5's embeddings and head four tensors)."""
     from accelerate import init_empty_weights
 
     with whole_model_init(), init_empty_weights():
-        return auto_model_cls.from_config(model_cfg, **kwargs)
+        model = auto_model_cls.from_config(model_cfg, **kwargs)
+    model.tie_weights()
+    return model
 
 
 def check_lora_targets(model_cfg, auto_model_cls, targets: list[str]) -> None:

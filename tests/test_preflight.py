@@ -45,6 +45,32 @@ def test_live_tensor_bytes_counts_each_storage_from_creation_to_free():
     assert live.now == 0
 
 
+@pytest.mark.parametrize("model_type", ["t5", "gpt2"])
+def test_tied_weights_are_counted_once_as_in_the_loaded_model(model_type):
+    # T5's embeddings and output layer are one tensor, GPT-2's too: the skeleton and the fake step keep them one
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from conftest import load_script
+    from ftkit import config as cfg, fakestep, modeling
+
+    qa = load_script("t5_qa")
+    config = cfg.build(qa.QAConfig, {"model_name_or_path": "x", "output_dir": "unused", "train_file": "unused.jsonl"})
+    spec = {"t5": dict(d_model=128, d_ff=64, d_kv=16, num_layers=1, num_heads=2, decoder_start_token_id=0),
+            "gpt2": dict(n_embd=128, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)}[model_type]
+    model_cfg = AutoConfig.for_model(model_type, vocab_size=4000, **spec)  # the embedding: most of the weights
+    cls = AutoModelForSeq2SeqLM if model_type == "t5" else AutoModelForCausalLM
+    loaded = cls.from_config(model_cfg)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    params = sum(p.numel() for p in loaded.parameters())  # (each tensor once)
+    skeleton = modeling.skeleton_of(model_cfg, cls)
+    assert sum(p.numel() for p in skeleton.parameters()) == params
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids}
+    parts = fakestep.fake_step(config, model_cfg, cls, modeling.training_setup, lambda m, b: m(**b).loss, batch, "cpu")
+    assert parts["trainable_params"] == params
+    assert parts["weights"] == parts["gradients"] == 4 * params and parts["optimizer"] == 8 * params, parts
+
+
 def test_cuda_rules_keep_fused_attention_s_memory_and_cuda_s_float32_ops():
     """The step of a GPU target: attention holds no score matrix, and under bf16 autocast pow, layer_norm and
     softmax of bf16 inputs give fp32 as on a GPU (on a CPU they stay bf16); a checkpointed block recomputes alike."""
