@@ -229,7 +229,8 @@ def build(workdir: str, kind: str, tiny: bool) -> str:
     cls = AutoModelForCausalLM if kind == "phi" else AutoModelForSeq2SeqLM
     path = os.path.join(workdir, kind)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and kind == "phi" else torch.float32  # as each is stored on the hub
+    # t5-base is stored in float32, which the T5 recipe trains; Phi-2 loads in 4-bit (bf16 beside), whatever is stored
+    dtype = torch.bfloat16 if cuda and kind == "phi" else torch.float32
     with torch.device("cuda" if cuda else "cpu"):  # random init of 2.7B weights: seconds on a GPU, minutes on a CPU
         cls.from_config(config, dtype=dtype).save_pretrained(path)
     if cuda:
