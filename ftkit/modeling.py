@@ -459,12 +459,17 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool =
     return (per_token * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None):
+def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None,
+                           max_tokens: int | None = None):
     """The forward pass and :func:`causal_lm_loss_sum` over its logits. With ``chunk_tokens`` the batch's logits
     (batch x length x vocabulary, fp32 for the loss) are never held whole: the model computes logits for its last
     position only, its final hidden states are kept (a forward hook on the decoder), and they pass through the output
     layer ``chunk_tokens`` positions at a time, each chunk's logits recomputed in backward. Same loss, same
-    gradients."""
+    gradients.
+
+    Under ZeRO-3 every call of the output layer gathers its weights from all processes (once in forward, twice in
+    backward), so every process must call it equally often whatever its batch's length: the chunks cover
+    ``max_tokens`` (the most tokens a micro-batch can hold), those past the batch's end empty."""
     if not chunk_tokens:
         return causal_lm_loss_sum(model(**inputs).logits, labels)
     net = getattr(model, "module", model)  # DDP / DeepSpeed wrapper: the forward still goes through it
@@ -476,9 +481,18 @@ def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_toke
         hook.remove()
     hidden, targets = kept[-1][:, :-1].reshape(-1, kept[-1].size(-1)), labels[:, 1:].reshape(-1)
     head = net.get_output_embeddings()
+    span = len(targets)
+    if any(hasattr(p, "ds_id") for p in head.parameters()):  # partitioned by ZeRO-3
+        if max_tokens is None or len(targets) > max_tokens:
+            raise ValueError(f"cross_entropy_chunk_tokens under ZeRO-3: a micro-batch of {len(targets)} tokens, "
+                             f"more than max_tokens={max_tokens}; every process must make the same chunks")
+        span = max_tokens
+    # determinism_check off: ZeRO-3 releases a frozen output layer's gathered weights after the recompute and gathers
+    # them again before its backward, so their shape at the check is the empty shard's (the values used are whole)
     per_token = torch.cat([torch.utils.checkpoint.checkpoint(_token_losses, head, hidden[s:s + chunk_tokens],
-                                                             targets[s:s + chunk_tokens], use_reentrant=False)
-                           for s in range(0, len(targets), chunk_tokens)]).view(labels[:, 1:].shape)
+                                                             targets[s:s + chunk_tokens], use_reentrant=False,
+                                                             determinism_check="none")
+                           for s in range(0, span, chunk_tokens)]).view(labels[:, 1:].shape)
     mask = labels[:, 1:].ne(-100)
     return (per_token * mask).sum(dim=1), mask.sum(dim=1)
 

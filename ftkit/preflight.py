@@ -177,7 +177,7 @@ def changes_to_try(config, num_processes: int, zero: dict | None) -> list[tuple[
         cheap.append(({"zero_optimization.reduce_bucket_size": "auto"}, {}, {"reduce_bucket_size": "auto"}))
     if config.optim in ("adamw_torch", "adamw_torch_fused"):
         cheap.append(({"optim": "paged_adamw_8bit"}, {"optim": "paged_adamw_8bit"}, {}))
-    if hasattr(config, "cross_entropy_chunk_tokens") and not config.cross_entropy_chunk_tokens and stage < 3:
+    if hasattr(config, "cross_entropy_chunk_tokens") and not config.cross_entropy_chunk_tokens:
         cheap.append(({"cross_entropy_chunk_tokens": 1024}, {"cross_entropy_chunk_tokens": 1024}, {}))
     zero2, zero3 = (_zero_of(name) if num_processes > 1 and stage < level else None
                     for name, level in (("zero2.json", 2), ("zero3.json", 3)))

@@ -132,11 +132,13 @@ def setup(model, config):
     return modeling.add_lora(model, config, task_type="CAUSAL_LM")
 
 
-def step_loss(model, batch: dict, config):
+def step_loss(model, batch: dict, config, max_length: int | None = None):
     """A micro-batch's summed token loss (packed rows: position ids, no mask; cross_entropy_chunk_tokens: the batch's
-    logits are never held whole); the training loop's and --preflight's."""
+    logits are never held whole, in as many chunks on every process under ZeRO-3: see causal_lm_forward_loss); the
+    training loop's and --preflight's."""
+    max_tokens = config.per_device_train_batch_size * max_length if max_length else None
     return modeling.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
-                                           config.cross_entropy_chunk_tokens)[0].sum()
+                                           config.cross_entropy_chunk_tokens, max_tokens)[0].sum()
 
 
 # --- Evaluation -----------------------------------------------------------------------------------
@@ -183,9 +185,6 @@ def main(config):
     raw_test = splits.get("test", splits["validation"])
 
     acc = distributed.accelerator(config)
-    if config.cross_entropy_chunk_tokens and getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3:
-        raise ConfigError("cross_entropy_chunk_tokens: not with ZeRO-3 (the output layer's weights are partitioned "
-                          "outside the forward pass); unset it or use ZeRO-2")
     source = modeling.prepare_source(config, acc, AutoModelForCausalLM, weights=not config.preflight)
     model_cfg = modeling.load_config(source, config)
     max_length = modeling.max_length_of(config, model_cfg)
@@ -247,7 +246,7 @@ def main(config):
             return run.save_and_stop()
         for batch in window:
             with acc.accumulate(model):
-                loss_sum = step_loss(model, batch, config)
+                loss_sum = step_loss(model, batch, config, max_length)
                 run.add_loss(loss_sum)
                 # DDP averages gradients over processes and accelerate divides by `ga`: undo both
                 acc.backward(loss_sum * acc.num_processes * ga / counts.units)
