@@ -3,6 +3,7 @@ and generation sharded over processes and gathered in order. Not here: what is r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,13 +192,18 @@ def exit_finished() -> None:
     exception"): rank 1 of ZeRO-3 runs in 2 of 3 suite runs until the run's reference cycles were freed first,
     then rank 1 of a 2-process DDP run once in CI (not reproduced in 65 repeats here). An abort at that point turned a finished
     run into a failed job (torchrun stops the other ranks; SLURM marks the job failed). What a normal exit does
-    for Python code is kept: other threads are joined, cycles freed, atexit handlers (W&B's, logging's) run,
-    output flushed."""
+    for Python code is kept, in its order: other threads are ended and joined, cycles freed, atexit handlers (W&B's,
+    logging's) run, output flushed."""
     import atexit
     import gc
     import sys
     import threading
 
+    # as the interpreter does: threading's own exit hooks first (they tell idle ThreadPoolExecutor workers, such as
+    # torch.compile's, to end; joined without them, a torch_compile run hung at its end), then the other threads
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None and threading.current_thread() is threading.main_thread():
+        shutdown()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
@@ -231,13 +237,17 @@ def generate_in_order(acc, model, tokenizer, inputs: list, batch_size: int, enco
     mine = list(range(acc.process_index, len(inputs), acc.num_processes))
     mine += [-1] * (-(-len(inputs) // acc.num_processes) - len(mine))
     results = []
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        enc = {k: v.to(acc.device) for k, v in encode([inputs[max(i, 0)] for i in chunk]).items()}
-        out = net.generate(**enc, do_sample=False, synced_gpus=is_deepspeed_zero3_enabled(), **generate_kwargs)
-        if not net.config.is_encoder_decoder:  # a decoder's output starts with its prompt
-            out = out[:, enc["input_ids"].shape[1]:]
-        results += zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True))
+    # torch_compile's blocks run eagerly here: decoding with a KV cache changes their shapes and cache at every token,
+    # and compiled they recompiled for each (one block after another, until torch.compile's limit)
+    eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
+    with eager:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            enc = {k: v.to(acc.device) for k, v in encode([inputs[max(i, 0)] for i in chunk]).items()}
+            out = net.generate(**enc, do_sample=False, synced_gpus=is_deepspeed_zero3_enabled(), **generate_kwargs)
+            if not net.config.is_encoder_decoder:  # a decoder's output starts with its prompt
+                out = out[:, enc["input_ids"].shape[1]:]
+            results += zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True))
     net.train(was_training)
     return gather_by_index(acc, results, len(inputs))
 

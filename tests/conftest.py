@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TINY_SUMMARIZE = os.path.join(ROOT, "recipes", "tiny", "qlora_summarize.yaml")
+TINY_QA = os.path.join(ROOT, "recipes", "tiny", "t5_qa.yaml")
 
 
 def script_env():

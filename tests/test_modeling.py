@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import TINY_SUMMARIZE, load_script
+from conftest import TINY_QA, TINY_SUMMARIZE, load_script
 from ftkit import config as cfg, modeling, optim
 from ftkit.config import ConfigError
 
@@ -276,22 +276,76 @@ def test_sdpa_attention_the_default_gives_the_loss_of_eager_attention(model_type
 
 
 @pytest.mark.slow
-def test_torch_compile_compiles_every_block_and_keeps_the_loss_and_gradients(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_torch_compile_compiles_every_block_and_keeps_the_loss_and_gradients(tmp_path, tiny_tokenizer, quantized):
+    # in training mode, as the scripts train: the blocks are checkpointed (the tiny recipe's gradient_checkpointing),
+    # and each must be one graph with no break (a break runs the block eagerly: the same loss, no speed)
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     _, config = tiny_4bit_base(tmp_path, tiny_tokenizer, load_in_4bit=False, lora_dropout=0.0)
+    assert config.gradient_checkpointing
+    config.load_in_4bit = quantized
     enc = tiny_tokenizer(["#Person1#: Hello there, how are you? #Person2#: Fine, thanks."], return_tensors="pt")
     results = []
     for compiled in (False, True):
         config.torch_compile = compiled
+        torch._dynamo.reset()
+        counters.clear()
         torch.manual_seed(0)  # the same LoRA initialisation
-        model = modeling.add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config, "CAUSAL_LM")
+        model = modeling.add_lora(modeling.load_pretrained(AutoModelForCausalLM, str(tmp_path / "base"), config),
+                                  config, "CAUSAL_LM").train()
         blocks = [m for m in model.modules() if type(m).__name__ == "PhiDecoderLayer"]
         assert len(blocks) == 2 and all((getattr(b, "_compiled_call_impl", None) is not None) == compiled for b in blocks)
         loss_sum, _ = modeling.causal_lm_forward_loss(model, dict(enc), enc["input_ids"])
         loss_sum.sum().backward()
         results.append((loss_sum.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        if compiled:  # both blocks ran one graph (shared), with no break
+            assert not counters["graph_break"], dict(counters["graph_break"])
+            assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] >= 1, dict(counters["stats"])
     (eager, g_eager), (compiled, g_compiled) = results
     assert torch.allclose(compiled, eager, rtol=1e-5)
     for name, grad in g_eager.items():
         assert torch.allclose(g_compiled[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
+
+
+@pytest.mark.slow
+def test_torch_compile_t5_trains_and_evaluates_in_compiled_blocks_without_breaks_or_eager_fallback():
+    # T5's blocks need a graph each for the first block of a stack (it computes the position bias), the others, the
+    # decoder's, and each of those again for no-grad evaluation: past torch.compile's limit they would run eagerly
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    qa = load_script("t5_qa")
+    config = cfg.build(qa.QAConfig, cfg.load_yaml_recipe(TINY_QA), {})
+    model_cfg = AutoConfig.for_model("t5", vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                     dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    base = AutoModelForSeq2SeqLM.from_config(model_cfg).state_dict()
+    batches = [(torch.randint(2, 120, (2, n)), torch.randint(2, 120, (2, m))) for n, m in ((12, 5), (9, 4), (15, 6))]
+    losses = {}
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # an eager fallback fails the test
+    try:
+        for compiled in (False, True):
+            config.torch_compile = compiled
+            torch._dynamo.reset()
+            counters.clear()
+            model = AutoModelForSeq2SeqLM.from_config(model_cfg)
+            model.load_state_dict(base)
+            model = modeling.training_setup(model, config).train()
+            run = []
+            for ids, labels in batches:
+                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+                loss.backward()
+                run.append(loss.detach())
+            model.eval()
+            with torch.no_grad():
+                for ids, labels in batches:
+                    run.append(model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
+            losses[compiled] = torch.stack(run)
+            if compiled:
+                assert not counters["graph_break"], dict(counters["graph_break"])
+                assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
+    finally:
+        torch._dynamo.config.fail_on_recompile_limit_hit = False
+    assert torch.allclose(losses[True], losses[False], rtol=1e-5), losses

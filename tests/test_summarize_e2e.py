@@ -181,3 +181,16 @@ def test_output_dir_of_another_config_is_refused_and_left_intact(tmp_path):
     assert proc.returncode == 2
     assert "holds a run with a different config" in proc.stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(out)) == ["config.yaml", "keep.txt"]
+
+
+@pytest.mark.slow
+def test_a_torch_compile_run_trains_generates_and_exits(tmp_path):
+    # compiled, checkpointed 4-bit blocks; evaluation and the ROUGE table generate with the blocks run eagerly; the
+    # finished run exits although torch.compile's worker threads are still alive (it hung in exit_finished's join)
+    out = tmp_path / "run"
+    proc = run_python("qlora_summarize.py", ["--config", TINY_SUMMARIZE, "--output_dir", str(out), "--max_steps", "3",
+                                             "--eval_steps", "2", "--num_eval_generate", "2", "--num_test_compare", "2",
+                                             "--max_new_tokens", "6", "--torch_compile", "true"], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(out / "metrics.json"))["global_step"] == 3
+    assert "recompile_limit" not in proc.stderr
