@@ -274,13 +274,28 @@ class LoopState:
 
         self.state["loss_since_log"] = [reduce_sum(self.acc, self.loss_sum).item(), self.loss_units]
 
+    def stop_requested(self) -> bool:
+        """After the loop, before the final evaluation: did a stop signal reach any process during the last optimizer
+        step (after the loop's own check)? Then the script saves that step and stops, and the final evaluation and
+        export are the next run's. One all-reduce; every process calls it. A signal after it no longer stops the run:
+        what is left is the evaluation and export, which a requeued run would have to do again."""
+        from ftkit.distributed import reduce_sum
+
+        self.stop.training_over = True
+        return bool(reduce_sum(self.acc, int(self.stop.signal_name is not None)).item())
+
     def save_and_stop(self) -> None:
-        """A stop signal: save the last completed step, say how to go on; the script returns (exit 0)."""
+        """A stop signal: save the last completed step, say how to go on; the script returns (exit 0). With
+        ``FTKIT_STOPPED_FILE`` set (launch/slurm/job.sh sets it), the main process writes the step there once the
+        checkpoint is saved: the job is requeued only if the run stopped before its end."""
         self.progress.close()
         path = self.save()
         if self.acc.is_main_process:
             print(f"[ftkit] stopped by {self.stop.signal_name or 'a signal on another rank'} at step {self.step}: "
                   f"checkpoint {path} saved; run the same command again to resume", flush=True)
+            if os.environ.get("FTKIT_STOPPED_FILE"):
+                with open(os.environ["FTKIT_STOPPED_FILE"], "w") as f:
+                    f.write(f"{self.step}\n")
         distributed.end(self.acc)
 
     def finish(self, final_eval: dict | None = None) -> bool:
@@ -298,6 +313,9 @@ class LoopState:
     def close(self) -> None:
         """Close the trackers, draw the curves (and the --debug summary)."""
         self.log_.finish(self.state)
+        if self.stop.signal_name is not None and self.acc.is_main_process:
+            print(f"[ftkit] {self.stop.signal_name} came after the last optimizer step: the run finished its "
+                  f"evaluation and export (nothing to resume)", flush=True)
 
 
 def log_due(config, step: int, total_steps: int) -> bool:
@@ -380,18 +398,21 @@ class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0. The handler only
     records the signal; :meth:`LoopState.count` sums the flag over processes before each optimizer step, and when any
     rank got it the script calls :meth:`LoopState.save_and_stop` instead of running the next step, so every rank stops
-    at the same step and takes part in the checkpoint. A second signal during the save changes nothing."""
+    at the same step and takes part in the checkpoint; after the last step, :meth:`LoopState.stop_requested` asks once
+    more. A second signal during the save changes nothing, nor does one during the final evaluation and export."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.signal_name = None
+        self.training_over = False  # set by LoopState.stop_requested: from then on a signal no longer stops the run
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, stopping "
-                        f"after this optimizer step\n".encode())
+            then = ("training has ended: its evaluation and export go on" if self.training_over
+                    else "stopping after this optimizer step")
+            os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, {then}\n".encode())

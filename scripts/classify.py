@@ -282,6 +282,8 @@ def main(config):
         if run.save_due():
             run.save()
 
+    if run.stop_requested():  # a signal during the last step: save it; the final evaluation is the next run's
+        return run.save_and_stop()
     # -------- last evaluation (early stopping's, if it ended the loop), best model, metrics on every split, export --
     run.finish(run.final_evaluation(lambda: eval_entry(evaluate(acc, model, eval_dls["validation"], len(names))[0])))
     report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.state}

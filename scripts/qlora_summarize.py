@@ -267,6 +267,8 @@ def main(config):
         if run.save_due():
             run.save()
 
+    if run.stop_requested():  # a signal during the last step: save it; the final evaluation is the next run's
+        return run.save_and_stop()
     # -------- final evaluation (early stopping's, if it ended the loop), best adapter, S001's table, export --------
     final_eval = run.final_evaluation(evaluate)
     if run.finish(final_eval):  # load_best_model_at_end reloaded an earlier adapter: the exported one's loss

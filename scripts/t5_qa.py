@@ -283,6 +283,8 @@ def main(config):
         if run.save_due():
             run.save()
 
+    if run.stop_requested():  # a signal during the last step: save it; the final evaluation is the next run's
+        return run.save_and_stop()
     # -------- last evaluation (early stopping's, if it ended the loop), best model, answers, export --------
     run.finish(run.final_evaluation(evaluate))
     scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)

@@ -116,6 +116,25 @@ def test_a_stop_signal_finishes_the_step_saves_and_exits_0(uninterrupted, tmp_pa
     assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_stop_signal_in_the_last_step_saves_it_and_the_next_run_evaluates_and_exports(uninterrupted, tmp_path):
+    # the loop checks for a signal before each step; one that arrives during the last step is found after the loop,
+    # before the final evaluation (which may outlast SLURM's warning): the step is saved and the run stops there
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "signal_after_last_step.py"), "SIGUSR1",
+                           os.path.join(ROOT, "scripts", "classify.py"), *RUN, "--output_dir", str(out)],
+                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped by SIGUSR1 at step 60:" in proc.stdout, proc.stdout[-2000:]
+    assert os.path.isfile(out / "checkpoints" / "step_60" / "trainer_state.json")
+    assert not (out / "final").exists() and not (out / "metrics.json").exists()  # nothing of the final phase ran
+    proc = start(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stdout + stderr and json.load(open(out / "metrics.json"))["global_step"] == 60
+    weights = final_weights(out)
+    assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path):
     # a job submitted twice would resume the same checkpoint and overwrite the first one's files as they are written
     out, endless = tmp_path / "run", ["--max_steps", "100000"]

@@ -1,6 +1,7 @@
 """Real SLURM on this machine (tests/slurm/cluster.sh: slurmctld + two slurmd nodes): the sbatch
-launchers run the recipes on one node and across two, and a preempted job checkpoints, is
-requeued and finishes with the weights of an uninterrupted run."""
+launchers run the recipes on one node and across two, a preempted job checkpoints, is requeued
+and finishes with the weights of an uninterrupted run, and one warned after its last step ends
+without a requeue."""
 
 import json
 import os
@@ -17,6 +18,7 @@ from conftest import ROOT, launch, read_jsonl, script_env
 pytestmark = pytest.mark.slow
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
 SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
+SUMMARIZE = os.path.join(ROOT, "recipes", "tiny", "qlora_summarize.yaml")
 # this machine's nodes have no GPUs and a couple of cores: override the launchers' GPU defaults
 SMALL = ["--gpus-per-node=0", "--cpus-per-task=1"]
 
@@ -74,15 +76,28 @@ def job_log(slurm, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_single_node_job_completes_with_the_outputs(slurm, tmp_path):
+def test_single_node_job_completes_with_the_outputs_and_a_late_usr1_neither_stops_nor_requeues_it(slurm, tmp_path):
+    # USR1 once the final evaluation is logged (the last step is done): the run goes on through the ROUGE comparison,
+    # the export and the merge, and the job ends there; a requeue would only redo them
     out = tmp_path / "run"
-    job = sbatch(slurm, "single_node.sbatch", [], ["scripts/classify.py", "--config", SPAM, "--output_dir", str(out),
-                                                   "--max_steps", "10"])
+    job = sbatch(slurm, "single_node.sbatch", [], [
+        "scripts/qlora_summarize.py", "--config", SUMMARIZE, "--output_dir", str(out), "--max_steps", "4",
+        "--num_eval_generate", "0", "--max_new_tokens", "128", "--merge_adapter", "true"])
+    deadline = time.time() + 300
+    while not any("eval/loss" in r for r in (read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists()
+                                              else [])):
+        assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
     info = wait_for(slurm, job)
-    assert info["JobState"] == "COMPLETED", job_log(slurm, job)[-3000:]
-    assert json.load(open(out / "metrics.json"))["global_step"] == 10
-    assert os.path.isfile(out / "final" / "model.safetensors")
-    assert "1 node(s)" in job_log(slurm, job)
+    log = job_log(slurm, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-3000:]
+    assert "USR1 received, training has ended" in log, log[-3000:]  # it reached the training process in time
+    assert "not requeued" in log and "requeueing" not in log and "stopped by" not in log, log[-3000:]
+    assert json.load(open(out / "metrics.json"))["global_step"] == 4
+    assert os.path.isfile(out / "final" / "adapter_model.safetensors")
+    assert os.path.isfile(out / "final_merged" / "model.safetensors")
+    assert "1 node(s)" in log
 
 
 def test_two_nodes_give_the_result_of_two_processes_on_one_node(slurm, tmp_path):

@@ -9,7 +9,9 @@
 # Preemption: SLURM sends USR1 to this script <grace> seconds before the end (--signal=B:USR1@...).
 # It is passed on to the training processes (the launchers ignore it), which finish the current
 # optimizer step, save a checkpoint and exit 0; then the job is requeued and, started again,
-# resumes from the latest checkpoint in output_dir.
+# resumes from the latest checkpoint in output_dir. A USR1 after the last optimizer step stops
+# nothing: the run finishes its evaluation and export, and the job ends without a requeue (the
+# training processes write FTKIT_STOPPED_FILE only when they stopped before the end).
 
 if [ $# -lt 1 ]; then
     echo "usage: sbatch [options] launch/slurm/<file>.sbatch scripts/<recipe>.py --config RECIPE.yaml [--option value ...]" >&2
@@ -23,7 +25,9 @@ MASTER_ADDR=$(scontrol show node "$first_node" | grep -o 'NodeAddr=[^ ]*' | cut 
 MASTER_ADDR=${MASTER_ADDR:-$first_node}
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launch/accelerate/multi_gpu.yaml}
-export MASTER_ADDR MASTER_PORT ACCELERATE_CONFIG
+FTKIT_STOPPED_FILE="$PWD/logs/.ftkit-stopped-$SLURM_JOB_ID"  # written by the main process if it stopped early
+rm -f "$FTKIT_STOPPED_FILE"
+export MASTER_ADDR MASTER_PORT ACCELERATE_CONFIG FTKIT_STOPPED_FILE
 echo "[ftkit] $(date +%T) job $SLURM_JOB_ID, start $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, main $MASTER_ADDR:$MASTER_PORT, $ACCELERATE_CONFIG: $*"
 
 preempted=0
@@ -52,9 +56,12 @@ while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupts `wait`:
     status=0
     wait "$srun_pid" || status=$?
 done
-if [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
-    echo "[ftkit] $(date +%T) checkpoint saved; requeueing job $SLURM_JOB_ID"
+if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ -f "$FTKIT_STOPPED_FILE" ]; then
+    echo "[ftkit] $(date +%T) checkpoint of step $(cat "$FTKIT_STOPPED_FILE") saved; requeueing job $SLURM_JOB_ID"
+    rm -f "$FTKIT_STOPPED_FILE"
     scontrol requeue "$SLURM_JOB_ID"
+elif [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
+    echo "[ftkit] $(date +%T) USR1 came after the last optimizer step: the run finished; not requeued"
 fi
 echo "[ftkit] $(date +%T) training exited with status $status"
 exit "$status"
