@@ -2,7 +2,8 @@
 under ``accelerate launch``). Every tensor storage created through PyTorch's dispatcher is counted from its creation
 until it is freed (``fakestep.LiveTensorBytes`` on real tensors), and the prepared model's own weights with them;
 from the end of ``Accelerator.prepare`` to the loop's end (``LoopState.final_evaluation`` or ``finish``, whichever
-comes first), the most bytes alive at once are the training's peak. Each rank writes ``OUT.<rank>.json``: ``{"peak": bytes, "at_prepare": bytes}``."""
+comes first), the most bytes alive at once are the training's peak; the process exits 0 there, without the final
+evaluation and export. Each rank writes ``OUT.<rank>.json``: ``{"peak": bytes, "at_prepare": bytes}``."""
 
 import atexit
 import json
@@ -35,14 +36,15 @@ def measured_prepare(self, *args, **kwargs):
     return result
 
 
-def measured_finish(self, *args, **kwargs):
-    marks.setdefault("peak", live.peak)  # before the final evaluation, generation and export
-    return finish(self, *args, **kwargs)
-
-
-def measured_final_evaluation(self, *args, **kwargs):
+def measured_end_of_training(self, *args, **kwargs):
+    """The loop has ended: the peak is known. What follows (final evaluation, generation, export) is not training's,
+    so the process ends here, each rank by itself (no collective follows)."""
     marks.setdefault("peak", live.peak)
-    return final_evaluation(self, *args, **kwargs)
+    live.__exit__(None, None, None)
+    write()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def write():
@@ -51,11 +53,10 @@ def write():
         json.dump({"peak": marks.get("peak", live.peak), "at_prepare": marks.get("at_prepare")}, f)
 
 
-finish, final_evaluation = loop.LoopState.finish, loop.LoopState.final_evaluation
-loop.LoopState.finish, loop.LoopState.final_evaluation = measured_finish, measured_final_evaluation
+loop.LoopState.finish = loop.LoopState.final_evaluation = measured_end_of_training
 accelerate.Accelerator.prepare = measured_prepare
 out, script, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
-atexit.register(write)
+atexit.register(write)  # a run that ends otherwise (an error) still writes what it measured
 live.__enter__()
 try:
     runpy.run_path(script, run_name="__main__")
