@@ -274,15 +274,18 @@ class LoopState:
 
         self.state["loss_since_log"] = [reduce_sum(self.acc, self.loss_sum).item(), self.loss_units]
 
-    def stop_requested(self) -> bool:
-        """After the loop, before the final evaluation: did a stop signal reach any process during the last optimizer
-        step (after the loop's own check)? Then the script saves that step and stops, and the final evaluation and
-        export are the next run's. One all-reduce; every process calls it. A signal after it no longer stops the run:
-        what is left is the evaluation and export, which a requeued run would have to do again."""
+    def stop_if_signalled(self) -> bool:
+        """After the loop, before the final evaluation: if a stop signal reached any process during the last optimizer
+        step (after the loop's own check), save that step and stop (True: the script returns); the final evaluation
+        and export are then the next run's. One all-reduce; every process calls it. A signal after it no longer stops
+        the run: what is left is the evaluation and export, which a requeued run would have to do again."""
         from ftkit.distributed import reduce_sum
 
         self.stop.training_over = True
-        return bool(reduce_sum(self.acc, int(self.stop.signal_name is not None)).item())
+        if reduce_sum(self.acc, int(self.stop.signal_name is not None)).item():
+            self.save_and_stop()
+            return True
+        return False
 
     def save_and_stop(self) -> None:
         """A stop signal: save the last completed step, say how to go on; the script returns (exit 0). With
@@ -398,7 +401,7 @@ class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0. The handler only
     records the signal; :meth:`LoopState.count` sums the flag over processes before each optimizer step, and when any
     rank got it the script calls :meth:`LoopState.save_and_stop` instead of running the next step, so every rank stops
-    at the same step and takes part in the checkpoint; after the last step, :meth:`LoopState.stop_requested` asks once
+    at the same step and takes part in the checkpoint; after the last step, :meth:`LoopState.stop_if_signalled` asks once
     more. A second signal during the save changes nothing, nor does one during the final evaluation and export."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
@@ -406,7 +409,7 @@ class StopRequest:
     def __init__(self, accelerator):
         self.accelerator = accelerator
         self.signal_name = None
-        self.training_over = False  # set by LoopState.stop_requested: from then on a signal no longer stops the run
+        self.training_over = False  # set by LoopState.stop_if_signalled: from then on a signal no longer stops the run
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 

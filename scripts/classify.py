@@ -254,8 +254,7 @@ def main(config):
     ga = config.gradient_accumulation_steps
     model.train()
     for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
-        # one all-reduce: the step's loss is a mean over every example on all processes;
-        # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
+        # one all-reduce: the loss is a mean over every example on all processes; also samples, tokens, stop signals
         counts = run.count(window, sum(len(b["labels"]) for b in window))
         if counts.stop:  # the previous optimizer step is complete: save it and exit
             return run.save_and_stop()
@@ -282,9 +281,9 @@ def main(config):
         if run.save_due():
             run.save()
 
-    if run.stop_requested():  # a signal during the last step: save it; the final evaluation is the next run's
-        return run.save_and_stop()
     # -------- last evaluation (early stopping's, if it ended the loop), best model, metrics on every split, export --
+    if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
+        return
     run.finish(run.final_evaluation(lambda: eval_entry(evaluate(acc, model, eval_dls["validation"], len(names))[0])))
     report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.state}
     shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]

@@ -267,9 +267,9 @@ def main(config):
         if run.save_due():
             run.save()
 
-    if run.stop_requested():  # a signal during the last step: save it; the final evaluation is the next run's
-        return run.save_and_stop()
     # -------- final evaluation (early stopping's, if it ended the loop), best adapter, S001's table, export --------
+    if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
+        return
     final_eval = run.final_evaluation(evaluate)
     if run.finish(final_eval):  # load_best_model_at_end reloaded an earlier adapter: the exported one's loss
         final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}

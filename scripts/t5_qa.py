@@ -283,9 +283,9 @@ def main(config):
         if run.save_due():
             run.save()
 
-    if run.stop_requested():  # a signal during the last step: save it; the final evaluation is the next run's
-        return run.save_and_stop()
     # -------- last evaluation (early stopping's, if it ended the loop), best model, answers, export --------
+    if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
+        return
     run.finish(run.final_evaluation(evaluate))
     scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)
     final_loss = eval_loss(acc, model, eval_dl, decoder_start, pad)
