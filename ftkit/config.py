@@ -352,6 +352,10 @@ def run(config_cls, train, predict) -> None:
 
         apply_debug(config)
         torch.autograd.set_detect_anomaly(True)
+    if not (config.predict or getattr(config, "preflight", False)):
+        from ftkit import loop
+
+        loop.install_stop_handler()  # SIGUSR1/SIGTERM from now on stop the run at its next optimizer step
     try:
         predict(config) if config.predict else train(config)
     except (ConfigError, RunError) as error:

@@ -108,7 +108,8 @@ class LoopState:
         # the loss summed since the last log event; a checkpoint keeps it, so a resumed run logs the same means
         pending, self.loss_units = state.get("loss_since_log", [0.0, 0])
         self.loss_sum = torch.tensor(pending if acc.is_main_process else 0.0, device=acc.device)
-        self.stop = StopRequest(acc)  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+        self.stop = STOP.install()  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+        self.stop.phase, self.first_step = "training", state["global_step"]
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
         self.resumed_state = json.dumps(state, sort_keys=True, default=str) if resume_path else None
@@ -281,21 +282,26 @@ class LoopState:
         the run: what is left is the evaluation and export, which a requeued run would have to do again."""
         from ftkit.distributed import reduce_sum
 
-        self.stop.training_over = True
+        self.stop.phase = "over"
         if reduce_sum(self.acc, int(self.stop.signal_name is not None)).item():
             self.save_and_stop()
             return True
         return False
 
     def save_and_stop(self) -> None:
-        """A stop signal: save the last completed step, say how to go on; the script returns (exit 0). With
-        ``FTKIT_STOPPED_FILE`` set (launch/slurm/job.sh sets it), the main process writes the step there once the
+        """A stop signal: save the last completed step, say how to go on; the script returns (exit 0). Before this run's
+        first optimizer step nothing is saved: the checkpoint it resumed from (or none) is where the next run starts.
+        With ``FTKIT_STOPPED_FILE`` set (launch/slurm/job.sh sets it), the main process writes the step there once the
         checkpoint is saved: the job is requeued only if the run stopped before its end."""
         self.progress.close()
-        path = self.save()
+        fresh = self.step == self.first_step  # no optimizer step in this run: nothing new to save
+        path = None if fresh else self.save()
         if self.acc.is_main_process:
-            print(f"[ftkit] stopped by {self.stop.signal_name or 'a signal on another rank'} at step {self.step}: "
-                  f"checkpoint {path} saved; run the same command again to resume", flush=True)
+            by = self.stop.signal_name or "a signal on another rank"
+            print(f"[ftkit] stopped by {by} before the first optimizer step of this run: nothing new to save; run the "
+                  f"same command again to {'resume from step %d' % self.step if self.step else 'start'}" if fresh else
+                  f"[ftkit] stopped by {by} at step {self.step}: checkpoint {path} saved; run the same command again "
+                  f"to resume", flush=True)
             if os.environ.get("FTKIT_STOPPED_FILE"):
                 with open(os.environ["FTKIT_STOPPED_FILE"], "w") as f:
                     f.write(f"{self.step}\n")
@@ -399,23 +405,39 @@ def record_eval(state: dict, metrics: dict, config) -> bool:
 
 class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0. The handler only
-    records the signal; :meth:`LoopState.count` sums the flag over processes before each optimizer step, and when any
-    rank got it the script calls :meth:`LoopState.save_and_stop` instead of running the next step, so every rank stops
-    at the same step and takes part in the checkpoint; after the last step, :meth:`LoopState.stop_if_signalled` asks once
-    more. A second signal during the save changes nothing, nor does one during the final evaluation and export."""
+    records the signal. A training run installs it at start-up (:func:`install_stop_handler`, from ``config.run``), so
+    a signal during the loading, the data or the base model's evaluation is kept; the loop acts on it: :meth:`LoopState.
+    count` sums the flag over processes before each optimizer step, and when any rank got it the script calls
+    :meth:`LoopState.save_and_stop` instead of running the next step, so every rank stops at the same step and takes
+    part in the checkpoint (none when no step was taken yet); after the last step, :meth:`LoopState.stop_if_signalled`
+    asks once more. A second signal changes nothing, nor does one during the final evaluation and export."""
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
+    def __init__(self):
         self.signal_name = None
-        self.training_over = False  # set by LoopState.stop_if_signalled: from then on a signal no longer stops the run
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self._handler)
+        self.phase = "start-up"  # then "training" (LoopState), then "over" (LoopState.stop_if_signalled)
+        self.installed = False
+
+    def install(self) -> "StopRequest":
+        if not self.installed:
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), self._handler)
+            self.installed = True
+        return self
 
     def _handler(self, signum, frame) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            then = ("training has ended: its evaluation and export go on" if self.training_over
-                    else "stopping after this optimizer step")
-            os.write(2, f"[ftkit] rank {self.accelerator.process_index}: {self.signal_name} received, {then}\n".encode())
+            then = {"start-up": "training will stop before its first optimizer step",
+                    "training": "stopping after this optimizer step",
+                    "over": "training has ended: its evaluation and export go on"}[self.phase]
+            os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {self.signal_name} received, {then}\n".encode())
+
+
+STOP = StopRequest()  # one per process: the handler may be installed long before the loop begins
+
+
+def install_stop_handler() -> None:
+    """Record SIGUSR1/SIGTERM from now on (a training run's start-up); the loop acts on them."""
+    STOP.install()

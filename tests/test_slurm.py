@@ -1,7 +1,7 @@
 """Real SLURM on this machine (tests/slurm/cluster.sh: slurmctld + two slurmd nodes): the sbatch
 launchers run the recipes on one node and across two, a preempted job checkpoints, is requeued
-and finishes with the weights of an uninterrupted run, and one warned after its last step ends
-without a requeue."""
+and finishes with the weights of an uninterrupted run, one warned while starting is requeued with
+nothing saved, and one warned after its last step ends without a requeue."""
 
 import json
 import os
@@ -76,24 +76,38 @@ def job_log(slurm, job: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def test_single_node_job_completes_with_the_outputs_and_a_late_usr1_neither_stops_nor_requeues_it(slurm, tmp_path):
-    # USR1 once the final evaluation is logged (the last step is done): the run goes on through the ROUGE comparison,
-    # the export and the merge, and the job ends there; a requeue would only redo them
+def test_single_node_job_warned_before_its_first_step_is_requeued_and_one_warned_after_its_last_step_is_not(
+        slurm, tmp_path):
+    # start 1: USR1 as soon as the job runs, while the training process is still starting (it ignores USR1 until
+    # ftkit installs its handler; job.sh says it again every FTKIT_RESIGNAL_S seconds): it stops before its first
+    # optimizer step, with nothing to save, and the job is requeued
     out = tmp_path / "run"
     job = sbatch(slurm, "single_node.sbatch", [], [
         "scripts/qlora_summarize.py", "--config", SUMMARIZE, "--output_dir", str(out), "--max_steps", "4",
-        "--num_eval_generate", "0", "--max_new_tokens", "128", "--merge_adapter", "true"])
+        "--num_eval_generate", "0", "--max_new_tokens", "128", "--merge_adapter", "true"],
+        extra_env={"FTKIT_RESIGNAL_S": "1"})
     deadline = time.time() + 300
+    while "start 1," not in job_log(slurm, job):  # printed once job.sh's trap is set
+        assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
+    # start 2: USR1 once the final evaluation is logged (the last step is done): the run goes on through the ROUGE
+    # comparison, the export and the merge, and the job ends there; a requeue would only redo them
     while not any("eval/loss" in r for r in (read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists()
                                               else [])):
         assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
-    info = wait_for(slurm, job)
+    info = wait_for(slurm, job, restarts=1)
     log = job_log(slurm, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-3000:]
-    assert "USR1 received, training has ended" in log, log[-3000:]  # it reached the training process in time
-    assert "not requeued" in log and "requeueing" not in log and "stopped by" not in log, log[-3000:]
+    first, second = log.split("start 2,")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "USR1 received, training will stop before its first optimizer step" in first, first[-3000:]
+    assert "stopped by SIGUSR1 before the first optimizer step of this run: nothing new to save" in first
+    assert "the run stopped at step 0; requeueing job" in first, first[-3000:]
+    assert "resumed from" not in second  # start 1 saved no checkpoint: start 2 trains from the beginning
+    assert "USR1 received, training has ended" in second, second[-3000:]  # it reached the training process in time
+    assert "not requeued" in second and "requeueing" not in second and "stopped by" not in second, second[-3000:]
     assert json.load(open(out / "metrics.json"))["global_step"] == 4
     assert os.path.isfile(out / "final" / "adapter_model.safetensors")
     assert os.path.isfile(out / "final_merged" / "model.safetensors")

@@ -9,9 +9,12 @@
 # Preemption: SLURM sends USR1 to this script <grace> seconds before the end (--signal=B:USR1@...).
 # It is passed on to the training processes (the launchers ignore it), which finish the current
 # optimizer step, save a checkpoint and exit 0; then the job is requeued and, started again,
-# resumes from the latest checkpoint in output_dir. A USR1 after the last optimizer step stops
-# nothing: the run finishes its evaluation and export, and the job ends without a requeue (the
-# training processes write FTKIT_STOPPED_FILE only when they stopped before the end).
+# resumes from the latest checkpoint in output_dir. It is passed on again every FTKIT_RESIGNAL_S
+# seconds (10) until they exit, for processes still starting; a run warned before its first
+# optimizer step (loading the model, scoring the base model) stops there, with nothing to save.
+# A USR1 after the last optimizer step stops nothing: the run finishes its evaluation and export,
+# and the job ends without a requeue (the training processes write FTKIT_STOPPED_FILE only when
+# they stopped before the end).
 
 if [ $# -lt 1 ]; then
     echo "usage: sbatch [options] launch/slurm/<file>.sbatch scripts/<recipe>.py --config RECIPE.yaml [--option value ...]" >&2
@@ -28,16 +31,21 @@ ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-launch/accelerate/multi_gpu.yaml}
 FTKIT_STOPPED_FILE="$PWD/logs/.ftkit-stopped-$SLURM_JOB_ID"  # written by the main process if it stopped early
 rm -f "$FTKIT_STOPPED_FILE"
 export MASTER_ADDR MASTER_PORT ACCELERATE_CONFIG FTKIT_STOPPED_FILE
-echo "[ftkit] $(date +%T) job $SLURM_JOB_ID, start $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, main $MASTER_ADDR:$MASTER_PORT, $ACCELERATE_CONFIG: $*"
-
 preempted=0
+resender=
 on_preemption() {
     [ "$preempted" = 1 ] && return
     preempted=1
     echo "[ftkit] $(date +%T) USR1: the training processes checkpoint and stop; the job will be requeued"
-    scancel --signal=USR1 "$SLURM_JOB_ID"  # to the job steps' processes, not to this script
+    scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null  # to the job steps' processes, not to this script
+    # A process that has not yet installed its handler (still importing, or not yet started) ignores USR1
+    # (the `trap ""` below is inherited): say it again every FTKIT_RESIGNAL_S seconds until the step ends.
+    # The training processes act on the first one they get and ignore the rest.
+    ( trap "" USR1; while sleep "${FTKIT_RESIGNAL_S:-10}"; do scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; done ) &
+    resender=$!
 }
 trap on_preemption USR1
+echo "[ftkit] $(date +%T) job $SLURM_JOB_ID, start $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, main $MASTER_ADDR:$MASTER_PORT, $ACCELERATE_CONFIG: $*"
 
 srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c '
     trap "" USR1  # ignored by the launchers (inherited through exec); the training processes catch it
@@ -56,8 +64,9 @@ while kill -0 "$srun_pid" 2>/dev/null; do  # a trapped signal interrupts `wait`:
     status=0
     wait "$srun_pid" || status=$?
 done
+if [ -n "$resender" ]; then kill "$resender" 2>/dev/null; fi  # before a requeue: the job id stays the same
 if [ "$preempted" = 1 ] && [ "$status" = 0 ] && [ -f "$FTKIT_STOPPED_FILE" ]; then
-    echo "[ftkit] $(date +%T) checkpoint of step $(cat "$FTKIT_STOPPED_FILE") saved; requeueing job $SLURM_JOB_ID"
+    echo "[ftkit] $(date +%T) the run stopped at step $(cat "$FTKIT_STOPPED_FILE"); requeueing job $SLURM_JOB_ID"
     rm -f "$FTKIT_STOPPED_FILE"
     scontrol requeue "$SLURM_JOB_ID"
 elif [ "$preempted" = 1 ] && [ "$status" = 0 ]; then
