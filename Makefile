@@ -21,6 +21,9 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@# no CUDA: DeepSpeed's CPU collectives (a C++ op it compiles at first use, 30-65 s) built now, not inside
+	@# the first DeepSpeed test while the other test worker waits for it (if this fails, that run builds it)
+	-DS_ACCELERATOR=cpu $(BIN)/python -c "import torch; from deepspeed.comm.torch import build_shm_op; torch.cuda.is_available() or build_shm_op()"
 	touch $@
 
 demo: $(VENV)/.installed
