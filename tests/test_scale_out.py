@@ -168,7 +168,7 @@ def test_chunked_loss_under_zero3_trains_as_the_whole_batch_loss(tmp_path):
     script, args, _ = SCRIPTS["qlora_summarize"]
     args = args + ["--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
                    "--warmup_steps", "0", "--lora_dropout", "0", "--logging_steps", "1", "--eval_strategy", "no",
-                   "--num_eval_generate", "0", "--num_test_compare", "2"]
+                   "--num_eval_generate", "0", "--num_test_compare", "2", "--max_new_tokens", "4"]
     runs = {}
     for chunk in (None, 61):  # 34 chunks cover the 4 x 512 positions a micro-batch can hold, the last one short
         out = tmp_path / f"chunk_{chunk}"
