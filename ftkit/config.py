@@ -347,17 +347,16 @@ def run(config_cls, train, predict) -> None:
     ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
     faulthandler.enable()  # a rank killed by a signal (a native library's SIGSEGV, SIGABRT) prints its Python stacks
     config = parse(config_cls)
+    from ftkit import distributed
+
     if config.debug:
-        import torch
-
         apply_debug(config)
-        torch.autograd.set_detect_anomaly(True)
     if not (config.predict or getattr(config, "preflight", False)):
-        from ftkit import loop
-
-        loop.install_stop_handler()  # SIGUSR1/SIGTERM from now on stop the run at its next optimizer step
+        distributed.STOP.install()  # SIGUSR1/SIGTERM from now on: the run stops where all its processes can
     try:
         predict(config) if config.predict else train(config)
+    except distributed.Stopped:  # a stop signal during the base model's evaluation (the loop's own stops return)
+        distributed.stopped_before_training()
     except (ConfigError, RunError) as error:
         if config.debug:
             raise
@@ -368,8 +367,6 @@ def run(config_cls, train, predict) -> None:
         fail(RunError(f"ddp_timeout: rank {os.environ.get('RANK', '0')} waited more than {config.ddp_timeout} s for the "
                       f"other processes ({str(error).strip().splitlines()[0]}); if one was busy (the main process "
                       f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
-    from ftkit import distributed
-
     distributed.exit_finished()  # without the interpreter's teardown of native state (see there)
 
 
@@ -477,17 +474,18 @@ def check_common(config) -> None:
 
 
 def apply_debug(config) -> None:
-    """``--debug``: a few examples and steps, evaluation and a checkpoint inside the run, no trackers."""
+    """``--debug``: a few examples and steps, evaluation and a checkpoint inside the run, no trackers, anomaly checks."""
+    import torch
+
+    torch.autograd.set_detect_anomaly(True)
     config.max_train_samples = min(config.max_train_samples or 16, 16)
     config.max_eval_samples = min(config.max_eval_samples or 8, 8)
     config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
-    config.eval_steps, config.save_steps, config.logging_steps, config.save_strategy = 2, 2, 1, "steps"
+    config.eval_steps, config.save_steps, config.logging_steps, config.save_strategy, config.report_to = 2, 2, 1, "steps", "none"
     if hasattr(config, "eval_strategy"):
         config.eval_strategy = "steps"
-    config.report_to = "none"
-    for name in ("num_eval_generate", "num_test_compare"):
-        if hasattr(config, name):
-            setattr(config, name, min(getattr(config, name), 2))
+    for name in {"num_eval_generate", "num_test_compare"} & set(vars(config)):
+        setattr(config, name, min(getattr(config, name), 2))
 
 
 def to_dict(config) -> dict:

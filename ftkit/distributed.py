@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 
 import torch
 
@@ -242,6 +243,7 @@ def generate_in_order(acc, model, tokenizer, inputs: list, batch_size: int, enco
     eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()
     with eager:
         for start in range(0, len(mine), batch_size):
+            stop_point(acc)  # a stop signal before or during training ends the generation here
             chunk = mine[start:start + batch_size]
             enc = {k: v.to(acc.device) for k, v in encode([inputs[max(i, 0)] for i in chunk]).items()}
             out = net.generate(**enc, do_sample=False, synced_gpus=is_deepspeed_zero3_enabled(), **generate_kwargs)
@@ -277,3 +279,72 @@ def read_deepspeed_config(path: str, key: str) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
     return ds
+
+
+# --- Stop signals -----------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: stop at the next point where every process can, save, exit 0.
+    The handler only records the signal. A training run installs it at start-up (``config.run``), so a signal during
+    the loading, the data or the base model's evaluation is kept. Acting on it is collective: before each optimizer
+    step (:meth:`loop.LoopState.count`), between evaluation batches (:func:`stop_point`) and once after the last step
+    (:meth:`loop.LoopState.stop_if_signalled`); after that (``phase`` "over": the final evaluation and export) a
+    signal stops nothing. A second signal changes nothing."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self):
+        self.signal_name = None
+        self.phase = "start-up"  # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled)
+        self.installed = False
+
+    def install(self) -> "StopRequest":
+        if not self.installed:
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), self._handler)
+            self.installed = True
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            then = {"start-up": "training will stop before its first optimizer step",
+                    "training": "stopping after this optimizer step or evaluation batch",
+                    "over": "training has ended: its evaluation and export go on"}[self.phase]
+            os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {self.signal_name} received, {then}\n".encode())
+
+
+STOP = StopRequest()  # one per process: the handler may be installed long before the loop begins
+
+
+class Stopped(Exception):
+    """A stop signal reached some process during an evaluation (raised on every process at the same batch)."""
+
+
+def stop_point(acc) -> None:
+    """Between evaluation batches, every process as often: raise :class:`Stopped` if a stop signal reached any
+    process while training can still stop (one all-reduce). Nothing without the handler (--predict, --preflight)."""
+    if STOP.installed and STOP.phase != "over" and reduce_sum(acc, int(STOP.signal_name is not None)).item():
+        raise Stopped(STOP.signal_name or "a signal on another rank")
+
+
+def stopped_before_training() -> None:
+    """A stop signal during the base model's evaluation (:class:`Stopped` before the loop began): nothing to save;
+    say so (and tell launch/slurm/job.sh to requeue), end the process group on every rank."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        print(f"[ftkit] stopped by {STOP.signal_name or 'a signal on another rank'} before the first optimizer step of "
+              f"this run: nothing new to save; run the same command again", flush=True)
+        note_stopped(0)
+    state.wait_for_everyone()
+    state.destroy_process_group()
+
+
+def note_stopped(step: int) -> None:
+    """``FTKIT_STOPPED_FILE`` (set by launch/slurm/job.sh): the run stopped early at ``step``; the job requeues."""
+    if os.environ.get("FTKIT_STOPPED_FILE"):
+        with open(os.environ["FTKIT_STOPPED_FILE"], "w") as f:
+            f.write(f"{step}\n")

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import signal
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
@@ -108,8 +107,8 @@ class LoopState:
         # the loss summed since the last log event; a checkpoint keeps it, so a resumed run logs the same means
         pending, self.loss_units = state.get("loss_since_log", [0.0, 0])
         self.loss_sum = torch.tensor(pending if acc.is_main_process else 0.0, device=acc.device)
-        self.stop = STOP.install()  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
-        self.stop.phase, self.first_step = "training", state["global_step"]
+        self.stop = distributed.STOP.install()  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+        self.stop.phase, self.first_step, self.stopped = "training", state["global_step"], False
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
         self.resumed_state = json.dumps(state, sort_keys=True, default=str) if resume_path else None
@@ -120,9 +119,11 @@ class LoopState:
     def step(self) -> int:
         return self.state["global_step"]
 
-    def windows(self, train_dl, sampler) -> Iterator[list]:
-        """The optimizer-step windows of micro-batches until ``total_steps``, epoch after epoch,
-        starting at a resumed checkpoint's position."""
+    def windows(self, train_dl, sampler, evaluate) -> Iterator[list]:
+        """The optimizer-step windows of micro-batches until ``total_steps``, epoch after epoch, starting at a resumed
+        checkpoint's position; first, the evaluation a stop signal interrupted there (:meth:`evaluate`)."""
+        if self.state.get("evaluation_pending") and not self.evaluate(evaluate):
+            return  # stopped again: the checkpoint keeps it pending
         while self.step < self.total_steps and not self.stopped_early:
             batches = self.epoch_batches(train_dl, sampler)
             for window in accumulation_windows(batches, self.config.gradient_accumulation_steps):
@@ -226,6 +227,21 @@ class LoopState:
         """Whether this step used the epoch's last complete window."""
         return self.state["batches_in_epoch"] >= self.windows_per_epoch * self.config.gradient_accumulation_steps
 
+    def evaluate(self, evaluate) -> bool:
+        """``evaluate()`` this step, log it and rank it (:meth:`record_eval`). A stop signal during it (between two
+        batches: ``distributed.Stopped``) saves the step with its evaluation pending, the next run's first act; then
+        False: the script returns."""
+        try:
+            entry = evaluate()
+        except distributed.Stopped:
+            self.state["evaluation_pending"] = True
+            self.save_and_stop()
+            return False
+        self.state.pop("evaluation_pending", None)
+        self.log(entry)
+        self.record_eval(entry)
+        return True
+
     def record_eval(self, entry: dict) -> None:
         """Rank an evaluation by ``metric_for_best_model``; a new best makes a save due now; ``early_stopping_patience``
         evaluations in a row without an improvement end the loop (the script's final evaluation reuses this one)."""
@@ -282,6 +298,8 @@ class LoopState:
         the run: what is left is the evaluation and export, which a requeued run would have to do again."""
         from ftkit.distributed import reduce_sum
 
+        if self.stopped:  # already (an evaluation the stopped run left pending was stopped again)
+            return True
         self.stop.phase = "over"
         if reduce_sum(self.acc, int(self.stop.signal_name is not None)).item():
             self.save_and_stop()
@@ -294,6 +312,7 @@ class LoopState:
         With ``FTKIT_STOPPED_FILE`` set (launch/slurm/job.sh sets it), the main process writes the step there once the
         checkpoint is saved: the job is requeued only if the run stopped before its end."""
         self.progress.close()
+        self.stopped = True
         fresh = self.step == self.first_step  # no optimizer step in this run: nothing new to save
         path = None if fresh else self.save()
         if self.acc.is_main_process:
@@ -302,9 +321,7 @@ class LoopState:
                   f"same command again to {'resume from step %d' % self.step if self.step else 'start'}" if fresh else
                   f"[ftkit] stopped by {by} at step {self.step}: checkpoint {path} saved; run the same command again "
                   f"to resume", flush=True)
-            if os.environ.get("FTKIT_STOPPED_FILE"):
-                with open(os.environ["FTKIT_STOPPED_FILE"], "w") as f:
-                    f.write(f"{self.step}\n")
+            distributed.note_stopped(self.step)
         distributed.end(self.acc)
 
     def finish(self, final_eval: dict | None = None) -> bool:
@@ -401,43 +418,3 @@ def record_eval(state: dict, metrics: dict, config) -> bool:
         state["best_step"] = state["global_step"]
         state["best_checkpoint"] = checkpoint.step_path(config, state["global_step"])
     return better
-
-
-class StopRequest:
-    """SIGUSR1 (SLURM's preemption warning) or SIGTERM: finish the optimizer step, save, exit 0. The handler only
-    records the signal. A training run installs it at start-up (:func:`install_stop_handler`, from ``config.run``), so
-    a signal during the loading, the data or the base model's evaluation is kept; the loop acts on it: :meth:`LoopState.
-    count` sums the flag over processes before each optimizer step, and when any rank got it the script calls
-    :meth:`LoopState.save_and_stop` instead of running the next step, so every rank stops at the same step and takes
-    part in the checkpoint (none when no step was taken yet); after the last step, :meth:`LoopState.stop_if_signalled`
-    asks once more. A second signal changes nothing, nor does one during the final evaluation and export."""
-
-    SIGNALS = ("SIGUSR1", "SIGTERM")
-
-    def __init__(self):
-        self.signal_name = None
-        self.phase = "start-up"  # then "training" (LoopState), then "over" (LoopState.stop_if_signalled)
-        self.installed = False
-
-    def install(self) -> "StopRequest":
-        if not self.installed:
-            for name in self.SIGNALS:
-                signal.signal(getattr(signal, name), self._handler)
-            self.installed = True
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            then = {"start-up": "training will stop before its first optimizer step",
-                    "training": "stopping after this optimizer step",
-                    "over": "training has ended: its evaluation and export go on"}[self.phase]
-            os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {self.signal_name} received, {then}\n".encode())
-
-
-STOP = StopRequest()  # one per process: the handler may be installed long before the loop begins
-
-
-def install_stop_handler() -> None:
-    """Record SIGUSR1/SIGTERM from now on (a training run's start-up); the loop acts on them."""
-    STOP.install()

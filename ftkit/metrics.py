@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ftkit import distributed
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
@@ -15,6 +17,7 @@ def mean_loss(acc, model, dl, loss_sums) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for batch in dl:
+        distributed.stop_point(acc)  # a stop signal during training ends the evaluation here
         loss_sum, count = acc.gather_for_metrics(loss_sums(batch))
         total += torch.stack([loss_sum.sum().double(), count.sum().double()])
     model.train()

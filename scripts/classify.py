@@ -187,6 +187,7 @@ def evaluate(acc, model, dl, num_labels: int) -> tuple[dict, list[int], list[flo
     model.eval()
     parts = []
     for batch in dl:
+        distributed.stop_point(acc)  # a stop signal during training ends the evaluation here
         logits = model(**model_inputs(batch)).logits.float()
         loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
         best = logits.softmax(-1).max(-1)
@@ -251,9 +252,10 @@ def main(config):
     eval_dls = {name: acc.prepare(dl) for name, dl in eval_dls.items()}
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), fingerprints)
+    validate = lambda: eval_entry(evaluate(acc, model, eval_dls["validation"], len(names))[0])  # noqa: E731
     ga = config.gradient_accumulation_steps
     model.train()
-    for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
+    for window in run.windows(train_dl, sampler, validate):  # epoch after epoch, from a resumed checkpoint's position
         # one all-reduce: the loss is a mean over every example on all processes; also samples, tokens, stop signals
         counts = run.count(window, sum(len(b["labels"]) for b in window))
         if counts.stop:  # the previous optimizer step is complete: save it and exit
@@ -274,17 +276,15 @@ def main(config):
 
         if run.log_due():
             run.log_train(scheduler)
-        if run.evaluation_due():
-            result, _, _ = evaluate(acc, model, eval_dls["validation"], len(names))
-            run.log(eval_entry(result))
-            run.record_eval(eval_entry(result))  # a new best is saved; early_stopping_patience may end the loop
+        if run.evaluation_due() and not run.evaluate(validate):  # logged and ranked: a new best is saved, early
+            return  # stopping may end the loop; a stop signal during it saved the step, to be evaluated by the next run
         if run.save_due():
             run.save()
 
     # -------- last evaluation (early stopping's, if it ended the loop), best model, metrics on every split, export --
     if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
         return
-    run.finish(run.final_evaluation(lambda: eval_entry(evaluate(acc, model, eval_dls["validation"], len(names))[0])))
+    run.finish(run.final_evaluation(validate))
     report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.state}
     shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]
     for name in shown:

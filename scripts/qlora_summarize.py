@@ -227,7 +227,7 @@ def main(config):
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
-    def evaluate() -> dict:  # validation loss, and ROUGE of num_eval_generate summaries
+    def validate() -> dict:  # validation loss, and ROUGE of num_eval_generate summaries
         entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
         if config.num_eval_generate:
             scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
@@ -238,7 +238,7 @@ def main(config):
                      dropped_overlong=train_counts["dropped"])
     ga = config.gradient_accumulation_steps
     model.train()
-    for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
+    for window in run.windows(train_dl, sampler, validate):  # epoch after epoch, from a resumed checkpoint's position
         # one all-reduce: the step's loss is a mean over every target token on all processes;
         # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
         counts = run.count(window, sum(modeling.count_target_tokens(b["labels"]) for b in window))
@@ -260,17 +260,15 @@ def main(config):
 
         if run.log_due():
             run.log_train(scheduler)
-        if run.evaluation_due():
-            entry = evaluate()
-            run.log(entry)
-            run.record_eval(entry)  # a new best is saved; early_stopping_patience may end the loop
+        if run.evaluation_due() and not run.evaluate(validate):  # logged and ranked: a new best is saved, early
+            return  # stopping may end the loop; a stop signal during it saved the step, to be evaluated by the next run
         if run.save_due():
             run.save()
 
     # -------- final evaluation (early stopping's, if it ended the loop), best adapter, S001's table, export --------
     if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
         return
-    final_eval = run.final_evaluation(evaluate)
+    final_eval = run.final_evaluation(validate)
     if run.finish(final_eval):  # load_best_model_at_end reloaded an earlier adapter: the exported one's loss
         final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
     tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)

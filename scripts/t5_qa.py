@@ -248,13 +248,13 @@ def main(config):
                      truncation=counts)
     ga = config.gradient_accumulation_steps
 
-    def evaluate() -> dict:
+    def validate() -> dict:
         scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length)
         return {"eval/loss": eval_loss(acc, model, eval_dl, decoder_start, pad),
                 "eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
 
     model.train()
-    for window in run.windows(train_dl, sampler):  # epoch after epoch, from a resumed checkpoint's position
+    for window in run.windows(train_dl, sampler, validate):  # epoch after epoch, from a resumed checkpoint's position
         # one all-reduce: the step's loss is a mean over every answer token on all processes;
         # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
         counts = run.count(window, sum(modeling.count_target_tokens(b["labels"], shift=False) for b in window))
@@ -276,17 +276,15 @@ def main(config):
 
         if run.log_due():
             run.log_train(scheduler)
-        if run.evaluation_due():
-            entry = evaluate()
-            run.log(entry)
-            run.record_eval(entry)  # a new best is saved; early_stopping_patience may end the loop
+        if run.evaluation_due() and not run.evaluate(validate):  # logged and ranked: a new best is saved, early
+            return  # stopping may end the loop; a stop signal during it saved the step, to be evaluated by the next run
         if run.save_due():
             run.save()
 
     # -------- last evaluation (early stopping's, if it ended the loop), best model, answers, export --------
     if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
         return
-    run.finish(run.final_evaluation(evaluate))
+    run.finish(run.final_evaluation(validate))
     scores, predictions = score(acc, model, tokenizer, config, splits[eval_name], max_length)
     final_loss = eval_loss(acc, model, eval_dl, decoder_start, pad)
     run.log({f"final_{eval_name}/exact_match": scores["exact_match"], f"final_{eval_name}/f1": scores["f1"],

@@ -1,5 +1,5 @@
 """Faults with real processes and signals: kill -9 at random moments (training or saving), SIGTERM /
-SIGUSR1 (finish the step, save, exit 0), the crash of one rank in a 2-process run."""
+SIGUSR1 (finish the step or stop the evaluation, save, exit 0), the crash of one rank in a 2-process run."""
 
 import json
 import os
@@ -120,9 +120,7 @@ def test_a_stop_signal_in_the_last_step_saves_it_and_the_next_run_evaluates_and_
     # the loop checks for a signal before each step; one that arrives during the last step is found after the loop,
     # before the final evaluation (which may outlast SLURM's warning): the step is saved and the run stops there
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "signal_after_last_step.py"), "SIGUSR1",
-                           os.path.join(ROOT, "scripts", "classify.py"), *RUN, "--output_dir", str(out)],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    proc = signalled_at("last_step", RUN + ["--output_dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stopped by SIGUSR1 at step 60:" in proc.stdout, proc.stdout[-2000:]
     assert os.path.isfile(out / "checkpoints" / "step_60" / "trainer_state.json")
@@ -133,6 +131,37 @@ def test_a_stop_signal_in_the_last_step_saves_it_and_the_next_run_evaluates_and_
     assert "resumed from" in stdout + stderr and json.load(open(out / "metrics.json"))["global_step"] == 60
     weights = final_weights(out)
     assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def signalled_at(where: str, args: list) -> subprocess.CompletedProcess:
+    """classify.py, sent SIGUSR1 by itself at ``where`` (tests/signal_at.py)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "signal_at.py"), where, "SIGUSR1",
+                           os.path.join(ROOT, "scripts", "classify.py"), *args], cwd=ROOT, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_stop_signal_during_an_evaluation_saves_the_step_and_the_next_run_evaluates_it_first(tmp_path):
+    # an evaluation (num_eval_generate summaries of a large model) may outlast SLURM's warning: it stops between two
+    # batches, the step is saved with its evaluation pending, and the resumed run does that evaluation before going on
+    evaluating = RUN + ["--eval_strategy", "steps", "--eval_steps", "20"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "classify.py"), *evaluating, "--output_dir",
+                    str(straight)], cwd=ROOT, env=script_env(), capture_output=True, check=True, timeout=300)
+    proc = signalled_at("evaluation", evaluating + ["--output_dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "USR1 received, stopping after this optimizer step or evaluation batch" in proc.stderr, proc.stderr[-3000:]
+    assert "stopped by SIGUSR1 at step 20:" in proc.stdout, proc.stdout[-2000:]
+    assert json.load(open(out / "checkpoints" / "step_20" / "trainer_state.json"))["evaluation_pending"] is True
+    assert not any("eval/loss" in json.loads(line) for line in open(out / "metrics.jsonl"))  # none was finished
+    proc = start(out, ["--eval_strategy", "steps", "--eval_steps", "20"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    evaluations = [[(r["step"], r["eval/loss"]) for r in map(json.loads, open(o / "metrics.jsonl")) if "eval/loss" in r]
+                   for o in (straight, out)]
+    assert evaluations[0] == evaluations[1] and [s for s, _ in evaluations[0]] == [20, 40, 60], evaluations
+    assert "evaluation_pending" not in json.load(open(out / "metrics.json"))
+    weights, expected = final_weights(out), final_weights(straight)
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path):
