@@ -153,6 +153,12 @@ def test_a_stop_signal_during_an_evaluation_saves_the_step_and_the_next_run_eval
     assert "stopped by SIGUSR1 at step 20:" in proc.stdout, proc.stdout[-2000:]
     assert json.load(open(out / "checkpoints" / "step_20" / "trainer_state.json"))["evaluation_pending"] is True
     assert not any("eval/loss" in json.loads(line) for line in open(out / "metrics.jsonl"))  # none was finished
+    # stopped again in that evaluation, before any new step: nothing to save, the checkpoint keeps it pending
+    proc = signalled_at("evaluation", evaluating + ["--output_dir", str(out)])
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert ("stopped by SIGUSR1 before the first optimizer step of this run: nothing new to save; run the same "
+            "command again to resume from step 20") in proc.stdout, proc.stdout[-2000:]
+    assert json.load(open(out / "checkpoints" / "step_20" / "trainer_state.json"))["evaluation_pending"] is True
     proc = start(out, ["--eval_strategy", "steps", "--eval_steps", "20"])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
