@@ -322,10 +322,15 @@ class Stopped(Exception):
     """A stop signal reached some process during an evaluation (raised on every process at the same batch)."""
 
 
+def signalled(acc) -> bool:
+    """Whether a stop signal reached any process (one all-reduce: every process calls it at the same point)."""
+    return bool(reduce_sum(acc, int(STOP.signal_name is not None)).item())
+
+
 def stop_point(acc) -> None:
     """Between evaluation batches, every process as often: raise :class:`Stopped` if a stop signal reached any
-    process while training can still stop (one all-reduce). Nothing without the handler (--predict, --preflight)."""
-    if STOP.installed and STOP.phase != "over" and reduce_sum(acc, int(STOP.signal_name is not None)).item():
+    process while training can still stop. Nothing without the handler (--predict, --preflight)."""
+    if STOP.installed and STOP.phase != "over" and signalled(acc):
         raise Stopped(STOP.signal_name or "a signal on another rank")
 
 

@@ -296,12 +296,10 @@ class LoopState:
         step (after the loop's own check), save that step and stop (True: the script returns); the final evaluation
         and export are then the next run's. One all-reduce; every process calls it. A signal after it no longer stops
         the run: what is left is the evaluation and export, which a requeued run would have to do again."""
-        from ftkit.distributed import reduce_sum
-
         if self.stopped:  # already (an evaluation the stopped run left pending was stopped again)
             return True
         self.stop.phase = "over"
-        if reduce_sum(self.acc, int(self.stop.signal_name is not None)).item():
+        if distributed.signalled(self.acc):
             self.save_and_stop()
             return True
         return False
