@@ -35,7 +35,7 @@ def probe(model_dir: str, chunk: int | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftkit import modeling, optim
+    from ftkit import losses, modeling, optim
 
     config = fixtures.script_config("qlora_summarize", "SummarizeConfig", {
         "model_name_or_path": model_dir, "output_dir": os.path.join(model_dir, "unused"), "train_file": "unused.jsonl",
@@ -56,7 +56,7 @@ def probe(model_dir: str, chunk: int | None) -> dict:
                 reset_peak_rss()
             base = torch.cuda.memory_allocated() if cuda else rss_bytes()
         start = time.perf_counter()
-        loss_sum, count = modeling.causal_lm_forward_loss(model, {"input_ids": batch}, batch, chunk)
+        loss_sum, count = losses.causal_lm_forward_loss(model, {"input_ids": batch}, batch, chunk)
         loss = loss_sum.sum() / count.sum()
         loss.backward()
         optimizer.step()

@@ -154,7 +154,7 @@ def qlora(model_dir: str, batch: int, seq: int, overrides: dict | None = None, t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftkit import modeling, optim, tracking
+    from ftkit import losses, modeling, optim, tracking
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = qlora_config(model_dir, device == "cuda", overrides)
@@ -166,7 +166,7 @@ def qlora(model_dir: str, batch: int, seq: int, overrides: dict | None = None, t
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     model.train()  # gradient checkpointing (and LoRA dropout) act in training mode only
     def chunked_loss(m, batch):  # ftkit's loss, as the recipe computes it with cross_entropy_chunk_tokens
-        loss_sum, count = modeling.causal_lm_forward_loss(m, {"input_ids": batch["input_ids"]}, batch["labels"],
+        loss_sum, count = losses.causal_lm_forward_loss(m, {"input_ids": batch["input_ids"]}, batch["labels"],
                                                           config.cross_entropy_chunk_tokens)
         return loss_sum.sum() / count.sum()
 

@@ -55,7 +55,7 @@ def against_gpu_measurements() -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from ftkit import fakestep, modeling
+    from ftkit import fakestep, losses, modeling
 
     measured = json.load(open(os.path.join(RESULTS, "gpu.json")))
     phi = dict(PHI2)
@@ -85,7 +85,7 @@ def against_gpu_measurements() -> dict:
     def qlora_loss(config):  # gpu.py's: the model's own, or ftkit's chunked loss where the lever asks for it
         if not config.cross_entropy_chunk_tokens:
             return loss
-        return lambda model, batch: modeling.causal_lm_forward_loss(
+        return lambda model, batch: losses.causal_lm_forward_loss(
             model, {"input_ids": batch["input_ids"]}, batch["labels"], config.cross_entropy_chunk_tokens)[0].sum()
 
     def qlora_step(config, batch, seq):

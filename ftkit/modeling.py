@@ -1,5 +1,6 @@
 """Models and tokenizers: hub or tiny-from-config models, offline tokenizers, 4/8-bit loading, LoRA,
-freezing, checkpointing, the token-summed loss. Not here: optimizers (optim.py), devices (distributed.py)."""
+freezing, checkpointing, a seq2seq decoder's inputs. Not here: optimizers (optim.py), devices (distributed.py), the
+loss (losses.py)."""
 
 from __future__ import annotations
 
@@ -232,8 +233,8 @@ def whole_model_init():
 
 
 def gathered(model):
-    """A context with the whole weights of a model that ZeRO-3 partitioned as it loaded (before its engine exists),
-    e.g. to evaluate the base model; a no-op otherwise."""
+    """A context with the whole weights of a model (or module) that ZeRO-3 partitioned, e.g. to evaluate the base
+    model before its engine exists, or for the chunked loss's output layer; a no-op otherwise."""
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()
@@ -427,68 +428,7 @@ def describe_parameters(model) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
 
 
-# --- Loss -----------------------------------------------------------------------------------------
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy over labelled tokens, and their count (per example). Returns two tensors of shape
-    [batch]: the loss sum and the number of target tokens, so callers can normalise by the tokens of a whole
-    accumulation window, across processes. ``shift``: a causal LM predicts token t+1 at position t; a seq2seq
-    decoder's logits already line up with its labels (``shift=False``)."""
-    if shift:
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
-    per_token = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
-    ).view(labels.shape)
-    mask = labels.ne(-100)
-    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int | None = None,
-                           max_tokens: int | None = None):
-    """The forward pass and :func:`causal_lm_loss_sum` over its logits. With ``chunk_tokens`` the batch's logits
-    (batch x length x vocabulary, fp32 for the loss) are never held whole: the model computes logits for its last
-    position only, its final hidden states are kept (a forward hook on the decoder), and they pass through the output
-    layer ``chunk_tokens`` positions at a time, each chunk's logits recomputed in backward. Same loss, same
-    gradients.
-
-    Under ZeRO-3 every call of the output layer gathers its weights from all processes (once in forward, twice in
-    backward), so every process must call it equally often whatever its batch's length: the chunks cover
-    ``max_tokens`` (the most tokens a micro-batch can hold), those past the batch's end empty."""
-    if not chunk_tokens:
-        return causal_lm_loss_sum(model(**inputs).logits, labels)
-    net = getattr(model, "module", model)  # DDP / DeepSpeed wrapper: the forward still goes through it
-    kept = []
-    hook = net.get_decoder().register_forward_hook(lambda module, args, out: kept.append(out.last_hidden_state))
-    try:
-        model(**inputs, logits_to_keep=1)
-    finally:
-        hook.remove()
-    hidden, targets = kept[-1][:, :-1].reshape(-1, kept[-1].size(-1)), labels[:, 1:].reshape(-1)
-    head = net.get_output_embeddings()
-    span = len(targets)
-    if any(hasattr(p, "ds_id") for p in head.parameters()):  # partitioned by ZeRO-3
-        if max_tokens is None or len(targets) > max_tokens:
-            raise ValueError(f"cross_entropy_chunk_tokens under ZeRO-3: a micro-batch of {len(targets)} tokens, "
-                             f"more than max_tokens={max_tokens}; every process must make the same chunks")
-        span = max_tokens
-    # determinism_check off: ZeRO-3 releases a frozen output layer's gathered weights after the recompute and gathers
-    # them again before its backward, so their shape at the check is the empty shard's (the values used are whole)
-    per_token = torch.cat([torch.utils.checkpoint.checkpoint(_token_losses, head, hidden[s:s + chunk_tokens],
-                                                             targets[s:s + chunk_tokens], use_reentrant=False,
-                                                             determinism_check="none")
-                           for s in range(0, span, chunk_tokens)]).view(labels[:, 1:].shape)
-    mask = labels[:, 1:].ne(-100)
-    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
-
-
-def _token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="none")
-
-
-def count_target_tokens(labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
-    """Tokens that contribute to the loss (for a causal LM, the labels shifted by one)."""
-    return (labels[:, 1:] if shift else labels).ne(-100).sum()
+# --- Encoder-decoder inputs -----------------------------------------------------------------------
 
 
 def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:

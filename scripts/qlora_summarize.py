@@ -27,8 +27,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight,
-                   rundir)
+from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
+                   preflight, rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -137,7 +137,7 @@ def step_loss(model, batch: dict, config, max_length: int | None = None):
     logits are never held whole, in as many chunks on every process under ZeRO-3: see causal_lm_forward_loss); the
     training loop's and --preflight's."""
     max_tokens = config.per_device_train_batch_size * max_length if max_length else None
-    return modeling.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
+    return losses.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
                                            config.cross_entropy_chunk_tokens, max_tokens)[0].sum()
 
 
@@ -146,7 +146,7 @@ def step_loss(model, batch: dict, config, max_length: int | None = None):
 
 def eval_loss(acc, model, eval_dl) -> float:
     """Token-weighted loss over the validation set (each example counted once, across processes)."""
-    return metrics.mean_loss(acc, model, eval_dl, lambda batch: modeling.causal_lm_loss_sum(
+    return metrics.mean_loss(acc, model, eval_dl, lambda batch: losses.causal_lm_loss_sum(
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]))
 
 
@@ -241,7 +241,7 @@ def main(config):
     for window in run.windows(train_dl, sampler, validate):  # epoch after epoch, from a resumed checkpoint's position
         # one all-reduce: the step's loss is a mean over every target token on all processes;
         # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
-        counts = run.count(window, sum(modeling.count_target_tokens(b["labels"]) for b in window))
+        counts = run.count(window, sum(losses.count_target_tokens(b["labels"]) for b in window))
         if counts.stop:  # the previous optimizer step is complete: save it and exit
             return run.save_and_stop()
         for batch in window:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight,
-                   rundir)
+from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
+                   preflight, rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -177,7 +177,7 @@ def seq2seq_loss(model, batch, decoder_start: int, pad: int):
     decoder_input_ids = modeling.shift_right(batch["labels"], decoder_start, pad)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    decoder_input_ids=decoder_input_ids).logits
-    return modeling.causal_lm_loss_sum(logits, batch["labels"], shift=False)
+    return losses.causal_lm_loss_sum(logits, batch["labels"], shift=False)
 
 
 def eval_loss(acc, model, eval_dl, decoder_start: int, pad: int) -> float:
@@ -257,7 +257,7 @@ def main(config):
     for window in run.windows(train_dl, sampler, validate):  # epoch after epoch, from a resumed checkpoint's position
         # one all-reduce: the step's loss is a mean over every answer token on all processes;
         # also samples, tokens and whether a stop signal (SIGUSR1/SIGTERM) reached any rank
-        counts = run.count(window, sum(modeling.count_target_tokens(b["labels"], shift=False) for b in window))
+        counts = run.count(window, sum(losses.count_target_tokens(b["labels"], shift=False) for b in window))
         if counts.stop:  # the previous optimizer step is complete: save it and exit
             return run.save_and_stop()
         for batch in window:

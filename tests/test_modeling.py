@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TINY_QA, TINY_SUMMARIZE, load_script
-from ftkit import config as cfg, modeling, optim
+from ftkit import config as cfg, losses, modeling, optim
 from ftkit.config import ConfigError
 
 qs = load_script("qlora_summarize")
@@ -37,11 +37,11 @@ def test_loss_sum_matches_mean_cross_entropy_times_tokens():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
-    loss_sum, count = modeling.causal_lm_loss_sum(logits, labels)
+    loss_sum, count = losses.causal_lm_loss_sum(logits, labels)
     assert count.tolist() == [3, 2]
     mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     assert torch.allclose(loss_sum.sum() / count.sum(), mean)
-    assert modeling.count_target_tokens(labels) == 5
+    assert losses.count_target_tokens(labels) == 5
 
 
 @pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
@@ -224,31 +224,73 @@ def test_without_the_upcast_unquantized_weights_stay_in_the_compute_dtype_and_tr
     assert kept_losses == pytest.approx(upcast_losses, rel=1e-2)  # bf16 keeps 8 significant bits; 4e-4 measured
 
 
+def test_frozen_head_losses_are_cross_entropy_and_their_gradients_any_weighting_of_them():
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(11, 8, requires_grad=True), torch.randn(30, 8), torch.randn(30)
+    targets = torch.randint(0, 30, (11,))
+    targets[[2, 7]] = -100
+    weighting = torch.rand(11)  # not the same for every token
+    exact = hidden.detach().double().requires_grad_()  # the reference, in float64
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(exact, weight.double(), bias.double()),
+                                                 targets, ignore_index=-100, reduction="none")
+    (expected * weighting.double()).sum().backward()
+    got = losses.FrozenHeadLosses.apply(hidden, weight, bias, targets, 4)  # chunks of 4, 4 and 3
+    (got * weighting).sum().backward()
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, rtol=1e-5)
+    assert torch.allclose(hidden.grad.double(), exact.grad, rtol=1e-5, atol=1e-6) and not hidden.grad[[2, 7]].any()
+
+
+@pytest.mark.parametrize("head", ["lora head", "frozen head"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
-def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_batch(tmp_path, tiny_tokenizer, quantized):
+def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_batch(tmp_path, tiny_tokenizer, quantized,
+                                                                              head):
+    # a LoRA output layer: each chunk checkpointed (logits computed in forward and again in backward); a frozen one
+    # (the recipes'): each chunk's logits computed once, in forward (FrozenHeadLosses)
     from transformers import AutoModelForCausalLM
 
-    model, config = tiny_4bit_base(tmp_path, tiny_tokenizer, load_in_4bit=quantized)
+    targets = ["q_proj", "k_proj", "v_proj", "dense"] + (["lm_head"] if head == "lora head" else [])
+    model, config = tiny_4bit_base(tmp_path, tiny_tokenizer, load_in_4bit=quantized, lora_target_modules=targets)
     if not quantized:
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    model = modeling.add_lora(model, config, "CAUSAL_LM")  # lm_head is a LoRA target in the tiny recipe
+    model = modeling.add_lora(model, config, "CAUSAL_LM")
     model.eval()  # no LoRA dropout: the two passes must see the same network
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():  # B = 0 (LoRA's start) would give A no gradient to compare
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    output_layer = model.get_output_embeddings()
+    assert (type(output_layer) is torch.nn.Linear) == (head == "frozen head")
+    assert output_layer.bias is not None  # Phi's output layer has one
+    calls = []
+    output_layer.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[:-1].numel()))
     texts = ["#Person1#: Hello there, how are you? #Person2#: Fine.", "#Person1#: Bye."]
     enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"].eq(0), -100)
     labels[:, :3] = -100
-    results = []
-    for chunk in (None, 7):
-        model.zero_grad()
-        loss_sum, count = modeling.causal_lm_forward_loss(model, dict(enc), labels, chunk)
-        loss_sum.sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((loss_sum.detach(), count, grads))
-    (plain, n_plain, g_plain), (chunked, n_chunked, g_chunked) = results
-    assert torch.equal(n_plain, n_chunked) and torch.allclose(chunked, plain, rtol=1e-5)
-    assert any("lm_head" in n for n in g_plain) and g_plain.keys() == g_chunked.keys()
-    for name, grad in g_plain.items():
-        assert torch.allclose(g_chunked[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item()), name
+    for autocast in (False, True):  # fp32, and bf16 autocast as on a GPU
+        results = []
+        for chunk in (None, 7):
+            model.zero_grad()
+            calls.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss_sum, count = losses.causal_lm_forward_loss(model, dict(enc), labels, chunk)
+            loss_sum.sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            results.append((loss_sum.detach(), count, grads, list(calls)))
+        (plain, n_plain, g_plain, c_plain), (chunked, n_chunked, g_chunked, c_chunked) = results
+        tokens = labels[:, 1:].numel()
+        assert c_plain == [labels.numel()]
+        chunks = -(-tokens // 7)  # forward (and backward's recompute: a call each too) of each chunk
+        assert c_chunked == [2] + ([7] * (chunks - 1) + [tokens - 7 * (chunks - 1)]) * (
+            2 if head == "lora head" else 0), c_chunked  # (the model's own call: logits of the last positions)
+        # measured: gradients 4e-7 of the largest apart in fp32; in bf16 equal (frozen head) or 5e-3 (LoRA head)
+        rtol, atol = (1e-5, 1e-6) if not autocast else (1e-3, 1e-2)
+        assert torch.equal(n_plain, n_chunked) and torch.allclose(chunked, plain, rtol=rtol), (autocast, chunked, plain)
+        assert g_plain.keys() == g_chunked.keys() and any("lm_head" in n for n in g_plain) == (head == "lora head")
+        for name, grad in g_plain.items():
+            scale = grad.abs().max().item()
+            assert torch.allclose(g_chunked[name], grad, rtol=rtol * 10, atol=atol * scale), (autocast, name)
+            assert scale > 1e-3, name  # every adapter has a gradient to compare
 
 
 @pytest.mark.parametrize("model_type", ["phi", "t5"])
@@ -267,12 +309,12 @@ def test_sdpa_attention_the_default_gives_the_loss_of_eager_attention(model_type
     mask[1, 8:] = 0
     labels = ids.masked_fill(mask.eq(0), -100)
     extra = {"decoder_input_ids": modeling.shift_right(labels, 0, 0)} if model_type == "t5" else {}
-    losses = {}
+    by_kernel = {}
     for kernel in ("sdpa", "eager"):
         model.set_attn_implementation(kernel)
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits
-        losses[kernel] = modeling.causal_lm_loss_sum(logits, labels, shift=model_type != "t5")[0]
-    assert torch.allclose(losses["sdpa"], losses["eager"], rtol=1e-5)
+        by_kernel[kernel] = losses.causal_lm_loss_sum(logits, labels, shift=model_type != "t5")[0]
+    assert torch.allclose(by_kernel["sdpa"], by_kernel["eager"], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -297,7 +339,7 @@ def test_torch_compile_compiles_every_block_and_keeps_the_loss_and_gradients(tmp
                                   config, "CAUSAL_LM").train()
         blocks = [m for m in model.modules() if type(m).__name__ == "PhiDecoderLayer"]
         assert len(blocks) == 2 and all((getattr(b, "_compiled_call_impl", None) is not None) == compiled for b in blocks)
-        loss_sum, _ = modeling.causal_lm_forward_loss(model, dict(enc), enc["input_ids"])
+        loss_sum, _ = losses.causal_lm_forward_loss(model, dict(enc), enc["input_ids"])
         loss_sum.sum().backward()
         results.append((loss_sum.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
         if compiled:  # both blocks ran one graph (shared), with no break

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_SUMMARIZE, launch
 
-from ftkit import data, modeling
+from ftkit import data, losses
 
 
 def _examples(n, seed=0, vocab=500, prompt_masked=True):
@@ -82,7 +82,7 @@ def test_packed_batch_gives_each_examples_unpacked_loss(attn):
     batch = data.PadCollator(pad_token_id=0)([packed[i] for i in range(len(packed))])
     with torch.no_grad():
         packed_logits = model(**data.model_inputs(batch)).logits
-        unpacked = torch.stack([modeling.causal_lm_loss_sum(model(input_ids=torch.tensor([ids])).logits,
+        unpacked = torch.stack([losses.causal_lm_loss_sum(model(input_ids=torch.tensor([ids])).logits,
                                                             torch.tensor([labels]))[0].sum()
                                 for ids, labels in zip(raw["input_ids"], raw["labels"])])
         # the same packed rows with one plain mask (what packing without position ids would do)
@@ -95,7 +95,7 @@ def test_packed_batch_gives_each_examples_unpacked_loss(attn):
     # and the check can fail: attention across examples changes the losses
     assert not torch.allclose(leaky.sort().values, b, rtol=1e-4, atol=1e-4)
     # the batch's total is what the loop averages: identical targets, identical sum
-    total, count = modeling.causal_lm_loss_sum(packed_logits, batch["labels"])
+    total, count = losses.causal_lm_loss_sum(packed_logits, batch["labels"])
     assert int(count.sum()) == sum(sum(1 for x in lab[1:] if x != -100) for lab in raw["labels"])
     assert abs(total.sum().item() - unpacked.sum().item()) <= 1e-4 * unpacked.sum().item()
 

@@ -145,6 +145,8 @@ CASES = {  # name: script, options, processes, ZeRO stage
     "phi full, zero-2": ("qlora_summarize.py", PHI + FULL, 2, 2),
     "phi lora, zero-3": ("qlora_summarize.py", PHI + LORA, 2, 3),
     "phi qlora, zero-3": ("qlora_summarize.py", PHI, 2, 3),
+    "phi lora blocks, chunked loss": ("qlora_summarize.py", PHI + LORA + ["--lora_target_modules", "[q_proj, v_proj]",
+                                                                          "--cross_entropy_chunk_tokens", "256"], 1, None),
 }
 
 

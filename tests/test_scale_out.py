@@ -158,10 +158,12 @@ def test_qlora_under_zero3_saves_a_complete_adapter_and_resumes_exactly(tmp_path
         assert torch.equal(adapter[k], again[k]), k
 
 
-def test_chunked_loss_under_zero3_trains_as_the_whole_batch_loss(tmp_path):
+@pytest.mark.parametrize("head", ["lora head", "frozen head"])
+def test_chunked_loss_under_zero3_trains_as_the_whole_batch_loss(tmp_path, head):
     # The tiny recipe's output layer is a LoRA target: a frozen partitioned weight (gathered again for the recompute
     # in backward) and a trainable adapter. Length grouping gives the two ranks micro-batches of other lengths, so
     # they would call the output layer (one all-gather each) a different number of times without the padded chunks.
+    # A frozen output layer (the recipes') is gathered once per micro-batch, whatever each rank's number of chunks.
     # SGD: Adam would magnify the last bits of the chunks' other summation order.
     from safetensors.torch import load_file
 
@@ -169,6 +171,8 @@ def test_chunked_loss_under_zero3_trains_as_the_whole_batch_loss(tmp_path):
     args = args + ["--max_steps", "3", "--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant",
                    "--warmup_steps", "0", "--lora_dropout", "0", "--logging_steps", "1", "--eval_strategy", "no",
                    "--num_eval_generate", "0", "--num_test_compare", "2", "--max_new_tokens", "4"]
+    if head == "frozen head":
+        args += ["--lora_target_modules", "[q_proj, k_proj, v_proj, dense, fc1, fc2]"]
     runs = {}
     for chunk in (None, 61):  # 34 chunks cover the 4 x 512 positions a micro-batch can hold, the last one short
         out = tmp_path / f"chunk_{chunk}"
@@ -177,6 +181,7 @@ def test_chunked_loss_under_zero3_trains_as_the_whole_batch_loss(tmp_path):
         losses = [r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
         weights = load_file(next((out / "final").glob("*.safetensors")))
         runs[chunk] = losses, weights
+    assert any(".lm_head." in k for k in weights) == (head == "lora head"), sorted(weights)
     (whole, w_whole), (chunked, w_chunked) = runs[None], runs[61]
     assert len(whole) == 3 and whole[-1] < whole[0]
     for a, b in zip(whole, chunked):
