@@ -54,9 +54,10 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
                                 "per example and no token attends across examples.")
     overlong: str = opt("drop", "Examples longer than max_length: drop them, or truncate the dialogue.",
                         choices=["drop", "truncate"])
-    cross_entropy_chunk_tokens: int | None = opt(None, "Compute the training loss this many tokens at a time from the "
-                                                       "final hidden states, so the batch's logits (x vocabulary, fp32) "
-                                                       "are never held whole; none: all at once.", min=1)
+    cross_entropy_chunk_tokens: int | None = opt(None, "Compute the training and validation loss this many tokens at a "
+                                                       "time from the final hidden states, so a batch's logits (x "
+                                                       "vocabulary, fp32) are never held whole; none: all at once.",
+                                                 min=1)
     num_eval_generate: int = opt(16, "Validation examples summarized for ROUGE at each evaluation (0: none).", min=0)
     num_test_compare: int = opt(50, "Test examples for the final base-vs-fine-tuned ROUGE table.", min=1)
     max_new_tokens: int = opt(100, "Generation limit for summaries.", min=1)
@@ -144,10 +145,12 @@ def step_loss(model, batch: dict, config, max_length: int | None = None):
 # --- Evaluation -----------------------------------------------------------------------------------
 
 
-def eval_loss(acc, model, eval_dl) -> float:
-    """Token-weighted loss over the validation set (each example counted once, across processes)."""
-    return metrics.mean_loss(acc, model, eval_dl, lambda batch: losses.causal_lm_loss_sum(
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]))
+def eval_loss(acc, model, eval_dl, config, max_length: int) -> float:
+    """Token-weighted loss over the validation set (each example counted once, across processes); with
+    cross_entropy_chunk_tokens in chunks as in training, so an evaluation batch's logits are never held whole."""
+    inputs, max_tokens = ("input_ids", "attention_mask"), config.per_device_eval_batch_size * max_length
+    return metrics.mean_loss(acc, model, eval_dl, lambda batch: losses.causal_lm_forward_loss(
+        model, {k: batch[k] for k in inputs}, batch["labels"], config.cross_entropy_chunk_tokens, max_tokens))
 
 
 def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:
@@ -228,7 +231,7 @@ def main(config):
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
     def validate() -> dict:  # validation loss, and ROUGE of num_eval_generate summaries
-        entry = {"eval/loss": eval_loss(acc, model, eval_dl)}
+        entry = {"eval/loss": eval_loss(acc, model, eval_dl, config, max_length)}
         if config.num_eval_generate:
             scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
             entry.update({f"eval/{k}": v for k, v in scores.items()})
@@ -270,7 +273,7 @@ def main(config):
         return
     final_eval = run.final_evaluation(validate)
     if run.finish(final_eval):  # load_best_model_at_end reloaded an earlier adapter: the exported one's loss
-        final_eval = {"eval/loss": eval_loss(acc, model, eval_dl)}
+        final_eval = {"eval/loss": eval_loss(acc, model, eval_dl, config, max_length)}
     tuned, predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
     run.log({f"test/{k}": v for k, v in tuned.items()})
     # the vocabulary is never resized, so the base's embeddings need no copy in the adapter

@@ -291,6 +291,19 @@ def test_chunked_cross_entropy_gives_the_loss_and_gradients_of_the_whole_batch(t
             scale = grad.abs().max().item()
             assert torch.allclose(g_chunked[name], grad, rtol=rtol * 10, atol=atol * scale), (autocast, name)
             assert scale > 1e-3, name  # every adapter has a gradient to compare
+    # the script's evaluation loss takes the same chunks: an evaluation batch's logits are never held whole either
+    from accelerate import Accelerator
+
+    rows = [{"input_ids": i, "attention_mask": m, "labels": lab} for i, m, lab in
+            zip(enc["input_ids"], enc["attention_mask"], labels)]
+    evaluated = []
+    for chunk in (None, 7):
+        calls.clear()
+        config.cross_entropy_chunk_tokens = chunk
+        dl = torch.utils.data.DataLoader(rows, batch_size=2)
+        evaluated.append((qs.eval_loss(Accelerator(cpu=True), model, dl, config, labels.size(1)), list(calls)))
+    assert evaluated[1][0] == pytest.approx(evaluated[0][0], rel=1e-6), evaluated
+    assert max(evaluated[1][1]) <= 7 < max(evaluated[0][1]) == labels.numel(), evaluated  # no whole-batch call
 
 
 @pytest.mark.parametrize("model_type", ["phi", "t5"])

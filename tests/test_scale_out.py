@@ -106,7 +106,7 @@ def _summarize_eval_loss(out):
     acc = _single_process_accelerator()
     base = modeling.load_pretrained(AutoModelForCausalLM, str(out / "base_model"), config, acc)
     model = PeftModel.from_pretrained(base, out / "final").eval()
-    return qs.eval_loss(acc, model, dl), json.load(open(out / "metrics.json"))["eval_loss"]
+    return qs.eval_loss(acc, model, dl, config, 512), json.load(open(out / "metrics.json"))["eval_loss"]
 
 
 SCRIPTS = {
@@ -179,11 +179,12 @@ def test_chunked_loss_under_zero3_trains_as_the_whole_batch_loss(tmp_path, head)
         launch_with("deepspeed_zero3.yaml", script, args + ["--output_dir", str(out)] +
                     (["--cross_entropy_chunk_tokens", str(chunk)] if chunk else []))
         losses = [r["train/loss"] for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
+        losses.append(json.load(open(out / "metrics.json"))["eval_loss"])  # the final evaluation's: chunked too
         weights = load_file(next((out / "final").glob("*.safetensors")))
         runs[chunk] = losses, weights
     assert any(".lm_head." in k for k in weights) == (head == "lora head"), sorted(weights)
     (whole, w_whole), (chunked, w_chunked) = runs[None], runs[61]
-    assert len(whole) == 3 and whole[-1] < whole[0]
+    assert len(whole) == 4 and whole[2] < whole[0]
     for a, b in zip(whole, chunked):
         assert abs(a - b) <= 1e-6 * abs(a), (whole, chunked)
     assert w_whole.keys() == w_chunked.keys()
