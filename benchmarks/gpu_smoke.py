@@ -141,7 +141,8 @@ def smoke(name: str, workdir: str, max_steps: int, tiny: bool) -> dict:
     launch(script, config_path, ["--preflight", "true", "--output_dir", checked], log_path)
     if os.path.isfile(os.path.join(checked, "preflight.json")):
         memory = json.load(open(os.path.join(checked, "preflight.json")))["memory"]
-        result.update(preflight_gb=memory["total_gb"], preflight_fits=memory["fits"])
+        result.update(preflight_gb=memory["total_gb"], preflight_peak_gb=memory["peak_gb"],
+                      preflight_fits=memory["fits"])
     rc, seconds = launch(script, config_path, [], log_path)
     result.update(rc=rc, seconds=round(seconds, 1))
     if rc != 0:
@@ -152,6 +153,8 @@ def smoke(name: str, workdir: str, max_steps: int, tiny: bool) -> dict:
                   final=json.load(open(os.path.join(out, "metrics.json"))))
     if not tiny and result.get("preflight_gb") and result.get("train_peak_gb"):  # both GiB of CUDA tensors
         result["preflight_over_peak"] = result["preflight_gb"] / result["train_peak_gb"]
+        if result.get("peak_memory_gb"):  # the whole run's, the half-way evaluation's included
+            result["preflight_peak_over_peak"] = result["preflight_peak_gb"] / result["peak_memory_gb"]
     # resume from the half-way checkpoint into a fresh log: the second half must repeat itself
     half = os.path.join(out, "checkpoints", f"step_{max_steps // 2}")
     os.rename(os.path.join(out, "metrics.jsonl"), os.path.join(out, "metrics_straight.jsonl"))

@@ -109,10 +109,13 @@ def quantized_bytes(numel: int, config) -> float:
     return numel / 2 + scales
 
 
-def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str) -> dict:
+def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str,
+              eval_batch: dict | None = None) -> dict:
     """Two training steps (forward, loss and backward of up to two micro-batches, clipping, optimizer) of the model
     as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive counted: returns the
-    bytes by part on one device."""
+    bytes by part on one device. With ``eval_batch``, then the loss of that batch as an evaluation computes it
+    between steps (eval mode, no gradient, the optimizer state alive): ``evaluation_activations``, the most bytes it
+    adds."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = modeling.skeleton_of(model_cfg, auto_cls, dtype=weights_dtype(config, model_cfg))
@@ -140,6 +143,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
             for name, b in list(module.named_buffers(recurse=False)):
                 module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
         batch = {k: fake.from_tensor(v) for k, v in batch.items()}
+        eval_batch = {k: fake.from_tensor(v) for k, v in eval_batch.items()} if eval_batch is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         if config.optim in BNB_OPTIMIZERS or config.optim == "sgd":  # bitsandbytes' state is counted below
             optimizer = torch.optim.SGD(trainable, lr=1e-3)
@@ -163,25 +167,35 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=device == "cuda")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            training_peak, evaluation = live.peak, 0
+            if hook is not None:  # the logits of training
+                hook.remove()
+            if eval_batch is not None:
+                model.eval()
+                live.peak = before = live.now
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                    step_loss(model, eval_batch)
+                evaluation = live.peak - before
+                model.train()
         state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
                                 if isinstance(v, torch.Tensor) and v.dim())
-        if hook is not None:
-            hook.remove()
     weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(trainable)
     kept = {id(m.weight) for m in quantized}  # bitsandbytes' weights, whatever dtype the fake ones have
     fp32 = [t for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32 and id(t) not in kept]
-    activations = max(live.peak - weights - grads - state, 0)
+    activations = max(training_peak - weights - grads - state, 0)
     if config.optim in BNB_OPTIMIZERS:
         state = sum(p.numel() * (BNB_OPTIMIZERS[config.optim] if p.numel() >= BNB_MIN_8BIT_SIZE else 8)
                     for p in trainable)
     if quantized:  # their real size, and one weight dequantized at a time in the compute dtype
         weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
-        activations += max(m.weight.numel() for m in quantized) * compute.itemsize
+        dequantized = max(m.weight.numel() for m in quantized) * compute.itemsize
+        activations, evaluation = activations + dequantized, evaluation + dequantized * (eval_batch is not None)
     trainable_params = sum(p.numel() for p in trainable)
     return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
             "logits": logits[0], "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
             "fp32_trainable_bytes": _elements_bytes(t for t in fp32 if t.requires_grad),
-            "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params}
+            "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params,
+            "evaluation_activations": evaluation}
 
 
 def weights_dtype(config, model_cfg) -> torch.dtype:

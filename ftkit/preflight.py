@@ -127,6 +127,7 @@ class Estimate:
         self.device = config.preflight_device if config.preflight_device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
         self.lengths, self.auto = list(train_ds["length"]), None  # auto: how an auto batch size was chosen
+        self.eval_sets = []  # the splits evaluated between steps (set by run): their longest batch is estimated too
 
     def longest_batch(self, config) -> dict:
         """The micro-batch with the most (padded) tokens in the first epoch, collated as the run collates it."""
@@ -134,16 +135,39 @@ class Estimate:
                    key=lambda b: (padded_length(max(self.lengths[i] for i in b), config) * len(b), len(b)))
         return data.PadCollator(self.pad_token_id, data.pad_multiple(config))([self.train_ds[i] for i in rows])
 
+    def longest_eval_batch(self, config) -> dict | None:
+        """The evaluation batch with the most (padded) tokens: batches of ``per_device_eval_batch_size`` in the
+        data's order (data.eval_loader), over every split in ``eval_sets``."""
+        size, best = config.per_device_eval_batch_size, None
+        for ds in self.eval_sets:
+            lengths = list(ds["length"])
+            for start in range(0, len(lengths), size):
+                rows = range(start, min(start + size, len(lengths)))
+                tokens = padded_length(max(lengths[i] for i in rows), config) * len(rows)
+                if best is None or tokens > best[0]:
+                    best = tokens, ds, rows
+        return None if best is None else data.PadCollator(self.pad_token_id, data.pad_multiple(config))(
+            [best[1][i] for i in best[2]])
+
     def __call__(self, config, zero: dict | None = ...) -> dict:
-        batch = self.longest_batch(config)
+        """``total``: a training step's bytes per device; ``peak``: the most of that and an evaluation's (the
+        weights, what stays beside the step and the evaluation forward of the longest evaluation batch)."""
+        batch, eval_batch = self.longest_batch(config), self.longest_eval_batch(config)
         with torch.random.fork_rng(devices=[]):  # building the skeleton draws from it; the run's draws stay its own
-            parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device)
+            parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device,
+                              eval_batch)
         on_device = per_device(parts, self.num_processes, self.zero if zero is ... else zero,
                                tracking.model_dims(self.model_cfg)[1], config.bf16)
-        return {"parts": on_device, "total": sum(on_device.values()), "longest_batch": list(batch["input_ids"].shape),
-                "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"],
-                "logits": parts["logits"], "beside_the_step": on_device["optimizer"] + on_device.get("buckets", 0)
-                + on_device["gradients"] - parts["gradients"]}
+        beside = on_device["optimizer"] + on_device.get("buckets", 0) + on_device["gradients"] - parts["gradients"]
+        out = {"parts": on_device, "total": sum(on_device.values()), "longest_batch": list(batch["input_ids"].shape),
+               "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"],
+               "logits": parts["logits"], "beside_the_step": beside, "evaluation": None}
+        if eval_batch is not None:
+            out["evaluation"] = {"total": on_device["weights"] + beside + parts["evaluation_activations"],
+                                 "activations": parts["evaluation_activations"],
+                                 "longest_batch": list(eval_batch["input_ids"].shape)}
+        out["peak"] = max(out["total"], out["evaluation"]["total"] if eval_batch is not None else 0)
+        return out
 
 
 # --- Verdict and advice ---------------------------------------------------------------------------
@@ -168,11 +192,17 @@ def _zero_of(name: str) -> dict | None:
         path) else None
 
 
-def changes_to_try(config, num_processes: int, zero: dict | None) -> list[tuple[dict, dict, dict]]:
-    """Changes that cut memory, cheapest first in lost speed: DeepSpeed's gradient buckets sized to the model,
-    8-bit optimizer state, chunked loss, ZeRO-2, a smaller micro-batch with more accumulation (same effective
-    batch), gradient checkpointing, ZeRO-3; as (what to tell the user, config options, zero_optimization keys)."""
+def changes_to_try(config, num_processes: int, zero: dict | None, evaluation_too_big: bool = False
+                   ) -> list[tuple[dict, dict, dict]]:
+    """Changes that cut memory, cheapest first in lost speed: smaller evaluation batches (when an evaluation is what
+    does not fit), DeepSpeed's gradient buckets sized to the model, 8-bit optimizer state, chunked loss, ZeRO-2, a
+    smaller micro-batch with more accumulation (same effective batch), gradient checkpointing, ZeRO-3; as (what to
+    tell the user, config options, zero_optimization keys)."""
     cheap, stage = [], int(zero.get("stage", 0)) if zero else -1
+    batch = config.per_device_eval_batch_size
+    while evaluation_too_big and batch > 1:
+        batch //= 2
+        cheap.append(({"per_device_eval_batch_size": batch}, {"per_device_eval_batch_size": batch}, {}))
     if 0 <= stage <= 2 and zero.get("reduce_bucket_size", 5e8) != "auto":
         cheap.append(({"zero_optimization.reduce_bucket_size": "auto"}, {}, {"reduce_bucket_size": "auto"}))
     if config.optim in ("adamw_torch", "adamw_torch_fused"):
@@ -201,9 +231,11 @@ def cheapest_fix(config, estimate: Estimate, usable: float) -> dict | None:
 
     def total(options: dict, zero_keys: dict, base: dict | None) -> float:
         zero = {**(base or {}), **zero_keys} if zero_keys else base
-        return estimate(dataclasses.replace(config, **options), zero)["total"]
+        return estimate(dataclasses.replace(config, **options), zero)["peak"]
 
-    tried = changes_to_try(config, estimate.num_processes, estimate.zero)
+    evaluation = estimate(config)["evaluation"]
+    tried = changes_to_try(config, estimate.num_processes, estimate.zero,
+                           evaluation is not None and evaluation["total"] > usable)
     for shown, options, zero_keys in tried:
         if (size := total(options, zero_keys, estimate.zero)) <= usable:
             return {"change": shown, "total_gb": size / GB}
@@ -249,6 +281,7 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     resumes_at = rundir.check_not_past(resume, total_steps, "max_steps" if config.max_steps > 0 else
                                        "num_train_epochs") if resume else 0
     device, zero = estimate.device, estimate.zero
+    estimate.eval_sets = [ds for name, ds in splits.items() if name != "train"]
     memory = estimate(config)
     other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing))
     with_, without = (memory, other) if config.gradient_checkpointing else (other, memory)
@@ -256,16 +289,21 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
                                 "without_checkpointing": without["parts"]["activations"] / GB,
                                 "of_which_logits": memory["logits"] / GB}
     budget, source = budget_bytes(config, processes)
-    fits = memory["total"] <= HEADROOM * budget
+    fits = memory["peak"] <= HEADROOM * budget
     report = {"device": device, "processes": processes, "zero_stage": (zero or {}).get("stage"),
               "batch_size": {"per_device_train_batch_size": config.per_device_train_batch_size,
                              "gradient_accumulation_steps": config.gradient_accumulation_steps, "auto": estimate.auto},
               "data": data_section(splits, counts, config)}
     report["schedule"] = schedule_section(config, num_batches, processes, windows_per_epoch, total_steps, resumes_at)
+    evaluation = memory["evaluation"]
     report["memory"] = {"parts_gb": {k: v / GB for k, v in memory["parts"].items()}, "total_gb": memory["total"] / GB,
                         "activations_gb": memory["activations_gb"], "longest_batch": memory["longest_batch"],
                         "trainable_params": memory["trainable_params"], "frozen_params": memory["frozen_params"],
-                        "budget_gb": budget / GB, "budget_from": source, "headroom": HEADROOM, "fits": fits,
+                        "evaluation": evaluation and {"total_gb": evaluation["total"] / GB, "activations_gb":
+                                                      evaluation["activations"] / GB,
+                                                      "longest_batch": evaluation["longest_batch"]},
+                        "peak_gb": memory["peak"] / GB, "budget_gb": budget / GB, "budget_from": source,
+                        "headroom": HEADROOM, "fits": fits,
                         "advice": None if fits else cheapest_fix(config, estimate, HEADROOM * budget)}
     report["time"] = time_section(config, model_cfg, memory, report["data"], report["schedule"])
     report["exit_code"] = EXIT_FITS if fits else EXIT_DOES_NOT_FIT
@@ -317,8 +355,14 @@ def table(report: dict) -> str:
     lines += [f"  {'(activations ' + k.replace('_', ' ') + ')':<34} {_gb(v):>10}"
               for k, v in m["activations_gb"].items() if k != "of_which_logits"]
     lines.append(f"  {'(of the activations: logits)':<34} {_gb(m['activations_gb']['of_which_logits']):>10}")
-    lines.append(f"  {'total':<34} {_gb(m['total_gb']):>10} of {_gb(m['budget_gb'])} ({m['budget_from']}): "
-                 + ("fits" if m["fits"] else f"does NOT fit ({100 * m['headroom']:.0f}% usable)"))
+    verdict = f" of {_gb(m['budget_gb'])} ({m['budget_from']}): " + (
+        "fits" if m["fits"] else f"does NOT fit ({100 * m['headroom']:.0f}% usable)")
+    lines.append(f"  {'total':<34} {_gb(m['total_gb']):>10}" + ("" if m["evaluation"] else verdict))
+    if m["evaluation"]:  # between steps: the weights, what stays beside the step, one evaluation batch's forward
+        e = m["evaluation"]
+        lines.append(f"  {'evaluation (batch ' + ' x '.join(map(str, e['longest_batch'])) + ')':<34} "
+                     f"{_gb(e['total_gb']):>10}")
+        lines.append(f"  {'peak (the larger)':<34} {_gb(m['peak_gb']):>10}" + verdict)
     if not m["fits"]:
         fix = m["advice"]
         lines.append("  cheapest change that fits: " + (", ".join(f"{k}: {v}" for k, v in fix["change"].items())

@@ -147,15 +147,22 @@ CASES = {  # name: script, options, processes, ZeRO stage
     "phi qlora, zero-3": ("qlora_summarize.py", PHI, 2, 3),
     "phi lora blocks, chunked loss": ("qlora_summarize.py", PHI + LORA + ["--lora_target_modules", "[q_proj, v_proj]",
                                                                           "--cross_entropy_chunk_tokens", "256"], 1, None),
+    # an evaluation between steps (at step 1) holds more than a training step: the peak is the evaluation's
+    "tiny qlora, evaluation the peak": ("qlora_summarize.py", SUMMARIZE + ["--eval_steps", "1"], 1, None),
+    "phi lora, evaluation the peak": ("qlora_summarize.py", PHI + LORA + ["--eval_steps", "1",
+                                                                          "--per_device_train_batch_size", "1"], 1, None),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_memory_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, name):
     script, args, processes, zero = CASES[name]
-    args = args + ["--max_steps", "2", "--eval_steps", "1000", "--save_steps", "1000"]
+    evaluates = "--eval_steps" in args  # else the run does not evaluate between its 2 steps: a training step's peak
+    args = args + ["--max_steps", "2", "--save_steps", "1000"] + ([] if evaluates else ["--eval_steps", "1000"])
     report, _ = preflight_of(tmp_path, script, args, processes, zero)
-    estimate = report["memory"]["total_gb"] * 2**30
+    memory = report["memory"]
+    assert (memory["evaluation"]["total_gb"] > memory["total_gb"]) if evaluates else True, memory
+    estimate = memory["peak_gb" if evaluates else "total_gb"] * 2**30
     measured = measured_peak(tmp_path, script, args, processes, zero)
     assert 0.75 <= estimate / measured <= 1.25, (name, estimate / 2**20, measured / 2**20, report["memory"]["parts_gb"])
 
@@ -245,6 +252,22 @@ def test_a_recipe_that_does_not_fit_exits_3_naming_the_cheapest_change_that_fits
     assert report["memory"]["advice"] is None and "none found" in stdout
 
 
+def test_an_evaluation_that_does_not_fit_exits_3_naming_a_smaller_evaluation_batch(tmp_path):
+    # the tiny recipe evaluates 12 dialogues per batch and trains on 4: on a device between the two, the training
+    # step fits and the evaluation does not
+    report, _ = preflight_of(tmp_path, "qlora_summarize.py", SUMMARIZE)
+    memory = report["memory"]
+    training, evaluation = memory["total_gb"], memory["evaluation"]["total_gb"]
+    assert memory["evaluation"]["longest_batch"][0] == 12 and evaluation > 1.2 * training, memory
+    budget = (training + evaluation) / 2 / memory["headroom"]
+    shutil.rmtree(tmp_path / "preflight")
+    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", SUMMARIZE + ["--device_memory_gb", str(budget)],
+                                  code=3)
+    advice = report["memory"]["advice"]
+    assert advice["change"] == {"per_device_eval_batch_size": 6} and advice["total_gb"] <= budget * memory["headroom"]
+    assert "evaluation (batch 12 x " in stdout and "cheapest change that fits: per_device_eval_batch_size: 6" in stdout
+
+
 @pytest.mark.parametrize("option, message", [(["--device_memory_gb", "0"], "device_memory_gb: must be > 0"),
                                              (["--train_file", "missing.jsonl"], "train_file: file not found")])
 def test_bad_input_to_preflight_is_one_line_and_exit_2_writing_nothing(tmp_path, option, message):
@@ -301,7 +324,9 @@ def between(estimates: dict, fits: int) -> str:
 
 
 def test_auto_batch_size_is_the_largest_micro_batch_that_fits_and_a_resume_keeps_it(tmp_path):
-    base = SUMMARIZE + ["--max_steps", "2", "--save_steps", "1", "--logging_steps", "1"]
+    # evaluation batches of 2: the recipe's 12 would not fit the device made to fit a training micro-batch of 2
+    base = SUMMARIZE + ["--max_steps", "2", "--save_steps", "1", "--logging_steps", "1",
+                        "--per_device_eval_batch_size", "2"]
     args = base + ["--per_device_train_batch_size", "auto", "--gradient_accumulation_steps", "8"]
     budget = between(auto_estimates(tmp_path, args), fits=2)
     report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args + ["--device_memory_gb", budget])
