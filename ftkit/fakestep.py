@@ -93,6 +93,22 @@ class CudaRules(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class OutputLayerWatch(torch.overrides.TorchFunctionMode):
+    """The largest output of the output layer (``weight``'s linear: a module call, a chunk's in the chunked loss,
+    or the single-pass loss's functional call), and its fp32 copy for the loss, in ``bytes``."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight, self.bytes, self.watching = weight, 0, True
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+        if self.watching and func is torch.nn.functional.linear and weight is self.weight:
+            self.bytes = max(self.bytes, out.numel() * (out.element_size() + (4 if out.dtype != torch.float32 else 0)))
+        return out
+
+
 # --- The step ------------------------------------------------------------------------------------
 
 
@@ -150,14 +166,12 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         else:  # the kernels the run will use: a loop over tensors on a CPU, foreach (or fused) on a GPU
             optimizer = torch.optim.AdamW(trainable, foreach=device == "cuda" and config.optim == "adamw_torch",
                                           fused=config.optim == "adamw_torch_fused")
-        logits = [0]  # the largest output of the output layer (a chunk's with the chunked loss), and its fp32 copy
         head = model.get_output_embeddings()
-        hook = head.register_forward_hook(lambda m, i, out: logits.__setitem__(0, max(logits[0], out.numel() * (
-            out.element_size() + (4 if out.dtype != torch.float32 else 0))))) if head is not None else None
+        logits = OutputLayerWatch(head.weight if head is not None else None)
         live = LiveTensorBytes()
         for t in [*model.parameters(), *model.buffers()]:
             live.add(t)
-        with live, CudaRules() if device == "cuda" else contextlib.nullcontext():
+        with live, CudaRules() if device == "cuda" else contextlib.nullcontext(), logits:
             for _ in range(2):  # the second step holds the optimizer state from the first
                 for _ in range(min(config.gradient_accumulation_steps, 2)):  # a second one meets the gradients
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
@@ -168,8 +182,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             training_peak, evaluation = live.peak, 0
-            if hook is not None:  # the logits of training
-                hook.remove()
+            logits.watching = False  # the logits of training only
             if eval_batch is not None:
                 model.eval()
                 live.peak = before = live.now
@@ -192,7 +205,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         activations, evaluation = activations + dequantized, evaluation + dequantized * (eval_batch is not None)
     trainable_params = sum(p.numel() for p in trainable)
     return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
-            "logits": logits[0], "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
+            "logits": logits.bytes, "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
             "fp32_trainable_bytes": _elements_bytes(t for t in fp32 if t.requires_grad),
             "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params,
             "evaluation_activations": evaluation}

@@ -176,6 +176,10 @@ def test_the_logits_line_is_the_output_layer_output_at_the_longest_batch_or_one_
     shutil.rmtree(tmp_path / "preflight")
     report, _ = preflight_of(tmp_path, "qlora_summarize.py", PHI + LORA + ["--cross_entropy_chunk_tokens", "256"])
     assert report["memory"]["activations_gb"]["of_which_logits"] * 2**30 == 256 * vocab * 4
+    shutil.rmtree(tmp_path / "preflight")  # a frozen output layer: its single pass calls it as a function
+    report, _ = preflight_of(tmp_path, "qlora_summarize.py", PHI + LORA + ["--cross_entropy_chunk_tokens", "256",
+                                                                         "--lora_target_modules", "[q_proj, v_proj]"])
+    assert report["memory"]["activations_gb"]["of_which_logits"] * 2**30 == 256 * vocab * 4
 
 
 def test_a_gpu_target_is_estimated_with_bf16_and_checkpointing_on_a_cpu(tmp_path):
