@@ -167,7 +167,7 @@ def qlora(model_dir: str, batch: int, seq: int, overrides: dict | None = None, t
     model.train()  # gradient checkpointing (and LoRA dropout) act in training mode only
     def chunked_loss(m, batch):  # ftkit's loss, as the recipe computes it with cross_entropy_chunk_tokens
         loss_sum, count = losses.causal_lm_forward_loss(m, {"input_ids": batch["input_ids"]}, batch["labels"],
-                                                          config.cross_entropy_chunk_tokens)
+                                                        config.cross_entropy_chunk_tokens)
         return loss_sum.sum() / count.sum()
 
     steps, elapsed, profiled = _train(model, optimizer, {"input_ids": ids, "labels": ids}, device, tiny,

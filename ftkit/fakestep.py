@@ -202,7 +202,9 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
     if quantized:  # their real size, and one weight dequantized at a time in the compute dtype
         weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
         dequantized = max(m.weight.numel() for m in quantized) * compute.itemsize
-        activations, evaluation = activations + dequantized, evaluation + dequantized * (eval_batch is not None)
+        activations += dequantized
+        if eval_batch is not None:
+            evaluation += dequantized
     trainable_params = sum(p.numel() for p in trainable)
     return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
             "logits": logits.bytes, "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),

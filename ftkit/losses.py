@@ -53,13 +53,12 @@ def causal_lm_forward_loss(model, inputs: dict, labels: torch.Tensor, chunk_toke
         hook.remove()
     hidden, targets = kept[-1][:, :-1].reshape(-1, kept[-1].size(-1)), labels[:, 1:].reshape(-1)
     head = net.get_output_embeddings()
-    partitioned = any(hasattr(p, "ds_id") for p in head.parameters())  # by ZeRO-3
     if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
         with modeling.gathered(head):  # ZeRO-3: once for all the chunks
             per_token = FrozenHeadLosses.apply(hidden, head.weight, head.bias, targets, chunk_tokens)
     else:
         span = len(targets)
-        if partitioned:
+        if any(hasattr(p, "ds_id") for p in head.parameters()):  # partitioned by ZeRO-3
             if max_tokens is None or len(targets) > max_tokens:
                 raise ValueError(f"cross_entropy_chunk_tokens under ZeRO-3: a micro-batch of {len(targets)} tokens, "
                                  f"more than max_tokens={max_tokens}; every process must make the same chunks")
@@ -90,8 +89,8 @@ class FrozenHeadLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
         wants_grad = ctx.needs_input_grad[0]
-        losses = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
-        grads = torch.zeros_like(hidden) if wants_grad else None
+        losses = hidden.new_empty(len(targets), dtype=torch.float32)  # every row is written below
+        grads = torch.empty_like(hidden) if wants_grad else None
         for s in range(0, len(targets), chunk_tokens):
             logits = torch.nn.functional.linear(hidden[s:s + chunk_tokens], weight, bias)
             log_probs = logits.float().log_softmax(-1)

@@ -225,7 +225,7 @@ def changes_to_try(config, num_processes: int, zero: dict | None, evaluation_too
     return cheap + slower
 
 
-def cheapest_fix(config, estimate: Estimate, usable: float) -> dict | None:
+def cheapest_fix(config, estimate: Estimate, usable: float, evaluation_too_big: bool) -> dict | None:
     """The first change of :func:`changes_to_try` that fits; else the changes together, one after another, until
     the run fits (None if even all of them do not)."""
 
@@ -233,9 +233,7 @@ def cheapest_fix(config, estimate: Estimate, usable: float) -> dict | None:
         zero = {**(base or {}), **zero_keys} if zero_keys else base
         return estimate(dataclasses.replace(config, **options), zero)["peak"]
 
-    evaluation = estimate(config)["evaluation"]
-    tried = changes_to_try(config, estimate.num_processes, estimate.zero,
-                           evaluation is not None and evaluation["total"] > usable)
+    tried = changes_to_try(config, estimate.num_processes, estimate.zero, evaluation_too_big)
     for shown, options, zero_keys in tried:
         if (size := total(options, zero_keys, estimate.zero)) <= usable:
             return {"change": shown, "total_gb": size / GB}
@@ -289,13 +287,12 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
                                 "without_checkpointing": without["parts"]["activations"] / GB,
                                 "of_which_logits": memory["logits"] / GB}
     budget, source = budget_bytes(config, processes)
-    fits = memory["peak"] <= HEADROOM * budget
+    fits, evaluation = memory["peak"] <= HEADROOM * budget, memory["evaluation"]
     report = {"device": device, "processes": processes, "zero_stage": (zero or {}).get("stage"),
               "batch_size": {"per_device_train_batch_size": config.per_device_train_batch_size,
                              "gradient_accumulation_steps": config.gradient_accumulation_steps, "auto": estimate.auto},
               "data": data_section(splits, counts, config)}
     report["schedule"] = schedule_section(config, num_batches, processes, windows_per_epoch, total_steps, resumes_at)
-    evaluation = memory["evaluation"]
     report["memory"] = {"parts_gb": {k: v / GB for k, v in memory["parts"].items()}, "total_gb": memory["total"] / GB,
                         "activations_gb": memory["activations_gb"], "longest_batch": memory["longest_batch"],
                         "trainable_params": memory["trainable_params"], "frozen_params": memory["frozen_params"],
@@ -304,7 +301,9 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
                                                       "longest_batch": evaluation["longest_batch"]},
                         "peak_gb": memory["peak"] / GB, "budget_gb": budget / GB, "budget_from": source,
                         "headroom": HEADROOM, "fits": fits,
-                        "advice": None if fits else cheapest_fix(config, estimate, HEADROOM * budget)}
+                        "advice": None if fits else cheapest_fix(
+                            config, estimate, HEADROOM * budget,
+                            evaluation is not None and evaluation["total"] > HEADROOM * budget)}
     report["time"] = time_section(config, model_cfg, memory, report["data"], report["schedule"])
     report["exit_code"] = EXIT_FITS if fits else EXIT_DOES_NOT_FIT
     if acc.is_main_process:

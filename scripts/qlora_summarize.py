@@ -133,24 +133,28 @@ def setup(model, config):
     return modeling.add_lora(model, config, task_type="CAUSAL_LM")
 
 
-def step_loss(model, batch: dict, config, max_length: int | None = None):
-    """A micro-batch's summed token loss (packed rows: position ids, no mask; cross_entropy_chunk_tokens: the batch's
-    logits are never held whole, in as many chunks on every process under ZeRO-3: see causal_lm_forward_loss); the
-    training loop's and --preflight's."""
-    max_tokens = config.per_device_train_batch_size * max_length if max_length else None
+def loss_sums(model, batch: dict, config, max_tokens: int | None = None):
+    """A batch's token loss sums and counts per example (packed rows: position ids, no mask;
+    cross_entropy_chunk_tokens: its logits are never held whole, under ZeRO-3 in as many chunks on every process,
+    ``max_tokens`` worth: see causal_lm_forward_loss); training's, evaluation's and --preflight's."""
     return losses.causal_lm_forward_loss(model, data.model_inputs(batch), batch["labels"],
-                                           config.cross_entropy_chunk_tokens, max_tokens)[0].sum()
+                                         config.cross_entropy_chunk_tokens, max_tokens)
+
+
+def step_loss(model, batch: dict, config, max_length: int | None = None):
+    """A micro-batch's summed token loss: the training loop's and --preflight's."""
+    max_tokens = config.per_device_train_batch_size * max_length if max_length else None
+    return loss_sums(model, batch, config, max_tokens)[0].sum()
 
 
 # --- Evaluation -----------------------------------------------------------------------------------
 
 
 def eval_loss(acc, model, eval_dl, config, max_length: int) -> float:
-    """Token-weighted loss over the validation set (each example counted once, across processes); with
-    cross_entropy_chunk_tokens in chunks as in training, so an evaluation batch's logits are never held whole."""
-    inputs, max_tokens = ("input_ids", "attention_mask"), config.per_device_eval_batch_size * max_length
-    return metrics.mean_loss(acc, model, eval_dl, lambda batch: losses.causal_lm_forward_loss(
-        model, {k: batch[k] for k in inputs}, batch["labels"], config.cross_entropy_chunk_tokens, max_tokens))
+    """Token-weighted loss over the validation set (each example counted once, across processes), in chunks as in
+    training with cross_entropy_chunk_tokens."""
+    max_tokens = config.per_device_eval_batch_size * max_length
+    return metrics.mean_loss(acc, model, eval_dl, lambda batch: loss_sums(model, batch, config, max_tokens))
 
 
 def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:

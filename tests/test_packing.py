@@ -83,7 +83,7 @@ def test_packed_batch_gives_each_examples_unpacked_loss(attn):
     with torch.no_grad():
         packed_logits = model(**data.model_inputs(batch)).logits
         unpacked = torch.stack([losses.causal_lm_loss_sum(model(input_ids=torch.tensor([ids])).logits,
-                                                            torch.tensor([labels]))[0].sum()
+                                                          torch.tensor([labels]))[0].sum()
                                 for ids, labels in zip(raw["input_ids"], raw["labels"])])
         # the same packed rows with one plain mask (what packing without position ids would do)
         leaky_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
