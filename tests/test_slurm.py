@@ -78,14 +78,18 @@ def job_log(slurm, job: str) -> str:
 
 def test_single_node_job_warned_before_its_first_step_is_requeued_and_one_warned_after_its_last_step_is_not(
         slurm, tmp_path):
-    # start 1: USR1 as soon as the job runs, while the training process is still starting (it ignores USR1 until
-    # ftkit installs its handler; job.sh says it again every FTKIT_RESIGNAL_S seconds): it stops before its first
-    # optimizer step, with nothing to save, and the job is requeued
+    # start 1: USR1 as soon as the job runs, while the node's task and the training process are still starting
+    # (job.sh passes it on once the task ignores it; the training process ignores it until ftkit installs its
+    # handler, and job.sh says it again every FTKIT_RESIGNAL_S seconds): it stops before its first optimizer step,
+    # with nothing to save, and the job is requeued. Every bash here first sources BASH_ENV, which sleeps: the
+    # task is slow to reach its `trap` (as on a node with a slow file system), and a USR1 passed on at once kills it.
     out = tmp_path / "run"
+    slow_start = tmp_path / "slow_start.sh"
+    slow_start.write_text("sleep 2\n")
     job = sbatch(slurm, "single_node.sbatch", [], [
         "scripts/qlora_summarize.py", "--config", SUMMARIZE, "--output_dir", str(out), "--max_steps", "4",
         "--num_eval_generate", "0", "--max_new_tokens", "128", "--merge_adapter", "true"],
-        extra_env={"FTKIT_RESIGNAL_S": "1"})
+        extra_env={"FTKIT_RESIGNAL_S": "1", "BASH_ENV": str(slow_start)})
     deadline = time.time() + 300
     while "start 1," not in job_log(slurm, job):  # printed once job.sh's trap is set
         assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
