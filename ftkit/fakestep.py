@@ -1,6 +1,7 @@
-"""One training step of a recipe's model on fake tensors (shapes, no weights, no memory), with the bytes of tensor storage
-alive at once counted, and what a GPU step would hold instead where a CPU step differs (fused attention, autocast's
-float32 ops). Not here: the per-device accounting under DDP/ZeRO, the verdict and the report (preflight.py)."""
+"""One training step of a recipe's model on fake tensors (shapes, no weights, no memory), and the evaluation and
+generation between steps, with the bytes of tensor storage alive at once counted, and what a GPU step would hold
+instead where a CPU step differs (fused attention, autocast's float32 ops). Not here: the per-device accounting
+under DDP/ZeRO, the verdict and the report (preflight.py)."""
 
 from __future__ import annotations
 
@@ -125,13 +126,66 @@ def quantized_bytes(numel: int, config) -> float:
     return numel / 2 + scales
 
 
+def fake_parameters(model) -> None:
+    """Each parameter and buffer of ``model`` replaced by an empty one of its shape and dtype (a fake one, inside a
+    ``FakeTensorMode``); tied weights (T5's embeddings and head, GPT-2's) stay one tensor."""
+    fakes = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in fakes:  # (the real one is kept in the entry: its id is not reused while it lives)
+                fakes[id(p)] = (p, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
+            setattr(module, name, fakes[id(p)][1])
+        for name, b in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+
+
+def generation_bytes(model, rows: int, length: int, max_new_tokens: int, num_beams: int, live: LiveTensorBytes) -> int:
+    """The most bytes ``generate`` (greedy or beam search, with its KV cache) adds to ``live`` for ``rows`` prompts of
+    ``length`` tokens, on fake tensors: its first forward (the prompt's; or the encoder's, then the decoder's first
+    token, which fills the cross-attention cache) and its last, with the cache at full length (each step between
+    holds less than the last). Beam search runs every beam as a row; the encoder runs once per prompt."""
+    ids = torch.zeros(rows, length, dtype=torch.long)
+    mask, rows, start = torch.ones_like(ids), rows * num_beams, live.now
+    live.peak = start
+    if model.config.is_encoder_decoder:
+        hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        fixed = {"encoder_outputs": (hidden.repeat_interleave(num_beams, 0),),
+                 "attention_mask": mask.repeat_interleave(num_beams, 0)}
+        del hidden
+        name, tokens, mask = "decoder_input_ids", ids.new_zeros(rows, 1), None
+    else:  # only the last position's logits are computed
+        fixed, name, tokens = {"logits_to_keep": 1}, "input_ids", ids.repeat_interleave(num_beams, 0)
+        mask = torch.ones_like(tokens)
+
+    def forward(tokens, cache):
+        nonlocal mask
+        extra = {}
+        if mask is not None:  # a decoder's mask covers its cache and the new tokens
+            if cache is not None:
+                mask = torch.cat([mask, mask.new_ones(rows, tokens.shape[1])], 1)
+            extra["attention_mask"] = mask
+        out = model(**{name: tokens}, cache=cache, use_cache=True, **fixed, **extra)
+        out.logits[:, -1].float()  # the next token's scores, in fp32
+        return out.cache
+
+    cache = forward(tokens, None)
+    if max_new_tokens > 2:  # the cache grown to its size at the last step, not counted (the steps between hold less)
+        peak = live.peak
+        cache = forward(tokens.new_zeros(rows, max_new_tokens - 2), cache)
+        live.peak = max(peak, live.now)
+    if max_new_tokens > 1:
+        forward(tokens.new_zeros(rows, 1), cache)
+    return live.peak - start
+
+
 def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str,
-              eval_batch: dict | None = None) -> dict:
+              eval_batch: dict | None = None, generation: tuple | None = None) -> dict:
     """Two training steps (forward, loss and backward of up to two micro-batches, clipping, optimizer) of the model
     as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive counted: returns the
     bytes by part on one device. With ``eval_batch``, then the loss of that batch as an evaluation computes it
     between steps (eval mode, no gradient, the optimizer state alive): ``evaluation_activations``, the most bytes it
-    adds."""
+    adds; with ``generation`` (rows, prompt length, new tokens, beams), what that evaluation's ``generate`` adds:
+    ``generation_activations``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = modeling.skeleton_of(model_cfg, auto_cls, dtype=weights_dtype(config, model_cfg))
@@ -150,14 +204,7 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                 m._gradient_checkpointing_func = functools.partial(
                     m._gradient_checkpointing_func, context_fn=lambda: (contextlib.nullcontext(), CudaRules()))
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        fakes = {}  # one fake per parameter, so that tied weights (T5's embeddings and head, GPT-2's) stay one tensor
-        for module in model.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                if id(p) not in fakes:  # (the real one is kept in the entry: its id is not reused while it lives)
-                    fakes[id(p)] = (p, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
-                setattr(module, name, fakes[id(p)][1])
-            for name, b in list(module.named_buffers(recurse=False)):
-                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+        fake_parameters(model)
         batch = {k: fake.from_tensor(v) for k, v in batch.items()}
         eval_batch = {k: fake.from_tensor(v) for k, v in eval_batch.items()} if eval_batch is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -181,15 +228,17 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                     torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=device == "cuda")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            training_peak, evaluation = live.peak, 0
+            training_peak, evaluation, generating = live.peak, 0, 0
             logits.watching = False  # the logits of training only
-            if eval_batch is not None:
-                model.eval()
-                live.peak = before = live.now
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            model.eval()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                if eval_batch is not None:
+                    live.peak = before = live.now
                     step_loss(model, eval_batch)
-                evaluation = live.peak - before
-                model.train()
+                    evaluation = live.peak - before
+                if generation is not None:
+                    generating = generation_bytes(model, *generation, live)
+            model.train()
         state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
                                 if isinstance(v, torch.Tensor) and v.dim())
     weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(trainable)
@@ -203,14 +252,14 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
         dequantized = max(m.weight.numel() for m in quantized) * compute.itemsize
         activations += dequantized
-        if eval_batch is not None:
-            evaluation += dequantized
+        evaluation += dequantized if eval_batch is not None else 0
+        generating += dequantized if generation is not None else 0
     trainable_params = sum(p.numel() for p in trainable)
     return {"weights": weights, "gradients": grads, "optimizer": state, "activations": activations,
             "logits": logits.bytes, "trainable_params": trainable_params, "fp32_bytes": _elements_bytes(fp32),
             "fp32_trainable_bytes": _elements_bytes(t for t in fp32 if t.requires_grad),
             "frozen_params": sum(p.numel() for p in model.parameters()) - trainable_params,
-            "evaluation_activations": evaluation}
+            "evaluation_activations": evaluation, "generation_activations": generating}
 
 
 def weights_dtype(config, model_cfg) -> torch.dtype:

@@ -113,14 +113,25 @@ def per_device(parts: dict, num_processes: int, zero: dict | None, hidden: int, 
     return out
 
 
+@dataclasses.dataclass
+class Generation:
+    """What a script's evaluation generates: for each set of prompts (an evaluation's, the final comparison's), their
+    token counts; new tokens and beams per prompt. Each set is sharded over the processes and generated
+    ``per_device_eval_batch_size`` prompts at a time (``distributed.generate_in_order``)."""
+    prompt_lengths: list[list[int]]
+    max_new_tokens: int
+    num_beams: int = 1
+
+
 class Estimate:
     """Memory per device of a recipe's training step at its longest micro-batch, for this recipe or a variant: the
     script's model (``model_cfg``, ``auto_cls``, ``setup(model, config)``) and loss (``step_loss(model, batch)``)
     on ``train_ds`` with the run's processes and DeepSpeed config."""
 
-    def __init__(self, acc, config, model_cfg, auto_cls, setup, step_loss, train_ds, pad_token_id: int):
+    def __init__(self, acc, config, model_cfg, auto_cls, setup, step_loss, train_ds, pad_token_id: int,
+                 generation: Generation | None = None):
         self.model_cfg, self.auto_cls, self.setup, self.step_loss = model_cfg, auto_cls, setup, step_loss
-        self.train_ds, self.pad_token_id = train_ds, pad_token_id
+        self.train_ds, self.pad_token_id, self.generation = train_ds, pad_token_id, generation
         self.num_processes = distributed.planned_processes(acc, config)
         plugin = acc.state.deepspeed_plugin
         self.zero = dict(plugin.deepspeed_config.get("zero_optimization", {})) if plugin is not None else None
@@ -149,24 +160,43 @@ class Estimate:
         return None if best is None else data.PadCollator(self.pad_token_id, data.pad_multiple(config))(
             [best[1][i] for i in best[2]])
 
+    def longest_generation(self, config) -> tuple[int, int, int, int] | None:
+        """(prompts, prompt length, new tokens, beams) of the ``generate`` call with the most tokens on one process."""
+        g, size, procs, best = self.generation, config.per_device_eval_batch_size, self.num_processes, None
+        for lengths in [ls for ls in g.prompt_lengths if ls] if g is not None else []:
+            per = -(-len(lengths) // procs)
+            for rank in range(procs):  # a process short of prompts repeats the first (generate_in_order)
+                mine = [lengths[i] for i in range(rank, len(lengths), procs)]
+                mine += [lengths[0]] * (per - len(mine))
+                for start in range(0, per, size):
+                    rows, length = len(mine[start:start + size]), max(mine[start:start + size])
+                    if best is None or rows * (length + g.max_new_tokens) > best[0] * (best[1] + g.max_new_tokens):
+                        best = rows, length
+        return None if best is None else (*best, g.max_new_tokens, g.num_beams)
+
     def __call__(self, config, zero: dict | None = ...) -> dict:
-        """``total``: a training step's bytes per device; ``peak``: the most of that and an evaluation's (the
-        weights, what stays beside the step and the evaluation forward of the longest evaluation batch)."""
+        """``total``: a training step's bytes per device; ``peak``: the most of that, an evaluation's (the weights,
+        what stays beside the step and the evaluation forward of the longest evaluation batch) and its generation's
+        (the same with ``generate`` of the longest prompts)."""
         batch, eval_batch = self.longest_batch(config), self.longest_eval_batch(config)
+        generation = self.longest_generation(config)
         with torch.random.fork_rng(devices=[]):  # building the skeleton draws from it; the run's draws stay its own
             parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device,
-                              eval_batch)
+                              eval_batch, generation)
         on_device = per_device(parts, self.num_processes, self.zero if zero is ... else zero,
                                tracking.model_dims(self.model_cfg)[1], config.bf16)
         beside = on_device["optimizer"] + on_device.get("buckets", 0) + on_device["gradients"] - parts["gradients"]
         out = {"parts": on_device, "total": sum(on_device.values()), "longest_batch": list(batch["input_ids"].shape),
                "trainable_params": parts["trainable_params"], "frozen_params": parts["frozen_params"],
-               "logits": parts["logits"], "beside_the_step": beside, "evaluation": None}
+               "logits": parts["logits"], "beside_the_step": beside, "evaluation": None, "generation": None}
         if eval_batch is not None:
             out["evaluation"] = {"total": on_device["weights"] + beside + parts["evaluation_activations"],
                                  "activations": parts["evaluation_activations"],
                                  "longest_batch": list(eval_batch["input_ids"].shape)}
-        out["peak"] = max(out["total"], out["evaluation"]["total"] if eval_batch is not None else 0)
+        if generation is not None:
+            out["generation"] = {"total": on_device["weights"] + beside + parts["generation_activations"],
+                                 "activations": parts["generation_activations"], "longest_batch": list(generation)}
+        out["peak"] = max([out["total"]] + [out[k]["total"] for k in ("evaluation", "generation") if out[k]])
         return out
 
 
@@ -287,7 +317,7 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
                                 "without_checkpointing": without["parts"]["activations"] / GB,
                                 "of_which_logits": memory["logits"] / GB}
     budget, source = budget_bytes(config, processes)
-    fits, evaluation = memory["peak"] <= HEADROOM * budget, memory["evaluation"]
+    fits, evaluation, generation = memory["peak"] <= HEADROOM * budget, memory["evaluation"], memory["generation"]
     report = {"device": device, "processes": processes, "zero_stage": (zero or {}).get("stage"),
               "batch_size": {"per_device_train_batch_size": config.per_device_train_batch_size,
                              "gradient_accumulation_steps": config.gradient_accumulation_steps, "auto": estimate.auto},
@@ -296,14 +326,15 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     report["memory"] = {"parts_gb": {k: v / GB for k, v in memory["parts"].items()}, "total_gb": memory["total"] / GB,
                         "activations_gb": memory["activations_gb"], "longest_batch": memory["longest_batch"],
                         "trainable_params": memory["trainable_params"], "frozen_params": memory["frozen_params"],
-                        "evaluation": evaluation and {"total_gb": evaluation["total"] / GB, "activations_gb":
-                                                      evaluation["activations"] / GB,
-                                                      "longest_batch": evaluation["longest_batch"]},
+                        **{name: part and {"total_gb": part["total"] / GB, "activations_gb": part["activations"] / GB,
+                                           "longest_batch": part["longest_batch"]}
+                           for name, part in (("evaluation", evaluation), ("generation", generation))},
                         "peak_gb": memory["peak"] / GB, "budget_gb": budget / GB, "budget_from": source,
                         "headroom": HEADROOM, "fits": fits,
                         "advice": None if fits else cheapest_fix(
                             config, estimate, HEADROOM * budget,
-                            evaluation is not None and evaluation["total"] > HEADROOM * budget)}
+                            any(part is not None and part["total"] > HEADROOM * budget
+                                for part in (evaluation, generation)))}
     report["time"] = time_section(config, model_cfg, memory, report["data"], report["schedule"])
     report["exit_code"] = EXIT_FITS if fits else EXIT_DOES_NOT_FIT
     if acc.is_main_process:
@@ -356,12 +387,18 @@ def table(report: dict) -> str:
     lines.append(f"  {'(of the activations: logits)':<34} {_gb(m['activations_gb']['of_which_logits']):>10}")
     verdict = f" of {_gb(m['budget_gb'])} ({m['budget_from']}): " + (
         "fits" if m["fits"] else f"does NOT fit ({100 * m['headroom']:.0f}% usable)")
-    lines.append(f"  {'total':<34} {_gb(m['total_gb']):>10}" + ("" if m["evaluation"] else verdict))
+    between = m["evaluation"] or m.get("generation")
+    lines.append(f"  {'total':<34} {_gb(m['total_gb']):>10}" + ("" if between else verdict))
     if m["evaluation"]:  # between steps: the weights, what stays beside the step, one evaluation batch's forward
         e = m["evaluation"]
         lines.append(f"  {'evaluation (batch ' + ' x '.join(map(str, e['longest_batch'])) + ')':<34} "
                      f"{_gb(e['total_gb']):>10}")
-        lines.append(f"  {'peak (the larger)':<34} {_gb(m['peak_gb']):>10}" + verdict)
+    if m.get("generation"):  # the same with the generate call of the longest prompts
+        rows, length, new, beams = m["generation"]["longest_batch"]
+        label = f"generation ({rows} x {length}+{new}" + (f", {beams} beams)" if beams > 1 else " tokens)")
+        lines.append(f"  {label:<34} {_gb(m['generation']['total_gb']):>10}")
+    if between:
+        lines.append(f"  {'peak (the largest)':<34} {_gb(m['peak_gb']):>10}" + verdict)
     if not m["fits"]:
         fix = m["advice"]
         lines.append("  cheapest change that fits: " + (", ".join(f"{k}: {v}" for k, v in fix["change"].items())

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-
 from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
                    preflight, rundir)
 from ftkit.config import ConfigError, opt
@@ -168,6 +167,11 @@ def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:
     return [t.split("###")[0].strip() for t in texts]
 
 
+def prompt_lengths(tokenizer, config, ds, n: int) -> list[int]:  # as summarize encodes them, for --preflight
+    prompts = [prompt_of(config, d) for d in data.take_first(ds, n)[config.dialogue_column]]
+    return [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
+
+
 def rouge_on(acc, model, tokenizer, config, ds, n: int) -> tuple[dict, list[str]]:
     ds = data.take_first(ds, n)
     predictions = summarize(acc, model, tokenizer, config, ds[config.dialogue_column])
@@ -209,8 +213,10 @@ def main(config):
                     100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
     fingerprints = rundir.check_data(config, train_ds, eval_ds)  # a resume checks the training and validation data
+    generation = preflight.Generation([prompt_lengths(tokenizer, config, ds, n) for ds, n in (
+        (raw_eval, config.num_eval_generate), (raw_test, config.num_test_compare))], config.max_new_tokens)
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForCausalLM, setup,
-                                  lambda m, b: step_loss(m, b, config), train_ds, tokenizer.pad_token_id)
+                                  lambda m, b: step_loss(m, b, config), train_ds, tokenizer.pad_token_id, generation)
     autobatch.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors: exits 0 (fits) or 3
         preflight.run(acc, config, estimate, {"train": train_ds, "validation": eval_ds},

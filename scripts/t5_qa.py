@@ -224,9 +224,12 @@ def main(config):
     eval_name = "test" if "test" in splits else "validation"
 
     fingerprints = rundir.check_data(config, tokenized["train"], tokenized["validation"])  # a resume checks the data
+    generation = preflight.Generation([tokenized[name]["length"] for name in {"validation", eval_name}],
+                                      config.generation_max_length or config.max_target_length,
+                                      config.generation_num_beams)  # each evaluation's answers, then the test's
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForSeq2SeqLM, modeling.training_setup,
                                   lambda m, b: seq2seq_loss(m, b, 0, 0)[0].sum(), tokenized["train"],
-                                  tokenizer.pad_token_id)
+                                  tokenizer.pad_token_id, generation)
     autobatch.auto_batch_size(acc, config, estimate)  # per_device_train_batch_size: auto
     if config.preflight:  # what the run will need, on fake tensors (token ids do not matter): exits 0 (fits) or 3
         preflight.run(acc, config, estimate, tokenized, counts)
