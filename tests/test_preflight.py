@@ -300,20 +300,25 @@ def test_a_recipe_that_does_not_fit_exits_3_naming_the_cheapest_change_that_fits
     assert report["memory"]["advice"] is None and "none found" in stdout
 
 
-def test_an_evaluation_that_does_not_fit_exits_3_naming_a_smaller_evaluation_batch(tmp_path):
-    # the tiny recipe evaluates 12 dialogues per batch and trains on 4: on a device between the two, the training
-    # step fits and the evaluation does not
-    report, _ = preflight_of(tmp_path, "qlora_summarize.py", SUMMARIZE)
+@pytest.mark.parametrize("part", ["evaluation", "generation"])
+def test_an_evaluation_that_does_not_fit_exits_3_naming_a_smaller_evaluation_batch(tmp_path, part):
+    # the tiny Phi recipe's evaluation takes 12 dialogues per batch and trains on 4; the tiny T5's generation answers
+    # 16 questions per batch with 8 beams each: on a device between the training step and the evaluation (its loss,
+    # or its generation), the step fits and the evaluation does not
+    script, args, batch = {"evaluation": ("qlora_summarize.py", SUMMARIZE, 12), "generation": (
+        "t5_qa.py", ["--config", os.path.join(RECIPES, "t5_qa.yaml"), "--generation_num_beams", "8"], 16)}[part]
+    report, _ = preflight_of(tmp_path, script, args)
     memory = report["memory"]
-    training, evaluation = memory["total_gb"], memory["evaluation"]["total_gb"]
-    assert memory["evaluation"]["longest_batch"][0] == 12 and evaluation > 1.2 * training, memory
+    training, evaluation = memory["total_gb"], memory[part]["total_gb"]
+    assert memory[part]["longest_batch"][0] == batch and evaluation == memory["peak_gb"] > 1.2 * training, memory
     budget = (training + evaluation) / 2 / memory["headroom"]
     shutil.rmtree(tmp_path / "preflight")
-    report, stdout = preflight_of(tmp_path, "qlora_summarize.py", SUMMARIZE + ["--device_memory_gb", str(budget)],
-                                  code=3)
+    report, stdout = preflight_of(tmp_path, script, args + ["--device_memory_gb", str(budget)], code=3)
     advice = report["memory"]["advice"]
-    assert advice["change"] == {"per_device_eval_batch_size": 6} and advice["total_gb"] <= budget * memory["headroom"]
-    assert "evaluation (batch 12 x " in stdout and "cheapest change that fits: per_device_eval_batch_size: 6" in stdout
+    assert advice["change"] == {"per_device_eval_batch_size": batch // 2}, advice
+    assert advice["total_gb"] <= budget * memory["headroom"]
+    assert f"{part} ({'batch ' if part == 'evaluation' else ''}{batch} x " in stdout, stdout
+    assert f"cheapest change that fits: per_device_eval_batch_size: {batch // 2}" in stdout
 
 
 @pytest.mark.parametrize("option, message", [(["--device_memory_gb", "0"], "device_memory_gb: must be > 0"),
