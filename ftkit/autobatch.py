@@ -36,7 +36,7 @@ def auto_batch_size(acc, config, estimate: Estimate) -> None:
     for batch in (d for d in range(examples, 0, -1) if examples % d == 0):
         variant = dataclasses.replace(config, per_device_train_batch_size=batch,
                                       gradient_accumulation_steps=examples // batch)
-        tried[batch] = estimate(variant)["total"]
+        tried[batch] = estimate(variant, between_steps=False)["total"]
         if tried[batch] <= usable:
             break
     else:
@@ -92,7 +92,7 @@ def confirm_batch_size(acc, model, config, estimate: Estimate) -> None:
     examples, usable = estimate.auto["examples_per_process_step"], HEADROOM * budget_bytes(config, acc.num_processes)[0]
     while True:
         batch = config.per_device_train_batch_size
-        total = step_peak(acc, model, config, estimate) + estimate(config)["beside_the_step"]
+        total = step_peak(acc, model, config, estimate) + estimate(config, between_steps=False)["beside_the_step"]
         worst = acc.reduce(torch.tensor(total, device=acc.device), "max").item() if acc.num_processes > 1 else total
         if worst <= usable:
             logger.info("per_device_train_batch_size auto: %d confirmed by a real step (%s of %s usable)", batch,

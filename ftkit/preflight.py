@@ -174,12 +174,13 @@ class Estimate:
                         best = rows, length
         return None if best is None else (*best, g.max_new_tokens, g.num_beams)
 
-    def __call__(self, config, zero: dict | None = ...) -> dict:
+    def __call__(self, config, zero: dict | None = ..., between_steps: bool = True) -> dict:
         """``total``: a training step's bytes per device; ``peak``: the most of that, an evaluation's (the weights,
         what stays beside the step and the evaluation forward of the longest evaluation batch) and its generation's
-        (the same with ``generate`` of the longest prompts)."""
-        batch, eval_batch = self.longest_batch(config), self.longest_eval_batch(config)
-        generation = self.longest_generation(config)
+        (the same with ``generate`` of the longest prompts); without ``between_steps``, the training step's only."""
+        batch = self.longest_batch(config)
+        eval_batch = self.longest_eval_batch(config) if between_steps else None
+        generation = self.longest_generation(config) if between_steps else None
         with torch.random.fork_rng(devices=[]):  # building the skeleton draws from it; the run's draws stay its own
             parts = fake_step(config, self.model_cfg, self.auto_cls, self.setup, self.step_loss, batch, self.device,
                               eval_batch, generation)
@@ -311,7 +312,8 @@ def run(acc, config, estimate: Estimate, splits: dict, counts: dict) -> None:
     device, zero = estimate.device, estimate.zero
     estimate.eval_sets = [ds for name, ds in splits.items() if name != "train"]
     memory = estimate(config)
-    other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing))
+    other = estimate(dataclasses.replace(config, gradient_checkpointing=not config.gradient_checkpointing),
+                     between_steps=False)  # for its activations
     with_, without = (memory, other) if config.gradient_checkpointing else (other, memory)
     memory["activations_gb"] = {"with_checkpointing": with_["parts"]["activations"] / GB,
                                 "without_checkpointing": without["parts"]["activations"] / GB,

@@ -12,8 +12,8 @@
 # resumes from the latest checkpoint in output_dir. It is passed on only once every node's task
 # ignores it (a task starts with SLURM's default, which a USR1 would kill: each one marks itself
 # ready after its `trap`), then again every FTKIT_RESIGNAL_S seconds (10) until they exit, for
-# processes still starting; a run warned before its first
-# optimizer step (loading the model, scoring the base model) stops there, with nothing to save.
+# processes still starting; a run warned before its first optimizer step (loading the model,
+# scoring the base model) stops there, with nothing to save.
 # A USR1 after the last optimizer step stops nothing: the run finishes its evaluation and export,
 # and the job ends without a requeue (the training processes write FTKIT_STOPPED_FILE only when
 # they stopped before the end).
