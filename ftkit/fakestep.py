@@ -178,11 +178,25 @@ def generation_bytes(model, rows: int, length: int, max_new_tokens: int, num_bea
     return live.peak - start
 
 
+def _tensor_state(state: dict) -> list:
+    """An optimizer's state tensors of one parameter, its step counter left out."""
+    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim()]
+
+
+def _step_on_empty_gradients(params, optimizer) -> None:
+    """One optimizer step on an empty gradient for each of ``params``: the optimizer's state made as the first
+    training step makes it, without a forward or a backward."""
+    for p in params:
+        p.grad = torch.empty_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str,
               eval_batch: dict | None = None, generation: tuple | None = None) -> dict:
-    """Two training steps (forward, loss and backward of up to two micro-batches, clipping, optimizer) of the model
-    as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive counted: returns the
-    bytes by part on one device. With ``eval_batch``, then the loss of that batch as an evaluation computes it
+    """The training step that holds the most (a later step's last micro-batch: forward, loss, backward, clipping,
+    optimizer) of the model as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive
+    counted: returns the bytes by part on one device. With ``eval_batch``, then the loss of that batch as an evaluation computes it
     between steps (eval mode, no gradient, the optimizer state alive): ``evaluation_activations``, the most bytes it
     adds; with ``generation`` (rows, prompt length, new tokens, beams), what that evaluation's ``generate`` adds:
     ``generation_activations``."""
@@ -218,16 +232,30 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
         live = LiveTensorBytes()
         for t in [*model.parameters(), *model.buffers()]:
             live.add(t)
+        reached = set()  # the parameters a backward gives a gradient to
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: reached.add(p)) for p in trainable]
         with live, CudaRules() if device == "cuda" else contextlib.nullcontext(), logits:
-            for _ in range(2):  # the second step holds the optimizer state from the first
-                for _ in range(min(config.gradient_accumulation_steps, 2)):  # a second one meets the gradients
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-                        loss = step_loss(model, batch)
-                    loss.backward()
-                if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=device == "cuda")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            # The step that holds the most is a later step's last micro-batch: the optimizer state of the steps
+            # before, the gradients of the micro-batches before, its own activations. Only that micro-batch runs
+            # forward and backward; the state is made first by a step on empty gradients of every trainable
+            # parameter (a parameter the loss never reaches has none in the run: its bytes leave the peak below).
+            _step_on_empty_gradients(trainable, optimizer)
+            if config.gradient_accumulation_steps > 1:
+                for p in trainable:
+                    p.grad = torch.zeros_like(p)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                loss = step_loss(model, batch)
+            loss.backward()
+            del loss
+            unused = [p for p in trainable if p not in reached]
+            live.peak -= _elements_bytes(t for p in unused for t in [*optimizer.state.pop(p, {}).values(), p.grad]
+                                         if isinstance(t, torch.Tensor))
+            for p in unused:
+                p.grad = None
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm, foreach=device == "cuda")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             training_peak, evaluation, generating = live.peak, 0, 0
             logits.watching = False  # the logits of training only
             model.eval()
@@ -239,15 +267,17 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                 if generation is not None:
                     generating = generation_bytes(model, *generation, live)
             model.train()
-        state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
-                                if isinstance(v, torch.Tensor) and v.dim())
-    weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(trainable)
+        state = _elements_bytes(t for s in optimizer.state.values() for t in _tensor_state(s))
+    for hook in hooks:
+        hook.remove()
+    with_grad = [p for p in trainable if p in reached]
+    weights, grads = _elements_bytes([*model.parameters(), *model.buffers()]), _elements_bytes(with_grad)
     kept = {id(m.weight) for m in quantized}  # bitsandbytes' weights, whatever dtype the fake ones have
     fp32 = [t for t in [*model.parameters(), *model.buffers()] if t.dtype == torch.float32 and id(t) not in kept]
     activations = max(training_peak - weights - grads - state, 0)
     if config.optim in BNB_OPTIMIZERS:
         state = sum(p.numel() * (BNB_OPTIMIZERS[config.optim] if p.numel() >= BNB_MIN_8BIT_SIZE else 8)
-                    for p in trainable)
+                    for p in with_grad)
     if quantized:  # their real size, and one weight dequantized at a time in the compute dtype
         weights += sum(quantized_bytes(m.weight.numel(), config) - _elements_bytes([m.weight]) for m in quantized)
         dequantized = max(m.weight.numel() for m in quantized) * compute.itemsize

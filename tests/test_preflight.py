@@ -71,6 +71,67 @@ def test_tied_weights_are_counted_once_as_in_the_loaded_model(model_type):
     assert parts["weights"] == parts["gradients"] == 4 * params and parts["optimizer"] == 8 * params, parts
 
 
+def _gpt2_step_case(gradient_accumulation_steps: int, **options):
+    """A tiny GPT-2 and the t5_qa script's options (a full fine-tune with AdamW), for the fake step's tests."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import load_script
+    from ftkit import config as cfg
+
+    qa = load_script("t5_qa")
+    config = cfg.build(qa.QAConfig, {"model_name_or_path": "x", "output_dir": "unused", "train_file": "unused.jsonl",
+                                     "gradient_accumulation_steps": gradient_accumulation_steps,
+                                     "gradient_checkpointing": False, "optim": "adamw_torch", **options})
+    model_cfg = AutoConfig.for_model("gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    ids = torch.zeros(4, 48, dtype=torch.long)
+    return config, model_cfg, AutoModelForCausalLM, {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_the_fake_step_holds_what_real_steps_hold_at_their_busiest(accumulation):
+    # the fake step runs one micro-batch, after an optimizer step on empty gradients (and, accumulating, with the
+    # earlier micro-batches' gradients made empty): real steps on real tensors reach the same peak
+    from ftkit import fakestep, modeling
+
+    config, model_cfg, cls, batch = _gpt2_step_case(accumulation)
+    parts = fakestep.fake_step(config, model_cfg, cls, modeling.training_setup, lambda m, b: m(**b).loss, batch, "cpu")
+    estimate = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["activations"]
+    torch.manual_seed(0)
+    model = modeling.training_setup(cls.from_config(model_cfg), config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    with fakestep.LiveTensorBytes() as live:
+        for t in [*model.parameters(), *model.buffers()]:
+            live.add(t)
+        for _ in range(3):
+            for _ in range(accumulation):
+                model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert abs(estimate / live.peak - 1) < 0.01, (estimate, live.peak, parts)
+
+
+def test_a_trainable_parameter_the_loss_never_reaches_has_no_gradient_or_optimizer_state(tmp_path):
+    # as in a real run, where the optimizer skips a parameter without a gradient: the estimate is the one of the
+    # same parameter frozen, but for the count of trainable parameters
+    from ftkit import fakestep, modeling
+
+    config, model_cfg, cls, batch = _gpt2_step_case(2)
+
+    def with_unused(requires_grad: bool):
+        def setup(model, config):
+            model.unused = torch.nn.Parameter(torch.zeros(256, 256), requires_grad=requires_grad)
+            return modeling.training_setup(model, config)
+        return fakestep.fake_step(config, model_cfg, cls, setup, lambda m, b: m(**b).loss, batch, "cpu")
+
+    unused, frozen = with_unused(True), with_unused(False)
+    assert unused.pop("trainable_params") == frozen.pop("trainable_params") + 256 * 256
+    assert unused.pop("frozen_params") == frozen.pop("frozen_params") - 256 * 256
+    unused.pop("fp32_trainable_bytes"), frozen.pop("fp32_trainable_bytes")
+    assert unused == frozen
+
+
 def test_cuda_rules_keep_fused_attention_s_memory_and_cuda_s_float32_ops():
     """The step of a GPU target: attention holds no score matrix, and under bf16 autocast pow, layer_norm and
     softmax of bf16 inputs give fp32 as on a GPU (on a CPU they stay bf16); a checkpointed block recomputes alike."""
