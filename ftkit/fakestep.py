@@ -178,28 +178,14 @@ def generation_bytes(model, rows: int, length: int, max_new_tokens: int, num_bea
     return live.peak - start
 
 
-def _tensor_state(state: dict) -> list:
-    """An optimizer's state tensors of one parameter, its step counter left out."""
-    return [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim()]
-
-
-def _step_on_empty_gradients(params, optimizer) -> None:
-    """One optimizer step on an empty gradient for each of ``params``: the optimizer's state made as the first
-    training step makes it, without a forward or a backward."""
-    for p in params:
-        p.grad = torch.empty_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device: str,
               eval_batch: dict | None = None, generation: tuple | None = None) -> dict:
     """The training step that holds the most (a later step's last micro-batch: forward, loss, backward, clipping,
     optimizer) of the model as the script builds it, run on fake tensors (shapes, no memory), with the bytes alive
-    counted: returns the bytes by part on one device. With ``eval_batch``, then the loss of that batch as an evaluation computes it
-    between steps (eval mode, no gradient, the optimizer state alive): ``evaluation_activations``, the most bytes it
-    adds; with ``generation`` (rows, prompt length, new tokens, beams), what that evaluation's ``generate`` adds:
-    ``generation_activations``."""
+    counted: returns the bytes by part on one device. With ``eval_batch``, then the loss of that batch as an
+    evaluation computes it between steps (eval mode, no gradient, the optimizer state alive):
+    ``evaluation_activations``, the most bytes it adds; with ``generation`` (rows, prompt length, new tokens, beams),
+    what that evaluation's ``generate`` adds: ``generation_activations``."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     model = modeling.skeleton_of(model_cfg, auto_cls, dtype=weights_dtype(config, model_cfg))
@@ -239,7 +225,10 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
             # before, the gradients of the micro-batches before, its own activations. Only that micro-batch runs
             # forward and backward; the state is made first by a step on empty gradients of every trainable
             # parameter (a parameter the loss never reaches has none in the run: its bytes leave the peak below).
-            _step_on_empty_gradients(trainable, optimizer)
+            for p in trainable:
+                p.grad = torch.empty_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             if config.gradient_accumulation_steps > 1:
                 for p in trainable:
                     p.grad = torch.zeros_like(p)
@@ -267,7 +256,8 @@ def fake_step(config, model_cfg, auto_cls, setup, step_loss, batch: dict, device
                 if generation is not None:
                     generating = generation_bytes(model, *generation, live)
             model.train()
-        state = _elements_bytes(t for s in optimizer.state.values() for t in _tensor_state(s))
+        state = _elements_bytes(v for s in optimizer.state.values() for v in s.values()
+                                if isinstance(v, torch.Tensor) and v.dim())  # (not the step counters)
     for hook in hooks:
         hook.remove()
     with_grad = [p for p in trainable if p in reached]

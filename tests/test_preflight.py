@@ -71,7 +71,7 @@ def test_tied_weights_are_counted_once_as_in_the_loaded_model(model_type):
     assert parts["weights"] == parts["gradients"] == 4 * params and parts["optimizer"] == 8 * params, parts
 
 
-def _gpt2_step_case(gradient_accumulation_steps: int, **options):
+def _gpt2_step_case(gradient_accumulation_steps: int):
     """A tiny GPT-2 and the t5_qa script's options (a full fine-tune with AdamW), for the fake step's tests."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -81,7 +81,7 @@ def _gpt2_step_case(gradient_accumulation_steps: int, **options):
     qa = load_script("t5_qa")
     config = cfg.build(qa.QAConfig, {"model_name_or_path": "x", "output_dir": "unused", "train_file": "unused.jsonl",
                                      "gradient_accumulation_steps": gradient_accumulation_steps,
-                                     "gradient_checkpointing": False, "optim": "adamw_torch", **options})
+                                     "gradient_checkpointing": False, "optim": "adamw_torch"})
     model_cfg = AutoConfig.for_model("gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=2, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)
     ids = torch.zeros(4, 48, dtype=torch.long)
@@ -112,7 +112,7 @@ def test_the_fake_step_holds_what_real_steps_hold_at_their_busiest(accumulation)
     assert abs(estimate / live.peak - 1) < 0.01, (estimate, live.peak, parts)
 
 
-def test_a_trainable_parameter_the_loss_never_reaches_has_no_gradient_or_optimizer_state(tmp_path):
+def test_a_trainable_parameter_the_loss_never_reaches_has_no_gradient_or_optimizer_state():
     # as in a real run, where the optimizer skips a parameter without a gradient: the estimate is the one of the
     # same parameter frozen, but for the count of trainable parameters
     from ftkit import fakestep, modeling
