@@ -59,13 +59,21 @@ def job_info(slurm, job: str) -> dict:
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
+# states a job ends in; on its way it may be PENDING, CONFIGURING, RUNNING, COMPLETING (its steps ending, also when it
+# is requeued) or REQUEUED
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def still_going(slurm, job: str) -> bool:
+    return job_info(slurm, job).get("JobState") not in ENDED
+
+
 def wait_for(slurm, job: str, restarts: int = 0, timeout: int = 420) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = job_info(slurm, job)
         state = info.get("JobState")
-        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") or (
-                state == "COMPLETED" and int(info.get("Restarts", 0)) >= restarts):
+        if state in ENDED and (state != "COMPLETED" or int(info.get("Restarts", 0)) >= restarts):
             return info
         time.sleep(2)
     raise AssertionError(f"job {job} not done after {timeout}s: {job_info(slurm, job)}\n{job_log(slurm, job)[-3000:]}")
@@ -92,14 +100,14 @@ def test_single_node_job_warned_before_its_first_step_is_requeued_and_one_warned
         extra_env={"FTKIT_RESIGNAL_S": "1", "BASH_ENV": str(slow_start)})
     deadline = time.time() + 300
     while "start 1," not in job_log(slurm, job):  # printed once job.sh's trap is set
-        assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
+        assert time.time() < deadline and still_going(slurm, job), job_log(slurm, job)
         time.sleep(0.1)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
     # start 2: USR1 once the final evaluation is logged (the last step is done): the run goes on through the ROUGE
     # comparison, the export and the merge, and the job ends there; a requeue would only redo them
     while not any("eval/loss" in r for r in (read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists()
                                               else [])):
-        assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
+        assert time.time() < deadline and still_going(slurm, job), job_log(slurm, job)
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
     info = wait_for(slurm, job, restarts=1)
@@ -143,7 +151,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
     job = sbatch(slurm, "single_node.sbatch", [], ["scripts/classify.py", *args, "--output_dir", str(out)])
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or len(read_jsonl(out / "metrics.jsonl")) < 3:
-        assert time.time() < deadline and job_info(slurm, job)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, job)
+        assert time.time() < deadline and still_going(slurm, job), job_log(slurm, job)
         time.sleep(0.5)
     # what SLURM does <grace> seconds before the time limit (--signal=B:USR1@...): USR1 to the batch script
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm[0], check=True)
