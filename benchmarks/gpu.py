@@ -11,7 +11,7 @@
 MFU follows the telemetry's convention (``ftkit.tracking.flops_per_token``: 6 x trainable +
 4 x frozen parameters + attention; for T5 each token counts the stack it passes through) against
 the device's peak dense bf16 FLOP/s. Timed: 10 steps
-after 3 warm-up steps, synchronised. Each configuration runs in its own process.
+after 3 warm-up steps, synchronised. Each configuration runs in its own process (with ``--tiny``, all in one).
 
 3. The recipe's speed and memory levers (``LEVERS``: recipe options), each alone over the recipe's
    settings at 4 x 1024, then together those that were faster at no more memory: tokens/s against the
@@ -214,6 +214,9 @@ def t5_full(model_dir: str, batch: int, source: int, target: int, overrides: dic
             "peak_gib": _peak_gib(device), "total_params": params, "profile": profiled}
 
 
+PROBES = {"qlora": qlora, "t5": t5_full}
+
+
 def build(workdir: str, kind: str, tiny: bool) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -239,8 +242,8 @@ def build(workdir: str, kind: str, tiny: bool) -> str:
 
 
 def main() -> int:
-    args = harness.probe_cli(__doc__, "tiny configs, CPU allowed: a smoke run of the code path",
-                             {"qlora": qlora, "t5": t5_full})
+    args = harness.probe_cli(__doc__, "tiny configs, CPU allowed: a smoke run of the code path (in one process)",
+                             PROBES)
     import torch
 
     if not torch.cuda.is_available() and not args.tiny:
@@ -251,10 +254,10 @@ def main() -> int:
     lever_shape = f"{shapes['lever'][0]}x{shapes['lever'][1]}"
 
     def record(name: str, into: dict, kind: str, probe_args: list) -> None:
-        """One probe in its own process; its result (or its failure: the sweep goes on) written at once, so that a
+        """One probe in its own process (with --tiny, in this one); its result (or its failure: the sweep goes on) written at once, so that a
         run cut short keeps what it measured."""
         try:
-            into[name] = harness.probe(__file__, kind, probe_args, args.tiny)
+            into[name] = harness.probe(__file__, kind, probe_args, args.tiny, PROBES if args.tiny else None)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             into[name] = {"error": str(e).strip().splitlines()[-1][:300]}
         print(f"{name}: {into[name]}", flush=True)
