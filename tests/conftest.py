@@ -49,20 +49,30 @@ def free_port() -> int:
 
 
 def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
-           launcher_config: str | None = None):
-    """``accelerate launch`` a script from scripts/ (or at an absolute path) as users do; returns the CompletedProcess."""
-    if launcher_config:
-        how = ["--config_file", launcher_config]
-    elif num_processes > 1:  # one process per rank, DDP over gloo (see the config's comment)
-        how = ["--config_file", os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml")]
+           launcher_config: str | None = None, launcher: bool | None = None):
+    """Run a script from scripts/ (or at an absolute path) as users do; returns the CompletedProcess. Several
+    processes, a launcher config or ``launcher=True``: ``accelerate launch``. One process otherwise: ``python
+    scripts/X.py``, which the README gives for one process too; the launcher's own start-up (it imports torch and
+    transformers before it starts the script: 4 s of CPU here) is then not paid by every test. Each script's
+    end-to-end run, the demo and the SLURM jobs go through the launcher."""
+    script = os.path.join(ROOT, "scripts", script)  # an absolute path stays as it is
+    if launcher is None:
+        launcher = num_processes > 1 or bool(launcher_config)
+    if not launcher:
+        cmd = [sys.executable, script, *args]
     else:
-        how = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd = [os.path.join(BIN, "accelerate"), "launch", *how, "--num_processes", str(num_processes),
-           "--main_process_port", str(free_port()),
-           os.path.join(ROOT, "scripts", script), *args]
+        if launcher_config:
+            how = ["--config_file", launcher_config]
+        elif num_processes > 1:  # one process per rank, DDP over gloo (see the config's comment)
+            how = ["--config_file", os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml")]
+        else:
+            how = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = [os.path.join(BIN, "accelerate"), "launch", *how, "--num_processes", str(num_processes),
+               "--main_process_port", str(free_port()), script, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        name = os.path.basename(script)
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 

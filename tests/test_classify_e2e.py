@@ -1,4 +1,5 @@
-"""End to end: `accelerate launch scripts/classify.py` on the three tiny recipes, as users run them."""
+"""End to end: `accelerate launch scripts/classify.py` on the three tiny recipes, as users run them (the module's
+trained runs; the tests' own one-process runs are `python scripts/classify.py`, see conftest.launch)."""
 
 import json
 import os
@@ -19,7 +20,7 @@ def runs(tmp_path_factory):
     out = {}
     for name in TINY:
         out[name] = tmp_path_factory.mktemp(name) / "run"
-        launch("classify.py", ["--config", TINY[name], "--output_dir", str(out[name])])
+        launch("classify.py", ["--config", TINY[name], "--output_dir", str(out[name])], launcher=True)
     return out
 
 

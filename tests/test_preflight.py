@@ -1,6 +1,6 @@
 """--preflight: its memory estimate against the peak a real run then reaches (tests/peak_memory.py), its schedule
 against what the run then does, the verdict and advice when a recipe does not fit, and bad input. Real scripts,
-real accelerate launch and DeepSpeed engines for the runs it is compared with."""
+real accelerate launch (runs of several processes) and DeepSpeed engines for the runs it is compared with."""
 
 import contextlib
 import json

@@ -1,4 +1,5 @@
-"""End to end: `accelerate launch scripts/t5_qa.py` on the tiny recipe, as users run it."""
+"""End to end: `accelerate launch scripts/t5_qa.py` on the tiny recipe, as users run it (the module's trained run;
+the tests' own one-process runs are `python scripts/t5_qa.py`, see conftest.launch)."""
 
 import json
 import os
@@ -21,7 +22,7 @@ def memorised(tmp_path_factory):
     out = root / "run"
     launch("t5_qa.py", ["--config", TINY, "--output_dir", str(out), "--train_file", str(questions),
                         "--validation_file", str(questions), "--val_split", "null", "--max_steps", "120",
-                        "--eval_steps", "60", "--save_steps", "60"])
+                        "--eval_steps", "60", "--save_steps", "60"], launcher=True)
     return out, questions
 
 

@@ -208,7 +208,7 @@ def test_one_process_runs_deepspeed_with_or_without_a_launcher_and_resumes(tmp_p
     first = run_python("classify.py", args + ["--max_steps", "3", "--output_dir", str(out)])
     assert first.returncode == 0, first.stderr[-3000:]
     assert os.path.isdir(out / "checkpoints" / "step_3" / "pytorch_model")  # DeepSpeed's own checkpoint
-    extended = launch("classify.py", args + ["--max_steps", "5", "--output_dir", str(out)], num_processes=1)
+    extended = launch("classify.py", args + ["--max_steps", "5", "--output_dir", str(out)], launcher=True)
     assert f"resumed from {out / 'checkpoints' / 'step_3'}" in extended.stderr
     assert json.load(open(out / "metrics.json"))["global_step"] == 5
 

@@ -1,4 +1,5 @@
-"""End to end: `accelerate launch scripts/qlora_summarize.py` on the tiny recipe, as users run it."""
+"""End to end: `accelerate launch scripts/qlora_summarize.py` on the tiny recipe, as users run it (the module's
+trained run; the tests' own one-process runs are `python scripts/qlora_summarize.py`, see conftest.launch)."""
 
 import json
 import os
@@ -22,7 +23,8 @@ def memorised(tmp_path_factory):
         "--config", TINY_SUMMARIZE, "--output_dir", str(out), "--train_file", TRAIN, "--test_file", TRAIN,
         "--max_train_samples", "8", "--num_test_compare", "8", "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "1", "--max_steps", "60", "--logging_steps", "1",
-        "--eval_steps", "30", "--save_steps", "30", "--num_eval_generate", "2", "--merge_adapter", "true"])
+        "--eval_steps", "30", "--save_steps", "30", "--num_eval_generate", "2", "--merge_adapter", "true"],
+        launcher=True)
     return out
 
 
