@@ -254,8 +254,8 @@ def main() -> int:
     lever_shape = f"{shapes['lever'][0]}x{shapes['lever'][1]}"
 
     def record(name: str, into: dict, kind: str, probe_args: list) -> None:
-        """One probe in its own process (with --tiny, in this one); its result (or its failure: the sweep goes on) written at once, so that a
-        run cut short keeps what it measured."""
+        """One probe in its own process (with --tiny, in this one); its result (or its failure: the sweep goes on)
+        written at once, so that a run cut short keeps what it measured."""
         try:
             into[name] = harness.probe(__file__, kind, probe_args, args.tiny, PROBES if args.tiny else None)
         except (RuntimeError, subprocess.TimeoutExpired) as e:
