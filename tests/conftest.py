@@ -55,11 +55,10 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     scripts/X.py``, which the README gives for one process too; the launcher's own start-up (it imports torch and
     transformers before it starts the script: 4 s of CPU here) is then not paid by every test. Each script's
     end-to-end run, the demo and the SLURM jobs go through the launcher."""
-    script = os.path.join(ROOT, "scripts", script)  # an absolute path stays as it is
     if launcher is None:
         launcher = num_processes > 1 or bool(launcher_config)
     if not launcher:
-        cmd = [sys.executable, script, *args]
+        proc = run_python(script, args, timeout=timeout)
     else:
         if launcher_config:
             how = ["--config_file", launcher_config]
@@ -68,16 +67,15 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
         else:
             how = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd = [os.path.join(BIN, "accelerate"), "launch", *how, "--num_processes", str(num_processes),
-               "--main_process_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+               "--main_process_port", str(free_port()), os.path.join(ROOT, "scripts", script), *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        name = os.path.basename(script)
-        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
 def run_python(script: str, args: list[str], timeout: int = 300, env: dict | None = None):
-    """Plain ``python scripts/<script>`` (for error paths and --predict); ``env`` overrides variables."""
+    """Plain ``python scripts/<script>`` (or at an absolute path), unchecked; ``env`` overrides variables."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
                           env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
