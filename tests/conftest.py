@@ -1,11 +1,15 @@
-"""Shared test helpers: run the real scripts as subprocesses (accelerate launch), import them."""
+"""Shared test helpers: run the real scripts as subprocesses (python, accelerate launch), import them."""
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -49,16 +53,16 @@ def free_port() -> int:
 
 
 def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
-           launcher_config: str | None = None, launcher: bool | None = None):
+           launcher_config: str | None = None, launcher: bool | None = None, fresh: bool = False):
     """Run a script from scripts/ (or at an absolute path) as users do; returns the CompletedProcess. Several
     processes, a launcher config or ``launcher=True``: ``accelerate launch``. One process otherwise: ``python
     scripts/X.py``, which the README gives for one process too; the launcher's own start-up (it imports torch and
     transformers before it starts the script: 4 s of CPU here) is then not paid by every test. Each script's
-    end-to-end run, the demo and the SLURM jobs go through the launcher."""
+    end-to-end run, the demo and the SLURM jobs go through the launcher. ``fresh``: see ``run_python``."""
     if launcher is None:
         launcher = num_processes > 1 or bool(launcher_config)
     if not launcher:
-        proc = run_python(script, args, timeout=timeout)
+        proc = run_python(script, args, timeout=timeout, fresh=fresh)
     else:
         if launcher_config:
             how = ["--config_file", launcher_config]
@@ -74,10 +78,83 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     return proc
 
 
-def run_python(script: str, args: list[str], timeout: int = 300, env: dict | None = None):
-    """Plain ``python scripts/<script>`` (or at an absolute path), unchecked; ``env`` overrides variables."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT,
-                          env={**script_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+def run_python(script: str, args: list[str], timeout: int = 300, env: dict | None = None, fresh: bool = False):
+    """``python scripts/<script>`` (or at an absolute path), unchecked; ``env`` overrides variables. The process is
+    forked from this worker's zygote (tests/zygote.py: the libraries imported once, 5-6 s of each run's start-up
+    saved), unless ``env`` is given (some are read at import) or ``fresh``: a new interpreter, with its own hash
+    seed, for runs compared exactly with another process's (resume), where a shared seed could hide an order that
+    differs between processes."""
+    argv = [sys.executable, os.path.join(ROOT, "scripts", script), *args]
+    if env or fresh:
+        return subprocess.run(argv, cwd=ROOT, env={**script_env(), **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout)
+    return _ZYGOTE.run(argv, timeout)
+
+
+class Zygote:
+    """This test worker's tests/zygote.py, started at its first run; its socket, log and runs' output in a folder."""
+
+    def __init__(self):
+        self.process = self.folder = None
+        self.runs = 0
+
+    def start(self):
+        self.folder = tempfile.mkdtemp(prefix="zygote")
+        self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py"), self.path("socket")],
+                                        cwd=ROOT, env=script_env(), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=open(self.path("zygote.log"), "w"))
+
+    def stop(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def connect(self, conn: socket.socket):
+        deadline = time.monotonic() + 300  # the zygote's imports: seconds, more on a busy machine
+        while True:
+            try:
+                return conn.connect(self.path("socket"))
+            except (FileNotFoundError, ConnectionRefusedError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("tests/zygote.py did not start: " + open(self.path("zygote.log")).read()[-3000:])
+                time.sleep(0.1)
+
+    def answer(self, stream) -> dict:
+        line = stream.readline()
+        if not line:
+            raise RuntimeError("tests/zygote.py ended: " + open(self.path("zygote.log")).read()[-3000:])
+        return json.loads(line)
+
+    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        self.runs += 1
+        out, err = self.path(f"{self.runs}.out"), self.path(f"{self.runs}.err")
+        with socket.socket(socket.AF_UNIX) as conn:
+            self.connect(conn)
+            stream = conn.makefile("rw")
+            stream.write(json.dumps({"argv": argv[1:], "cwd": ROOT, "env": script_env(), "stdout": out,
+                                     "stderr": err}) + "\n")
+            stream.flush()
+            pid = self.answer(stream)["pid"]
+            conn.settimeout(timeout)
+            try:
+                returncode = self.answer(stream)["returncode"]
+            except TimeoutError:
+                os.kill(pid, 9)
+                raise subprocess.TimeoutExpired(argv, timeout, open(out).read(), open(err).read())
+        stdout, stderr = open(out).read(), open(err).read()
+        os.remove(out)
+        os.remove(err)
+        return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+
+
+_ZYGOTE = Zygote()
+atexit.register(_ZYGOTE.stop)
 
 
 def load_script(name: str):

@@ -6,13 +6,11 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, launch, read_jsonl, run_python, script_env
+from conftest import ROOT, launch, read_jsonl, run_python
 
 pytestmark = pytest.mark.slow
 RECIPES = os.path.join(ROOT, "recipes", "tiny")
@@ -222,7 +220,7 @@ def measured_peak(tmp_path, script: str, args: list, processes: int = 1, zero: i
     measure = [os.path.join(ROOT, "tests", "peak_memory.py"), str(peak), os.path.join(ROOT, "scripts", script), *args,
                "--output_dir", str(out)]
     if processes == 1:
-        proc = subprocess.run([sys.executable, *measure], cwd=ROOT, env=script_env(), capture_output=True, text=True)
+        proc = run_python(measure[0], measure[1:])
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
         launch(measure[0], measure[1:], num_processes=processes, launcher_config=ZERO.get(zero))

@@ -32,7 +32,7 @@ SCRIPTS = {
 
 def _run(script, args, out, steps, processes):
     launch(script, args + ["--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "3",
-                           "--logging_steps", "1", "--save_total_limit", "5"], num_processes=processes)
+                           "--logging_steps", "1", "--save_total_limit", "5"], num_processes=processes, fresh=True)
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -79,10 +79,10 @@ def test_a_resumed_run_logs_the_loss_means_of_the_uninterrupted_one(tmp_path):
     # keeps the loss summed since the last log event), not step 4 alone
     args = SCRIPTS["classify.py"][0] + ["--max_steps", "6", "--save_steps", "3", "--logging_steps", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch("classify.py", args + ["--output_dir", str(straight)])
+    launch("classify.py", args + ["--output_dir", str(straight)], fresh=True)
     assert json.load(open(straight / "checkpoints" / "step_3" / "trainer_state.json"))["loss_since_log"][1] > 0
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    launch("classify.py", args + ["--output_dir", str(resumed)])
+    launch("classify.py", args + ["--output_dir", str(resumed)], fresh=True)
 
     def logged(out):
         return [(r["step"], r["train/loss"]) for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]
@@ -146,7 +146,7 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
              "--eval_steps", "2", "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "4",
              "--early_stopping_threshold", "100", "--load_best_model_at_end", "false"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    first = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"])
+    first = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"], fresh=True)
     assert ("[ftkit] early stopping at step 6: eval/accuracy has not improved by more than 100 on 1 (step 2) for 2 "
             "evaluation(s)") in first.stdout
     result = json.load(open(straight / "metrics.json"))
@@ -158,7 +158,7 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
     # preempted after step 4 (one evaluation without improvement): the resumed run stops at step 6 too, where a
     # patience counter that restarts from 0 would train on to step 8
     shutil.copytree(straight / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
-    launch("classify.py", early + ["--output_dir", str(resumed), "--early_stopping_patience", "2"])
+    launch("classify.py", early + ["--output_dir", str(resumed), "--early_stopping_patience", "2"], fresh=True)
     assert json.load(open(resumed / "metrics.json"))["global_step"] == 6
     assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl") if "eval/loss" in r] == [6]
     assert [(r["step"], r["train/loss"]) for r in read_jsonl(resumed / "metrics.jsonl") if "train/loss" in r] == [

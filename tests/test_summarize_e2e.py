@@ -159,12 +159,12 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     args = ["--config", TINY_SUMMARIZE, "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1",
             "--num_test_compare", "1", "--num_eval_generate", "0", "--max_new_tokens", "2", "--eval_steps", "1000"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch("qlora_summarize.py", args + ["--output_dir", str(straight), "--save_total_limit", "5"])
+    launch("qlora_summarize.py", args + ["--output_dir", str(straight), "--save_total_limit", "5"], fresh=True)
     state = json.load(open(straight / "checkpoints" / "step_3" / "trainer_state.json"))
     assert (state["epoch"], state["batches_in_epoch"]) == (0, 6)
     # a run that stopped after its step-3 checkpoint: its output_dir holds just that checkpoint
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    launch("qlora_summarize.py", args + ["--output_dir", str(resumed)])
+    launch("qlora_summarize.py", args + ["--output_dir", str(resumed)], fresh=True)
     losses = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl") if "train/loss" in r}
     resumed_losses = {r["step"]: r["train/loss"] for r in read_jsonl(resumed / "metrics.jsonl") if "train/loss" in r}
     assert sorted(resumed_losses) == [4, 5, 6]
