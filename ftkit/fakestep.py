@@ -143,7 +143,9 @@ def generation_bytes(model, rows: int, length: int, max_new_tokens: int, num_bea
     """The most bytes ``generate`` (greedy or beam search, with its KV cache) adds to ``live`` for ``rows`` prompts of
     ``length`` tokens, on fake tensors: its first forward (the prompt's; or the encoder's, then the decoder's first
     token, which fills the cross-attention cache) and its last, with the cache at full length (each step between
-    holds less than the last). Beam search runs every beam as a row; the encoder runs once per prompt."""
+    holds less than the last). Beam search runs every beam as a row; the encoder runs once per prompt. Beside each
+    forward's logits, the next token's scores as ``generate`` holds them: its fp32 copy of the step's, and the previous
+    step's (with beam search, their log-probabilities and those plus the running beam scores too)."""
     ids = torch.zeros(rows, length, dtype=torch.long)
     mask, rows, start = torch.ones_like(ids), rows * num_beams, live.now
     live.peak = start
@@ -157,16 +159,27 @@ def generation_bytes(model, rows: int, length: int, max_new_tokens: int, num_bea
         fixed, name, tokens = {"logits_to_keep": 1}, "input_ids", ids.repeat_interleave(num_beams, 0)
         mask = torch.ones_like(tokens)
 
+    held = []  # what generate keeps of a step's scores into the next step
+
     def forward(tokens, cache):
-        nonlocal mask
+        nonlocal mask, held
         extra = {}
         if mask is not None:  # a decoder's mask covers its cache and the new tokens
             if cache is not None:
                 mask = torch.cat([mask, mask.new_ones(rows, tokens.shape[1])], 1)
             extra["attention_mask"] = mask
         out = model(**{name: tokens}, cache=cache, use_cache=True, **fixed, **extra)
-        out.logits[:, -1].float()  # the next token's scores, in fp32
-        return out.cache
+        cache = out.cache
+        # generate copies the next token's scores to fp32 while the previous step's are still held
+        scores, held = out.logits[:, -1].to(copy=True, dtype=torch.float32), held[1:]
+        if num_beams == 1:
+            held = [scores]
+            return cache
+        # beam search: the log-probabilities (the previous step's sum goes), then those plus each beam's running score
+        log_probs, held = torch.log_softmax(scores, -1), []
+        del out
+        held = [scores, log_probs + 0.0]
+        return cache
 
     cache = forward(tokens, None)
     if max_new_tokens > 2:  # the cache grown to its size at the last step, not counted (the steps between hold less)
