@@ -99,6 +99,7 @@ class Zygote:
         self.runs = 0
 
     def start(self):
+        self.stop()  # one that ended (its folder with it)
         self.folder = tempfile.mkdtemp(prefix="zygote")
         self.process = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "zygote.py"), self.path("socket")],
                                         cwd=ROOT, env=script_env(), stdin=subprocess.DEVNULL,
@@ -136,17 +137,17 @@ class Zygote:
         out, err = self.path(f"{self.runs}.out"), self.path(f"{self.runs}.err")
         with socket.socket(socket.AF_UNIX) as conn:
             self.connect(conn)
-            stream = conn.makefile("rw")
-            stream.write(json.dumps({"argv": argv[1:], "cwd": ROOT, "env": script_env(), "stdout": out,
-                                     "stderr": err}) + "\n")
-            stream.flush()
-            pid = self.answer(stream)["pid"]
-            conn.settimeout(timeout)
-            try:
-                returncode = self.answer(stream)["returncode"]
-            except TimeoutError:
-                os.kill(pid, 9)
-                raise subprocess.TimeoutExpired(argv, timeout, open(out).read(), open(err).read())
+            with conn.makefile("rw") as stream:
+                stream.write(json.dumps({"argv": argv[1:], "cwd": ROOT, "env": script_env(), "stdout": out,
+                                         "stderr": err}) + "\n")
+                stream.flush()
+                pid = self.answer(stream)["pid"]
+                conn.settimeout(timeout)
+                try:
+                    returncode = self.answer(stream)["returncode"]
+                except TimeoutError:
+                    os.kill(pid, 9)
+                    raise subprocess.TimeoutExpired(argv, timeout, open(out).read(), open(err).read())
         stdout, stderr = open(out).read(), open(err).read()
         os.remove(out)
         os.remove(err)

@@ -1,5 +1,5 @@
 """End to end: `accelerate launch scripts/classify.py` on the three tiny recipes, as users run them (the module's
-trained runs; the tests' own one-process runs are `python scripts/classify.py`, see conftest.launch)."""
+trained runs; the tests' own one-process runs are started as `python scripts/classify.py`, see conftest.run_python)."""
 
 import json
 import os

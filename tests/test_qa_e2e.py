@@ -1,5 +1,5 @@
 """End to end: `accelerate launch scripts/t5_qa.py` on the tiny recipe, as users run it (the module's trained run;
-the tests' own one-process runs are `python scripts/t5_qa.py`, see conftest.launch)."""
+the tests' own one-process runs are started as `python scripts/t5_qa.py`, see conftest.run_python)."""
 
 import json
 import os

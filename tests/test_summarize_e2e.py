@@ -1,5 +1,6 @@
 """End to end: `accelerate launch scripts/qlora_summarize.py` on the tiny recipe, as users run it (the module's
-trained run; the tests' own one-process runs are `python scripts/qlora_summarize.py`, see conftest.launch)."""
+trained run; the tests' own one-process runs are started as `python scripts/qlora_summarize.py`, see
+conftest.run_python)."""
 
 import json
 import os
