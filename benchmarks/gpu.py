@@ -3,7 +3,7 @@
 1. Phi-2-shaped model (Phi-2's config: 2.7B parameters) under QLoRA as recipes/phi2_qlora_dialogsum.yaml
    sets it up (NF4 + double quantization, bf16 compute, LoRA r 32 on q/k/v/dense, gradient
    checkpointing, paged 8-bit AdamW), at batch 1 x 512 and 4 x 1024 tokens: tokens/s, MFU and peak
-   memory. Targets: MFU >= 30%; peak <= 4 GiB (1 x 512) and <= 6 GiB (4 x 1024).
+   memory. Targets (issue 14): MFU >= 25% and peak <= 4 GiB at 1 x 512; MFU >= 40% and peak <= 6 GiB at 4 x 1024.
 2. T5-base-shaped model, full fine-tune as recipes/t5_base_squad.yaml sets it up (float32 weights, as t5-base is
    stored on the hub, under bf16 autocast; AdamW, ``adamw_torch``), batch 32 x (512 in, 128 out): MFU, target >= 35%.
    (Until 2026-12 this row trained bf16 weights with fused AdamW, which is not the recipe's set-up.)
@@ -49,7 +49,8 @@ TINY = {"phi": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, 
 QLORA_SHAPES = [(1, 512), (4, 1024)]
 T5_SHAPE = (32, 512, 128)
 TINY_SHAPES = {"qlora": [(1, 128), (2, 256)], "lever": (2, 256), "t5": (4, 128, 32)}  # --tiny: the code path, fast
-TARGETS = {"qlora_mfu": 0.30, "qlora_peak_gib_1x512": 4.0, "qlora_peak_gib_4x1024": 6.0, "t5_mfu": 0.35}
+TARGETS = {"qlora_mfu_1x512": 0.25, "qlora_mfu_4x1024": 0.40, "qlora_peak_gib_1x512": 4.0, "qlora_peak_gib_4x1024": 6.0,
+           "t5_mfu": 0.35}
 WARMUP, TIMED = 3, 10
 LEVER_SHAPE = (4, 1024)
 # each over the recipe's settings; torch_compile last (its compilation is the longest probe)
@@ -324,8 +325,9 @@ def table(results: dict, levers: dict, t5_levers: dict, shapes: dict) -> list[st
              "targets |", "|---|---|---|---|---|---|---|"]
     for (batch, seq) in shapes["qlora"]:
         if (r := results.get(f"qlora {batch}x{seq}")) is not None:
-            peak = TARGETS.get(f"qlora_peak_gib_{batch}x{seq}")
-            lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {cells(r)} | MFU >= 30%"
+            mfu, peak = TARGETS.get(f"qlora_mfu_{batch}x{seq}"), TARGETS.get(f"qlora_peak_gib_{batch}x{seq}")
+            lines.append(f"| Phi-2-shaped, QLoRA | {batch} x {seq} | {cells(r)} | "
+                         + (f"MFU >= {100 * mfu:.0f}%" if mfu else "-")
                          + (f", peak <= {peak:.0f} GiB |" if peak else " |"))
     if (r := results.get("t5-base full")) is not None:
         lines.append(f"| T5-base-shaped, full | {shapes['t5'][0]} x ({shapes['t5'][1]} + {shapes['t5'][2]}) | "
