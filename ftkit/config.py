@@ -336,6 +336,8 @@ def with_saved_run(cls, config, key: str, marker: str):
     directory = getattr(config, key)
     if not os.path.isfile(os.path.join(directory, marker)):
         raise ConfigError(f"{key}: {directory} holds no {marker} (expected a trained output_dir/final)")
+    from ftkit.data import check_output_path  # (data imports this module)
+    check_output_path("prediction_file", config.prediction_file)
     saved = os.path.join(directory, "ftkit_config.yaml")
     if not os.path.isfile(saved):
         return config

@@ -158,14 +158,33 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
     return out
 
 
+def check_output_path(key: str, path: str | None, directory: bool = False) -> None:
+    """An output ``path`` (a file, or a ``directory``) that can be written where it is named: not a directory where a
+    file is meant, and no file where one of its folders would have to be made. One line now, not a traceback after the
+    model has loaded (and, for predictions, run)."""
+    if not path:
+        return
+    full = os.path.abspath(path)
+    if not directory and os.path.isdir(full):
+        raise ConfigError(f"{key}: {path} is a directory; name a file")
+    existing = full if directory else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        made = "is a file, not a directory" if existing == full else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"{key}: {path} {made}")
+
+
 def write_jsonl(path: str, rows) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str) -> None:
-    """``--predict``'s output: ``rows`` as jsonl to ``path`` (``--prediction_file``), else ``lines`` printed."""
+    """``--predict``'s output: ``rows`` as jsonl to ``path`` (``--prediction_file``; its folder made), else ``lines``
+    printed."""
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_jsonl(path, rows)
         print(f"wrote {len(rows)} {what} to {path}")
     else:

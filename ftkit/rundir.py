@@ -16,6 +16,7 @@ import time
 from ftkit.checkpoint import (RESCHEDULE_KEYS, config_changes, config_hash, explicit_checkpoint, list_checkpoints,
                               read_state, resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe
+from ftkit.data import check_output_path
 from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
@@ -86,6 +87,7 @@ def resume_path(config) -> str | None:
 def check_output_dir(config) -> None:
     """Refuse an ``output_dir`` that holds another run's config (before anything is loaded). With
     ``overwrite_output_dir`` the old run is set aside (see :func:`set_aside_earlier_run`), not resumed."""
+    check_output_path("output_dir", config.output_dir, directory=True)
     explicit = explicit_checkpoint(config)  # checked now, before anything is built or loaded
     resume = resume_path(config)
     if resume:

@@ -107,6 +107,12 @@ CASES = {
     "25 predict input with wrong columns": ("classify.py", lambda t: ["--predict", "--model", _trained_classifier(),
                                                                        "--input_file", write(t / "in.jsonl", '{"body": "hi"}\n')],
                                             "text_column: column 'text' not in", True),
+    "26 prediction_file is a directory": ("classify.py", lambda t: ["--predict", "--model", _trained_classifier(), "--text",
+                                                                     "hi", "--prediction_file", str(t)],
+                                          "prediction_file: {t} is a directory; name a file", True),
+    "26 prediction_file under a file": ("classify.py", lambda t: ["--predict", "--model", _trained_classifier(), "--text",
+                                                                  "hi", "--prediction_file", str(t / "out" / "keep.txt" / "p.jsonl")],
+                                        "/out/keep.txt/p.jsonl cannot be made: {t}/out/keep.txt is a file", True),
 }
 
 
@@ -144,7 +150,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, tmp_path, monkeypatch):
     proc = run_python(script, args, env=env_fix)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+    assert last.startswith("error: ") and expected.replace("{t}", str(tmp_path)) in last, last
     assert "Traceback" not in proc.stderr
     assert (out / "keep.txt").read_text() == "precious"
     if config_only:
@@ -159,6 +165,17 @@ def test_output_dir_of_another_run_is_refused_unless_overwrite(tmp_path):
     proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(out)])
     assert proc.returncode == 2 and "holds a run with a different config" in proc.stderr.strip().splitlines()[-1]
     assert sorted(os.listdir(out)) == ["config.yaml", "keep.txt"]
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_dir_that_is_a_file_or_under_one_is_one_line(tmp_path, under):
+    blocker = write(tmp_path / "notes.txt", "precious")
+    out = os.path.join(blocker, "run") if under else blocker
+    proc = run_python("t5_qa.py", ["--config", QA, "--output_dir", out])
+    last = proc.stderr.strip().splitlines()[-1]
+    expected = f"output_dir: {out} cannot be made: {blocker} is a file" if under else f"output_dir: {out} is a file, not"
+    assert proc.returncode == 2 and last.startswith("error: ") and expected in last, proc.stderr[-3000:]
+    assert open(blocker).read() == "precious" and os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_debug_shows_the_traceback_instead(tmp_path):

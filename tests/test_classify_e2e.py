@@ -62,9 +62,9 @@ def test_predict_mode_reproduces_the_saved_test_predictions(runs, tmp_path):
     _texts_file(tmp_path / "in.jsonl", saved)
     proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"] / "final"),
                                       "--input_file", str(tmp_path / "in.jsonl"),
-                                      "--prediction_file", str(tmp_path / "out.jsonl")])
+                                      "--prediction_file", str(tmp_path / "new" / "out.jsonl")])  # its folder made
     assert proc.returncode == 0, proc.stderr[-3000:]
-    again = read_jsonl(tmp_path / "out.jsonl")
+    again = read_jsonl(tmp_path / "new" / "out.jsonl")
     assert [r["prediction"] for r in again] == [r["prediction"] for r in saved]
     assert all(abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(again, saved))
 
