@@ -93,11 +93,7 @@ def resolve_resume_path(config) -> str | None:
     if explicit_checkpoint(config):
         return config.resume_from_checkpoint
     found = list_checkpoints(config.output_dir)
-    if not found:
-        if config.resume_from_checkpoint == "latest":
-            logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", config.output_dir)
-        return None
-    return found[-1][1]
+    return found[-1][1] if found else None
 
 
 # --- Trainable-only model state (LoRA adapters, partly frozen models) -----------------------------

@@ -82,6 +82,8 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
             epoch_batches = state.get("epoch_windows", windows_per_epoch) * config.gradient_accumulation_steps
             complete = state["batches_in_epoch"] >= epoch_batches
             state["epoch"], state["batches_in_epoch"] = state["epoch"] + complete, 0
+    elif config.resume_from_checkpoint == "latest":
+        logger.info("resume_from_checkpoint=latest: no checkpoint in %s yet, starting fresh", config.output_dir)
     state["epoch_windows"] = windows_per_epoch  # optimizer steps in an epoch of this data
     state.update(fingerprints or {})
     if acc.is_main_process:

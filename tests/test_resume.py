@@ -31,7 +31,7 @@ SCRIPTS = {
 
 
 def _run(script, args, out, steps, processes):
-    launch(script, args + ["--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "3",
+    return launch(script, args + ["--output_dir", str(out), "--max_steps", str(steps), "--save_steps", "3",
                            "--logging_steps", "1", "--save_total_limit", "5"], num_processes=processes, fresh=True)
 
 
@@ -95,9 +95,13 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
 
     classify = SCRIPTS["classify.py"][0] + ["--lr_scheduler_type", "linear", "--warmup_steps", "0"]
     out = tmp_path / "run"
-    _run("classify.py", classify, out, 3, 1)
-    extended = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
-                                                 "--logging_steps", "1", "--eval_steps", "2", "--save_total_limit", "5"])
+    latest = ["--resume_from_checkpoint", "latest"]  # what a run does in its output_dir anyway; said once when fresh
+    first = _run("classify.py", classify + latest, out, 3, 1)
+    assert first.stderr.count(f"resume_from_checkpoint=latest: no checkpoint in {out} yet, starting fresh") == 1
+    extended = launch("classify.py", classify + latest + ["--output_dir", str(out), "--max_steps", "6", "--save_steps",
+                                                          "3", "--logging_steps", "1", "--eval_steps", "2",
+                                                          "--save_total_limit", "5"])
+    assert f"resumed from {out / 'checkpoints' / 'step_3'} (step 3" in extended.stderr
     assert "max_steps: 3 -> 6" in extended.stderr and "eval_steps: 1000 -> 2" in extended.stderr
     assert "re-planned from the checkpoint's step" in extended.stderr
     assert json.load(open(out / "metrics.json"))["global_step"] == 6
