@@ -260,11 +260,26 @@ def _coerce(name: str, value: Any, tp, auto: bool = False) -> Any:
     return value
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (which YAML forbids; PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:  # the mapping's own keys (not those merged in with <<), as YAML types them
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, mark = self.construct_object(key_node), key_node.start_mark
+                if key in first:
+                    raise yaml.constructor.ConstructorError(problem=f"{key!r} given twice (first at {first[key]})",
+                                                            problem_mark=mark)
+                first[key] = f"{mark.line + 1}:{mark.column + 1}"
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_value(name, text):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeys)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name}: cannot parse {text!r}: {e.__class__.__name__}") from None
+        raise ConfigError(f"{name}: cannot parse {text!r}: {getattr(e, 'problem', None) or e.__class__.__name__}") from None
 
 
 def load_yaml_recipe(path: str) -> dict:
@@ -272,7 +287,7 @@ def load_yaml_recipe(path: str) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeys)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path

@@ -271,9 +271,15 @@ def read_deepspeed_config(path: str, key: str) -> dict:
     """A DeepSpeed JSON config as a dict; a missing file or invalid JSON is one clear error."""
     if not os.path.isfile(path):
         raise ConfigError(f"{key}: DeepSpeed config not found: {path}")
+    def unique(pairs):  # JSON, like Python's json, would keep a key's last value silently
+        if len(keys := [k for k, _ in pairs]) != len(set(keys)):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise ConfigError(f"{path}: {twice!r} given twice in one object of the DeepSpeed config; keep one")
+        return dict(pairs)
+
     try:
         with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
+            ds = json.load(f, object_pairs_hook=unique)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON in the DeepSpeed config ({e.msg})") from None
     if not isinstance(ds, dict):

@@ -46,6 +46,9 @@ CASES = {
                                "warmup_ratio: must be <= 1, got 1.5", True),
     "4 recipe that is not YAML": ("classify.py", lambda t: ["--config", write(t / "bad.yaml", "seed: 1\nlr: [1, 2\n")],
                                   "bad.yaml:3:1: invalid YAML", True),
+    "4 recipe key given twice": ("classify.py", lambda t: ["--config", write(t / "twice.yaml", open(SPAM).read() + "seed: 7\n")],
+                                 "twice.yaml:{n}:1: invalid YAML: 'seed' given twice (first at ".format(
+                                     n=len(open(SPAM).read().splitlines()) + 1), True),
     "5 missing data file": ("classify.py", lambda t: ["--config", SPAM, "--train_file", "data/nope.tsv"],
                             "train_file: file not found: data/nope.tsv", True),
     "6 unsupported extension": ("classify.py", lambda t: ["--config", SPAM, "--train_file", write(t / "d.xlsx", "x")],
@@ -83,6 +86,9 @@ CASES = {
                                     "deepspeed: DeepSpeed config not found: ds_configs/zero9.json", True),
     "16 DeepSpeed config not JSON": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(t / "ds.json", "{ stage: 2 }")],
                                      "ds.json:1:3: invalid JSON in the DeepSpeed config", True),
+    "16 DeepSpeed config with a key twice": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(
+        t / "ds.json", '{"zero_optimization": {"stage": 2, "stage": 3}}')],
+        "ds.json: 'stage' given twice in one object of the DeepSpeed config; keep one", True),
     "17 recipe / DeepSpeed conflict": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(
         t / "ds.json", json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))],
         "train_micro_batch_size_per_gpu is 2 but the recipe's per_device_train_batch_size is 8", True),

@@ -75,6 +75,22 @@ def test_invalid_yaml_reports_file_and_line(tmp_path):
         parse("--config", str(recipe))
 
 
+def test_a_key_given_twice_is_refused_at_its_second_place(tmp_path):
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text(open(TINY_SUMMARIZE).read() + "\nlearning_rate: 5.0e-4\n")
+    first = open(TINY_SUMMARIZE).read().splitlines().index("learning_rate: 1.0e-2") + 1
+    second = len(open(TINY_SUMMARIZE).read().splitlines()) + 2
+    with pytest.raises(ConfigError) as e:
+        parse("--config", str(recipe))
+    assert str(e.value) == f"{recipe}:{second}:1: invalid YAML: 'learning_rate' given twice (first at {first}:1)"
+    with pytest.raises(ConfigError, match=r"model_config: cannot parse .*'ham' given twice \(first at 1:2\)"):
+        parse("--config", TINY_SUMMARIZE, "--model_config", "{ham: 0, ham: 1}")
+    # a key that a merge (<<) brings in may be set again, and 1 and "1" are two keys
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n1: a\n'1': b\n")
+    assert cfg.load_yaml_recipe(str(merged)) == {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}, 1: "a", "1": "b"}
+
+
 def test_missing_recipe_file():
     with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
         parse("--config", "nope.yaml")
