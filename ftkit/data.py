@@ -191,11 +191,20 @@ def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: s
         print("\n".join(lines))
 
 
-def require_columns(ds, columns: dict, source: str) -> None:
-    """``columns`` maps option name -> column name; a missing one is one clear error."""
+def require_columns(ds, columns: dict, source: str, complete: tuple = ()) -> None:
+    """``columns`` maps option name -> column name; a missing column is one clear error, and so is a row without a
+    value (null: an empty CSV/TSV field, a JSON null or missing key) in a column whose option is in ``complete``: the
+    first such row (counted from 1 in the order read) and how many there are."""
+    import pyarrow.compute as pc
+
     for option, column in columns.items():
         if column not in ds.column_names:
             raise ConfigError(f"{option}: column {column!r} not in {source} (columns: {', '.join(ds.column_names)})")
+        values = ds.with_format("arrow")[column] if option in complete else None
+        if values is not None and values.null_count:
+            row = pc.index(pc.is_null(values), True).as_py() + 1
+            raise ConfigError(f"{option}: column {column!r} has no value in row {row} of {source} "
+                              f"({values.null_count} of {len(values)} rows have none)")
 
 
 def take_first(ds, n: int | None, seed: int | None = None):

@@ -91,14 +91,13 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
 
 def load_classification_splits(config) -> dict:
     splits = data.load_splits(config)
+    for name, ds in splits.items():  # as read, so that a row named is the file's; a missing text reads as ""
+        data.require_columns(ds, {**text_columns(config), "label_column": config.label_column}, f"the {name} data",
+                             complete=("label_column",))
     if config.balance == "undersample":  # S003 balances the one file, then splits it
-        data.require_columns(splits["train"], {"label_column": config.label_column}, "the train data")
         splits["train"] = data.undersample(splits["train"], config.label_column, config.split_seed)
     if config.split_ratios is not None:
         splits.update(data.split_by_ratios(splits["train"], config.split_ratios, config.split_seed))
-    columns = {**text_columns(config), "label_column": config.label_column}
-    for name, ds in splits.items():
-        data.require_columns(ds, columns, f"the {name} data")
     if "validation" not in splits:
         raise ConfigError("validation_file: a validation set is needed (or split_ratios to cut one from train_file)")
     splits["train"] = data.take_first(splits["train"], config.max_train_samples, config.subset_seed)

@@ -188,7 +188,7 @@ def main(config):
     splits = data.load_splits(config)
     for name, ds in splits.items():
         data.require_columns(ds, {"dialogue_column": config.dialogue_column, "summary_column": config.summary_column},
-                             f"the {name} data")
+                             f"the {name} data", complete=("dialogue_column", "summary_column"))
     if "validation" not in splits:
         raise ConfigError("validation_file: a validation set is needed for evaluation")
     raw_train = data.take_first(splits["train"], config.max_train_samples)
@@ -331,7 +331,7 @@ def predict(config):
     config = cfg.with_saved_run(SummarizeConfig, config, "adapter", "adapter_config.json")  # and its model options
     if config.input_file:
         inputs = data.load_local_file(config.input_file, "input_file")
-        data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file)
+        data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file, ("dialogue_column",))
         dialogues = inputs[config.dialogue_column]
     else:
         dialogues = [config.text]

@@ -65,6 +65,12 @@ CASES = {
                            "empty.tsv: holds no examples (empty file)", True),
     "10 empty after dropping over-long examples": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--max_length", "16"],
                                                    "train: no examples left: all 36 have >= max_length=16 tokens", False),
+    "10 null summary": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--train_file", write(t / "d.jsonl", "".join(
+        open(os.path.join(ROOT, "data", "dialogsum_sample_train.jsonl")).readlines()[:2]) + '{"dialogue": "#Person1#: Hi."}\n')],
+        "summary_column: column 'summary' has no value in row 3 of the train data (1 of 3 rows have none)", True),
+    "11 row without a label": ("classify.py", lambda t: ["--config", SPAM, "--train_file", write(
+        t / "s.tsv", "ham\tsee you at six\nspam\tWIN a prize now\n\tno label here\nham\tok\n")],
+        "label_column: column 'label' has no value in row 3 of the train data (1 of 4 rows have none)", True),
     "11 label outside num_labels": ("classify.py", lambda t: ["--config", SPAM, "--label_map", "null", "--column_names", "null",
                                                               "--split_ratios", "null", "--balance", "none",
                                                               "--train_file", write(t / "l.csv", "text,label\na,0\nb,1\nc,0\n"),
