@@ -155,7 +155,8 @@ def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, to
     """Batched tokenization (Arrow-backed, S000); truncation to max_length (marked), padding left to the collator."""
 
     def encode(batch, indices):
-        texts = [t if t is not None else "" for t in batch[config.text_column]]
+        # an empty text (a missing one reads as "") is the end-of-text token alone, not a row of no tokens
+        texts = [t or tokenizer.eos_token or "" for t in batch[config.text_column]]
         pairs = [t if t is not None else "" for t in batch[config.text_pair_column]] if config.text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=token_types)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],

@@ -78,6 +78,16 @@ def test_predict_one_text_pair_prints_label_and_probability(runs):
     assert label == row["prediction"] and abs(float(probability) - row["probability"]) < 1e-4
 
 
+def test_empty_and_missing_texts_are_labelled_too(runs, tmp_path):
+    # GPT-2's tokenizer makes no tokens of "": the row is its end-of-text token (a batch of no tokens failed)
+    (tmp_path / "in.jsonl").write_text('{"text": ""}\n{"text": null}\n{"id": 3}\n')
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"] / "final"), "--input_file",
+                                      str(tmp_path / "in.jsonl")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("\t") for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 3 and len({tuple(r) for r in rows}) == 1 and rows[0][0] in ("ham", "spam"), rows
+
+
 def test_the_best_checkpoint_is_reloaded_with_the_metrics_it_was_chosen_for(tmp_path):
     # Ranking by *lowest* accuracy picks an early, poor checkpoint: the final metrics must be its.
     out = tmp_path / "run"
