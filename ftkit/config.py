@@ -316,7 +316,8 @@ def help_text(cls, prog: str) -> str:
         tname = getattr(base, "__name__", str(base))
         extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}" if "choices" in f.metadata else ""
         lines.append(f"  --{f.name} {tname.upper()}{'|auto' if f.metadata.get('auto') else ''}{extra}")
-        lines.append(f"      {f.metadata.get('help', '')} (default: {default!r})")
+        said = f.metadata.get("help", "")  # a help text that explains its default is not followed by another
+        lines.append(f"      {said}" + ("" if "(default:" in said else f" (default: {default!r})"))
     return "\n".join(lines)
 
 

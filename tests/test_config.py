@@ -105,6 +105,10 @@ def test_help_lists_every_option_with_default_and_meaning(capsys):
                  "resume_from_checkpoint", "report_to"):
         assert f"--{name}" in out
     assert "(default: 0.0002)" in out and "Peak learning rate." in out
+    # one default each: a help text that explains its default (resume_from_checkpoint's, run_name's) is not followed
+    # by the field's value too
+    assert "(default: output_dir's name)" in out and not [line for line in out.splitlines() if line.count("(default:") > 1]
+    assert sum("(default:" in line for line in out.splitlines()) == out.count("\n  --")
 
 
 def test_print_config_prints_the_resolved_config_and_exits(capsys):
