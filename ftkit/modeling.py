@@ -5,6 +5,7 @@ loss (losses.py)."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -135,12 +136,18 @@ def auto_config(config):
     from transformers import AutoConfig
 
     if config.model_config is not None:
+        from transformers import CONFIG_MAPPING
+
         kwargs = dict(config.model_config)
         model_type = kwargs.pop("model_type")
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            raise ConfigError(f"model_config: unknown model_type {model_type!r} (" + (
+                f"did you mean {' or '.join(map(repr, close))}?)" if close else "transformers' names: phi, gpt2, bert, t5, ...)"))
         try:
             return AutoConfig.for_model(model_type, **kwargs)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"model_config: {e}") from None
+            raise ConfigError(f"model_config: {str(e).splitlines()[0]}") from None
     return load_config(config.model_name_or_path, config)
 
 
@@ -177,6 +184,11 @@ def prepare_source(config, accelerator, auto_model_cls, weights: bool = True, **
     stamp = _stamp(path, "model", [config.model_config, config.seed, config.tokenizer_files,
                                    config.tokenizer_vocab_size, config.tokenizer_name_or_path, model_kwargs])
     if accelerator.is_main_process and stamp is not None:
+        model_cfg = auto_config(config)
+        try:  # sizes its architecture refuses (a width the heads do not divide): one line, before anything is written
+            skeleton_of(model_cfg, auto_model_cls)
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"model_config: {str(e).splitlines()[0]}") from None
         os.makedirs(path, exist_ok=True)
         if config.tokenizer_files:
             tok = build_tokenizer(config.tokenizer_files, config.tokenizer_vocab_size, path,
@@ -184,7 +196,6 @@ def prepare_source(config, accelerator, auto_model_cls, weights: bool = True, **
         else:
             tok = load_tokenizer(config.tokenizer_name_or_path)
             tok.save_pretrained(path)
-        model_cfg = auto_config(config)
         model_cfg.vocab_size = len(tok)
         for key, value in model_kwargs.items():  # e.g. num_labels, id2label for a classifier
             setattr(model_cfg, key, value)
