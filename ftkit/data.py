@@ -162,8 +162,10 @@ def check_output_path(key: str, path: str | None, directory: bool = False) -> No
     """An output ``path`` (a file, or a ``directory``) that can be written where it is named: not a directory where a
     file is meant, and no file where one of its folders would have to be made. One line now, not a traceback after the
     model has loaded (and, for predictions, run)."""
-    if not path:
+    if path is None:
         return
+    if not path.strip():  # e.g. an unset shell variable: "" would be the current directory
+        raise ConfigError(f"{key}: empty; name a {'directory' if directory else 'file'}")
     full = os.path.abspath(path)
     if not directory and os.path.isdir(full):
         raise ConfigError(f"{key}: {path} is a directory; name a file")

@@ -78,17 +78,18 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     return proc
 
 
-def run_python(script: str, args: list[str], timeout: int = 300, env: dict | None = None, fresh: bool = False):
-    """``python scripts/<script>`` (or at an absolute path), unchecked; ``env`` overrides variables. The process is
-    forked from this worker's zygote (tests/zygote.py: the libraries imported once, 5-6 s of each run's start-up
-    saved), unless ``env`` is given (some are read at import) or ``fresh``: a new interpreter, with its own hash
-    seed, for runs compared exactly with another process's (resume), where a shared seed could hide an order that
-    differs between processes."""
+def run_python(script: str, args: list[str], timeout: int = 300, env: dict | None = None, fresh: bool = False,
+               cwd: str = ROOT):
+    """``python scripts/<script>`` (or at an absolute path) in ``cwd``, unchecked; ``env`` overrides variables. The
+    process is forked from this worker's zygote (tests/zygote.py: the libraries imported once, 5-6 s of each run's
+    start-up saved), unless ``env`` is given (some are read at import) or ``fresh``: a new interpreter, with its own
+    hash seed, for runs compared exactly with another process's (resume), where a shared seed could hide an order
+    that differs between processes."""
     argv = [sys.executable, os.path.join(ROOT, "scripts", script), *args]
     if env or fresh:
-        return subprocess.run(argv, cwd=ROOT, env={**script_env(), **(env or {})}, capture_output=True, text=True,
+        return subprocess.run(argv, cwd=cwd, env={**script_env(), **(env or {})}, capture_output=True, text=True,
                               timeout=timeout)
-    return _ZYGOTE.run(argv, timeout)
+    return _ZYGOTE.run(argv, timeout, cwd)
 
 
 class Zygote:
@@ -130,7 +131,7 @@ class Zygote:
             raise RuntimeError("tests/zygote.py ended: " + open(self.path("zygote.log")).read()[-3000:])
         return json.loads(line)
 
-    def run(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], timeout: float, cwd: str = ROOT) -> subprocess.CompletedProcess:
         if self.process is None or self.process.poll() is not None:
             self.start()
         self.runs += 1
@@ -138,7 +139,7 @@ class Zygote:
         with socket.socket(socket.AF_UNIX) as conn:
             self.connect(conn)
             with conn.makefile("rw") as stream:
-                stream.write(json.dumps({"argv": argv[1:], "cwd": ROOT, "env": script_env(), "stdout": out,
+                stream.write(json.dumps({"argv": argv[1:], "cwd": cwd, "env": script_env(), "stdout": out,
                                          "stderr": err}) + "\n")
                 stream.flush()
                 pid = self.answer(stream)["pid"]

@@ -184,14 +184,16 @@ def test_output_dir_of_another_run_is_refused_unless_overwrite(tmp_path):
     assert sorted(os.listdir(out)) == ["config.yaml", "keep.txt"]
 
 
-@pytest.mark.parametrize("under", [False, True])
-def test_an_output_dir_that_is_a_file_or_under_one_is_one_line(tmp_path, under):
+@pytest.mark.parametrize("case", ["a file", "under a file", "empty", "blank"])
+def test_an_output_dir_that_is_a_file_under_one_or_empty_is_one_line(tmp_path, case):
     blocker = write(tmp_path / "notes.txt", "precious")
-    out = os.path.join(blocker, "run") if under else blocker
-    proc = run_python("t5_qa.py", ["--config", QA, "--output_dir", out])
+    out = {"a file": blocker, "under a file": os.path.join(blocker, "run"), "empty": "", "blank": " "}[case]
+    proc = run_python("t5_qa.py", ["--config", QA, "--output_dir", out], cwd=str(tmp_path))  # "": the cwd
     last = proc.stderr.strip().splitlines()[-1]
-    expected = f"output_dir: {out} cannot be made: {blocker} is a file" if under else f"output_dir: {out} is a file, not"
-    assert proc.returncode == 2 and last.startswith("error: ") and expected in last, proc.stderr[-3000:]
+    expected = {"a file": f"output_dir: {out} is a file, not a directory",
+                "under a file": f"output_dir: {out} cannot be made: {blocker} is a file",
+                "empty": "output_dir: empty; name a directory", "blank": "output_dir: empty; name a directory"}[case]
+    assert proc.returncode == 2 and last == f"error: {expected}", proc.stderr[-3000:]
     assert open(blocker).read() == "precious" and os.listdir(tmp_path) == ["notes.txt"]
 
 
