@@ -271,6 +271,7 @@ def read_deepspeed_config(path: str, key: str) -> dict:
     """A DeepSpeed JSON config as a dict; a missing file or invalid JSON is one clear error."""
     if not os.path.isfile(path):
         raise ConfigError(f"{key}: DeepSpeed config not found: {path}")
+
     def unique(pairs):  # JSON, like Python's json, would keep a key's last value silently
         if len(keys := [k for k, _ in pairs]) != len(set(keys)):
             twice = next(k for k in keys if keys.count(k) > 1)
