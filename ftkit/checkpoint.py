@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic save, rotation, resume matching and loading, RNG state, export.
+"""Checkpoint files: atomic save, rotation, resume matching and loading, RNG state, export (and --predict's config
+from an export).
 Not here: when to save or evaluate, the trainer state's counters (loop.py); what a run finds in and leaves in its
 output_dir (rundir.py).
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from ftkit.config import ConfigError, RunError, to_dict
+from ftkit.config import ConfigError, RunError, build, load_yaml_recipe, to_dict
 
 logger = logging.getLogger("ftkit")
 
@@ -406,3 +407,17 @@ def export(accelerator, model, tokenizer, config, name: str = "final", **save_kw
         _replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def with_saved_run(cls, config, key: str, marker: str):
+    """A ``--predict`` config: the trained model or adapter in ``config.<key>`` (a directory holding
+    ``marker``), and the training run's options saved there under what the user set now."""
+    directory = getattr(config, key)
+    if not os.path.isfile(os.path.join(directory, marker)):
+        raise ConfigError(f"{key}: {directory} holds no {marker} (expected a trained output_dir/final)")
+    from ftkit.rundir import check_output_path  # (rundir imports this module)
+    check_output_path("prediction_file", config.prediction_file)
+    saved = os.path.join(directory, "ftkit_config.yaml")
+    if not os.path.isfile(saved):
+        return config
+    return build(cls, {**load_yaml_recipe(saved), **getattr(config, "explicit", {})}, where=saved)

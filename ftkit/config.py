@@ -200,12 +200,6 @@ class EvaluationArguments:
                                                "improvement for early_stopping_patience.", min=0)
 
 
-def greater_is_better(config) -> bool:
-    if config.greater_is_better is not None:
-        return config.greater_is_better
-    return not config.metric_for_best_model.endswith("loss")
-
-
 # --- Parsing --------------------------------------------------------------------------------------
 
 _TRUE = {"true", "yes", "1", "on"}
@@ -344,20 +338,6 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         sys.exit(0)
     return config
-
-
-def with_saved_run(cls, config, key: str, marker: str):
-    """A ``--predict`` config: the trained model or adapter in ``config.<key>`` (a directory holding
-    ``marker``), and the training run's options saved there under what the user set now."""
-    directory = getattr(config, key)
-    if not os.path.isfile(os.path.join(directory, marker)):
-        raise ConfigError(f"{key}: {directory} holds no {marker} (expected a trained output_dir/final)")
-    from ftkit.data import check_output_path  # (data imports this module)
-    check_output_path("prediction_file", config.prediction_file)
-    saved = os.path.join(directory, "ftkit_config.yaml")
-    if not os.path.isfile(saved):
-        return config
-    return build(cls, {**load_yaml_recipe(saved), **getattr(config, "explicit", {})}, where=saved)
 
 
 def run(config_cls, train, predict) -> None:

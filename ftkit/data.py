@@ -158,25 +158,6 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
     return out
 
 
-def check_output_path(key: str, path: str | None, directory: bool = False) -> None:
-    """An output ``path`` (a file, or a ``directory``) that can be written where it is named: not a directory where a
-    file is meant, and no file where one of its folders would have to be made. One line now, not a traceback after the
-    model has loaded (and, for predictions, run)."""
-    if path is None:
-        return
-    if not path.strip():  # e.g. an unset shell variable: "" would be the current directory
-        raise ConfigError(f"{key}: empty; name a {'directory' if directory else 'file'}")
-    full = os.path.abspath(path)
-    if not directory and os.path.isdir(full):
-        raise ConfigError(f"{key}: {path} is a directory; name a file")
-    existing = full if directory else os.path.dirname(full)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        made = "is a file, not a directory" if existing == full else f"cannot be made: {existing} is a file"
-        raise ConfigError(f"{key}: {path} {made}")
-
-
 def write_jsonl(path: str, rows) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

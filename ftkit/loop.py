@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, NamedTuple
 import torch
 
 from ftkit import checkpoint, distributed, rundir, tracking
-from ftkit.config import ConfigError, RunError, greater_is_better
+from ftkit.config import ConfigError, RunError
 
 logger = logging.getLogger("ftkit")
 
@@ -374,6 +374,13 @@ def planned(config, total_steps: int, windows_per_epoch: int) -> dict:
     return {"evaluation_steps": [s for s in steps if evaluation_due(config, s, total_steps, s % windows_per_epoch == 0)],
             "save_steps": [s for s in steps if save_due(config, s, total_steps, s % windows_per_epoch == 0)],
             "log_events": sum(log_due(config, s, total_steps) for s in steps)}
+
+
+def greater_is_better(config) -> bool:
+    """Whether a higher metric_for_best_model is better (default: unless it is a loss)."""
+    if config.greater_is_better is not None:
+        return config.greater_is_better
+    return not config.metric_for_best_model.endswith("loss")
 
 
 def evaluations_without_improvement(scores: dict, greater: bool, threshold: float = 0.0) -> int:

@@ -1,6 +1,7 @@
 """The output directory a run finds: another run's config (refused, or set aside with ``overwrite_output_dir``), a
 checkpoint to resume, the launch and the training data that wrote it, a run that would end before that checkpoint; all
-checked before any model is loaded. Not here: the checkpoint files themselves (checkpoint.py)."""
+checked before any model is loaded; and output paths that cannot be written. Not here: the checkpoint files
+themselves (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import time
 from ftkit.checkpoint import (RESCHEDULE_KEYS, config_changes, config_hash, explicit_checkpoint, list_checkpoints,
                               read_state, resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe
-from ftkit.data import check_output_path
 from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
@@ -77,6 +77,25 @@ def lock(config, main: bool) -> None:
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
     f.flush()
     _LOCK.append(f)
+
+
+def check_output_path(key: str, path: str | None, directory: bool = False) -> None:
+    """An output ``path`` (a file, or a ``directory``) that can be written where it is named: not a directory where a
+    file is meant, and no file where one of its folders would have to be made. One line now, not a traceback after the
+    model has loaded (and, for predictions, run)."""
+    if path is None:
+        return
+    if not path.strip():  # e.g. an unset shell variable: "" would be the current directory
+        raise ConfigError(f"{key}: empty; name a {'directory' if directory else 'file'}")
+    full = os.path.abspath(path)
+    if not directory and os.path.isdir(full):
+        raise ConfigError(f"{key}: {path} is a directory; name a file")
+    existing = full if directory else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        made = "is a file, not a directory" if existing == full else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"{key}: {path} {made}")
 
 
 def resume_path(config) -> str | None:

@@ -319,7 +319,7 @@ def predict(config):
     import datasets
     from transformers import AutoModelForSequenceClassification
 
-    config = cfg.with_saved_run(ClassifyConfig, config, "model", "config.json")  # and the run's data options
+    config = checkpoint.with_saved_run(ClassifyConfig, config, "model", "config.json")  # + its run's options
     if config.input_file:
         ds = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
         data.require_columns(ds, text_columns(config), config.input_file)

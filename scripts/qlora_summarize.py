@@ -328,7 +328,7 @@ def predict(config):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    config = cfg.with_saved_run(SummarizeConfig, config, "adapter", "adapter_config.json")  # and its model options
+    config = checkpoint.with_saved_run(SummarizeConfig, config, "adapter", "adapter_config.json")  # + run options
     if config.input_file:
         inputs = data.load_local_file(config.input_file, "input_file")
         data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file, ("dialogue_column",))

@@ -319,7 +319,7 @@ def predict(config):
     import datasets
     from transformers import AutoModelForSeq2SeqLM
 
-    config = cfg.with_saved_run(QAConfig, config, "model", "config.json")  # and the run's input options
+    config = checkpoint.with_saved_run(QAConfig, config, "model", "config.json")  # + its run's options
     if config.input_file:
         raw = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
         if config.answer_column not in raw.column_names:  # answers are optional when predicting
