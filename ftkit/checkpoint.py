@@ -392,7 +392,7 @@ def export(accelerator, model, tokenizer, config, name: str = "final", **save_kw
     """Write ``output_dir/<name>``: model (or adapter) + tokenizer + the run's config, atomically. Every rank calls it
     (gathering the state dict is collective under ZeRO-3); rank 0 writes to a temporary folder and renames it, so
     ``final/`` is never half written."""
-    from ftkit.config import save as save_config
+    from ftkit.rundir import save_config  # (rundir imports this module)
 
     accelerator.wait_for_everyone()
     final = os.path.join(config.output_dir, name)

@@ -120,7 +120,7 @@ class TrainingArguments:
     warmup_steps: int = opt(0, "Linear warmup steps (wins over warmup_ratio when > 0).", min=0)
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total optimizer steps.", min=0, max=1)
     num_train_epochs: float = opt(1.0, "Epochs to train (ignored when max_steps > 0).", min_exclusive=0)
-    max_steps: int = opt(-1, "Total optimizer steps; -1 means use num_train_epochs.", min=-1)
+    max_steps: int = opt(-1, "Total optimizer steps if > 0 (overrides num_train_epochs); -1 or 0: the epochs'.", min=-1)
     per_device_train_batch_size: int = opt(1, "Micro-batch size per process for training; auto: the largest that fits "
                                               "the device (--preflight's estimate, then one real step, halving on "
                                               "out-of-memory), taken out of gradient_accumulation_steps, which then "
@@ -293,6 +293,15 @@ def load_yaml_recipe(path: str) -> dict:
     return data or {}
 
 
+def _known(cls, values: dict, where: str) -> dict:
+    """``values``, whose keys must all be options of ``cls`` (else the error names the first unknown one and ``where``)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise _unknown(str(key), names, where)
+    return values
+
+
 def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else " (see --help)"
@@ -300,9 +309,10 @@ def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
 
 
 def help_text(cls, prog: str) -> str:
-    lines = [f"usage: {prog} [--config RECIPE.yaml] [--OPTION VALUE ...] [--print_config] [--help]", "",
+    lines = [f"usage: {prog} [--config RECIPE.yaml ...] [--OPTION VALUE ...] [--print_config] [--help]", "",
              (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
-             "Options (YAML recipe keys; a command-line --OPTION VALUE overrides the recipe):"]
+             "Options (YAML recipe keys; a later --config overrides an earlier one, a command-line --OPTION VALUE "
+             "overrides them all):"]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -325,9 +335,11 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
         if "-h" in argv or "--help" in argv:
             print(help_text(cls, prog))
             sys.exit(0)
-        config_path, print_config, overrides = _split_argv(argv, cls)
-        values = load_yaml_recipe(config_path) if config_path else {}
-        config = build(cls, values, overrides, where=config_path or "the command line")
+        config_paths, print_config, overrides = _split_argv(argv, cls)
+        values = {}  # recipes in the order given, a later one's keys replacing an earlier one's (whole values)
+        for path in config_paths:
+            values.update(_known(cls, load_yaml_recipe(path), path))
+        config = build(cls, values, overrides)
         # which options the user set (recipe or command line), e.g. to layer them over a saved config
         object.__setattr__(config, "explicit", {**values, **overrides})
     except ConfigError as e:
@@ -382,7 +394,7 @@ def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
 def _split_argv(argv, cls):
     names = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    config_path, print_config, overrides = None, False, {}
+    config_paths, print_config, overrides = [], False, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -399,7 +411,7 @@ def _split_argv(argv, cls):
         if key == "config":
             if not has_value:
                 raise ConfigError("--config needs a path to a YAML recipe")
-            config_path = val
+            config_paths.append(val)
         elif key == "print_config":
             print_config = True if not has_value else _coerce("print_config", val, bool)
         elif key in names:
@@ -410,16 +422,12 @@ def _split_argv(argv, cls):
             overrides[key] = val
         else:
             raise _unknown(key, sorted(names | {"config", "print_config"}), "the command line")
-    return config_path, print_config, overrides
+    return config_paths, print_config, overrides
 
 
 def build(cls, values: dict, overrides: dict | None = None, where: str = "the recipe"):
     """Merge recipe values and overrides into ``cls``, coercing types and validating."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            raise _unknown(str(key), names, where)
-    merged = {**values, **(overrides or {})}
+    merged = {**_known(cls, values, where), **(overrides or {})}
     hints, autos = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls) if f.metadata.get("auto")}
     kwargs = {k: _coerce(k, v, hints[k], k in autos) for k, v in merged.items()}
     config = cls(**kwargs)
@@ -488,11 +496,3 @@ def apply_debug(config) -> None:
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
-
-
-def save(config, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
-    os.replace(tmp, path)

@@ -65,8 +65,6 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
     or the latest in ``output_dir``: weights, optimizer and scheduler restored); writes config.yaml
     and starts the trackers. ``fingerprints``: of the training and validation data (:func:`rundir.check_data`);
     ``extra`` goes into the state (e.g. counts of dropped examples)."""
-    from ftkit.config import save as save_config
-
     acc.ftkit_scheduler = scheduler  # saved and loaded by checkpoint.save() / load() as JSON
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0, **extra}
     rundir.lock(config, acc.is_main_process)  # one run at a time in output_dir
@@ -87,7 +85,7 @@ def begin(acc, config, model, scheduler, total_steps: int, windows_per_epoch: in
     state["epoch_windows"] = windows_per_epoch  # optimizer steps in an epoch of this data
     state.update(fingerprints or {})
     if acc.is_main_process:
-        save_config(config, os.path.join(config.output_dir, "config.yaml"))
+        rundir.save_config(config, os.path.join(config.output_dir, "config.yaml"))
     return LoopState(acc, config, model, state, resume_path, total_steps, windows_per_epoch, batches_per_epoch)
 
 

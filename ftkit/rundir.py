@@ -14,9 +14,11 @@ import os
 import socket
 import time
 
+import yaml
+
 from ftkit.checkpoint import (RESCHEDULE_KEYS, config_changes, config_hash, explicit_checkpoint, list_checkpoints,
                               read_state, resolve_resume_path)
-from ftkit.config import ConfigError, build, load_yaml_recipe
+from ftkit.config import ConfigError, build, load_yaml_recipe, to_dict
 from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
@@ -96,6 +98,15 @@ def check_output_path(key: str, path: str | None, directory: bool = False) -> No
     if not os.path.isdir(existing):
         made = "is a file, not a directory" if existing == full else f"cannot be made: {existing} is a file"
         raise ConfigError(f"{key}: {path} {made}")
+
+
+def save_config(config, path: str) -> None:
+    """The resolved config as YAML at ``path`` (config.yaml; ftkit_config.yaml of an export), written atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 def resume_path(config) -> str | None:

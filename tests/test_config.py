@@ -61,6 +61,20 @@ def test_bad_values_name_the_key(argv, message):
     assert message in str(e.value)
 
 
+def test_recipes_given_in_order_layer_and_the_command_line_wins(tmp_path):
+    site = tmp_path / "site.yaml"  # e.g. a cluster's paths and batch over a shared recipe
+    site.write_text("learning_rate: 3.0e-4\nmodel_config: {model_type: phi, hidden_size: 32}\n")
+    c = parse("--config", TINY_SUMMARIZE, "--config", str(site), "--seed", "5")
+    assert (c.learning_rate, c.seed, c.optim) == (3e-4, 5, "paged_adamw_8bit")  # the site's, the command line's, the recipe's
+    assert c.model_config == {"model_type": "phi", "hidden_size": 32}  # a value is replaced whole, not merged
+    assert {"optim", "learning_rate", "seed"} <= set(c.explicit)
+    assert parse("--config", str(site), "--config", TINY_SUMMARIZE).learning_rate == 1e-2  # the later file wins
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("lora_rank: 8\n")
+    with pytest.raises(ConfigError, match=r"unknown option 'lora_rank' in .*typo.yaml \(did you mean 'lora_r'\?\)"):
+        parse("--config", TINY_SUMMARIZE, "--config", str(typo))
+
+
 def test_unknown_key_in_recipe_names_the_file_and_suggests(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(open(TINY_SUMMARIZE).read() + "\nlora_rank: 8\n")
