@@ -413,7 +413,16 @@ def with_saved_run(cls, config, key: str, marker: str):
     """A ``--predict`` config: the trained model or adapter in ``config.<key>`` (a directory holding
     ``marker``), and the training run's options saved there under what the user set now."""
     directory = getattr(config, key)
-    if not os.path.isfile(os.path.join(directory, marker)):
+    if os.path.isfile(os.path.join(directory, "final", marker)):  # a run's output_dir: the model it exported
+        directory = os.path.join(directory, "final")
+        setattr(config, key, directory)
+        object.__setattr__(config, "explicit", {**getattr(config, "explicit", {}), key: directory})
+    elif os.path.isfile(os.path.join(directory, "trainer_state.json")):
+        step = read_state(directory).get("global_step", "N")
+        raise ConfigError(f"{key}: {directory} is a training checkpoint (trainable weights and optimizer state), not a "
+                          f"model; export it with the training command plus --resume_from_checkpoint {directory} "
+                          f"--max_steps {step} --output_dir NEW_DIR, then name NEW_DIR/final")
+    elif not os.path.isfile(os.path.join(directory, marker)):
         raise ConfigError(f"{key}: {directory} holds no {marker} (expected a trained output_dir/final)")
     from ftkit.rundir import check_output_path  # (rundir imports this module)
     check_output_path("prediction_file", config.prediction_file)

@@ -55,7 +55,7 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
     trainable_modules: list | None = opt(None, "Train only these modules (names, prefixes or globs); default: all.")
     eval_on_train: bool = opt(False, "Also report final metrics on the training split (S003 does).")
     predict: bool = opt(False, "Label --text or --input_file with a trained --model instead of training.")
-    model: str | None = opt(None, "Directory of a trained model (output_dir/final) for --predict.")
+    model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
     text: str | None = opt(None, "One text to label with --predict.")
     text_pair: str | None = opt(None, "Second sentence of the pair to label with --predict.")
     input_file: str | None = opt(None, "File of texts (text_column[, text_pair_column]) to label with --predict.")

@@ -61,7 +61,7 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
     num_test_compare: int = opt(50, "Test examples for the final base-vs-fine-tuned ROUGE table.", min=1)
     max_new_tokens: int = opt(100, "Generation limit for summaries.", min=1)
     predict: bool = opt(False, "Summarize --text or --input_file with a trained --adapter instead of training.")
-    adapter: str | None = opt(None, "Directory of a trained adapter (output_dir/final) for --predict.")
+    adapter: str | None = opt(None, "A trained adapter for --predict: output_dir/final, or the output_dir.")
     input_file: str | None = opt(None, "File of dialogues (dialogue_column) to summarize with --predict.")
     text: str | None = opt(None, "One dialogue to summarize with --predict.")
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")

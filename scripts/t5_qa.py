@@ -64,7 +64,7 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
     no_repeat_ngram_size: int = opt(2, "Forbid repeating n-grams in generated answers (S004: 2; 0 off).", min=0)
     early_stopping: bool = opt(True, "Stop beam search when every beam has finished (S004).")
     predict: bool = opt(False, "Answer --question/--context or --input_file with a trained --model.")
-    model: str | None = opt(None, "Directory of a trained model (output_dir/final) for --predict.")
+    model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
     context: str | None = opt(None, "Context passage for --predict.")
     question: str | None = opt(None, "Question for --predict.")
     input_file: str | None = opt(None, "File of questions (question/context columns; answers optional) for --predict.")

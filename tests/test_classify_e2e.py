@@ -78,6 +78,32 @@ def test_predict_one_text_pair_prints_label_and_probability(runs):
     assert label == row["prediction"] and abs(float(probability) - row["probability"]) < 1e-4
 
 
+def test_predict_takes_a_runs_output_dir_and_explains_a_checkpoint(runs, tmp_path):
+    """--model RUN is RUN/final; --model RUN/checkpoints/step_N is refused with the command that exports it, and
+    that command writes a model in another output_dir (the best up to that step, reloaded as the run's end did),
+    leaving the run as it was."""
+    text = ["--text", "WIN a FREE prize, call now"]
+    final = run_python("classify.py", ["--predict", "--model", str(runs["spam"] / "final"), *text])
+    whole_run = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), *text])
+    assert whole_run.returncode == 0 and whole_run.stdout == final.stdout, whole_run.stderr[-2000:]
+
+    ckpt = max((runs["spam"] / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    step = ckpt.name.split("_")[1]
+    refused = run_python("classify.py", ["--predict", "--model", str(ckpt), *text])
+    error = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and error.startswith(f"error: model: {ckpt} is a training checkpoint"), error
+    assert f"--resume_from_checkpoint {ckpt} --max_steps {step} --output_dir NEW_DIR" in error, error
+
+    before = {p: p.stat().st_mtime_ns for p in runs["spam"].rglob("*") if p.is_file()}
+    exported = tmp_path / "step_model"
+    proc = run_python("classify.py", ["--config", TINY["spam"], "--resume_from_checkpoint", str(ckpt),
+                                      "--max_steps", step, "--output_dir", str(exported)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = run_python("classify.py", ["--predict", "--model", str(exported / "final"), *text])
+    assert again.returncode == 0 and again.stdout == final.stdout  # the last checkpoint: the run's own export
+    assert {p: p.stat().st_mtime_ns for p in runs["spam"].rglob("*") if p.is_file()} == before
+
+
 def test_empty_and_missing_texts_are_labelled_too(runs, tmp_path):
     # GPT-2's tokenizer makes no tokens of "": the row is its end-of-text token (a batch of no tokens failed)
     (tmp_path / "in.jsonl").write_text('{"text": ""}\n{"text": null}\n{"id": 3}\n')
