@@ -83,10 +83,18 @@ def explicit_checkpoint(config) -> bool:
     requested = config.resume_from_checkpoint
     if requested in (None, "latest"):
         return False
-    if not os.path.isfile(os.path.join(requested, STATE_FILE)):
-        raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})"
-                          if os.path.isdir(requested) else f"resume_from_checkpoint: no such directory: {requested}")
-    return True
+    if os.path.isfile(os.path.join(requested, STATE_FILE)):
+        return True
+    if not os.path.isdir(requested):
+        raise ConfigError(f"resume_from_checkpoint: no such directory: {requested} (or 'latest': output_dir's own)")
+    folder = os.path.normpath(requested)  # a run's output_dir, or its checkpoints/ folder?
+    found = [path for _, path in reversed(list_checkpoints(os.path.dirname(folder) if os.path.basename(folder) ==
+                                                           "checkpoints" else folder))]
+    if found:
+        others = "".join(", " + path for path in found[1:3]) + (", ..." if found[3:] else "")
+        raise ConfigError(f"resume_from_checkpoint: {requested} holds checkpoints but is not one; name one of them: "
+                          f"{found[0]} (the latest){others}")
+    raise ConfigError(f"resume_from_checkpoint: {requested} is incomplete (no {STATE_FILE})")
 
 
 def resolve_resume_path(config) -> str | None:

@@ -110,6 +110,10 @@ CASES = {
                                "resume_from_checkpoint: no such directory", True),
     "18 resume path incomplete": ("classify.py", lambda t: ["--config", SPAM, "--resume_from_checkpoint", str(_half_checkpoint(t))],
                                   "is incomplete (no trainer_state.json)", True),
+    "18 resume path a run's output_dir": ("classify.py", lambda t: ["--config", SPAM, "--resume_from_checkpoint",
+                                                                     str(_checkpointed_run(t) / "checkpoints")],
+                                          "checkpoints holds checkpoints but is not one; name one of them: "
+                                          "{t}/run/checkpoints/step_10 (the latest), {t}/run/checkpoints/step_5", True),
     "20 wandb without credentials": ("classify.py", lambda t: ["--config", SPAM, "--report_to", "wandb"],
                                      "report_to: wandb has no credentials", True),
     "21 model not cached offline": ("classify.py", lambda t: ["--config", SPAM, "--model_config", "null",
@@ -137,6 +141,14 @@ def _half_checkpoint(tmp):
     path = tmp / "half" / "step_3"
     os.makedirs(path)
     return path
+
+
+def _checkpointed_run(tmp):  # an output_dir with two complete checkpoints and a half-written one
+    for name in ("step_5", "step_10", ".tmp_step_15"):
+        os.makedirs(tmp / "run" / "checkpoints" / name)
+        if not name.startswith("."):
+            (tmp / "run" / "checkpoints" / name / "trainer_state.json").write_text("{}")
+    return tmp / "run"
 
 
 _TRAINED = {}
