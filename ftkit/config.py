@@ -47,7 +47,7 @@ class ModelArguments:
     model_config: dict | None = opt(None, "Build the model from this config instead of loading weights (random "
                                           "init, e.g. {model_type: phi, hidden_size: 64, ...}; offline tiny recipes).")
     tokenizer_name_or_path: str | None = opt(None, "Tokenizer hub id or directory (default: the model's).")
-    tokenizer_files: list | None = opt(None, "Train a small byte-level BPE tokenizer on these text/json/csv files "
+    tokenizer_files: list[str] | None = opt(None, "Train a small byte-level BPE tokenizer on these text/json/csv files "
                                              "(offline recipes).")
     tokenizer_vocab_size: int = opt(1024, "Vocabulary size of a tokenizer trained from tokenizer_files.", min=64)
     trust_remote_code: bool = opt(False, "Allow model code from the hub to run (off unless the recipe sets it).")
@@ -74,7 +74,7 @@ class LoraArguments:
     lora_r: int = opt(32, "LoRA rank.", min=1)
     lora_alpha: float = opt(32.0, "LoRA scaling numerator (scale = alpha / r).", min_exclusive=0)
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", min=0, max=1)
-    lora_target_modules: list = opt(["q_proj", "k_proj", "v_proj", "dense"], "Module name suffixes to adapt.")
+    lora_target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "dense"], "Module name suffixes to adapt.")
     lora_bias: str = opt("none", "Which biases LoRA trains.", choices=["none", "all", "lora_only"])
     merge_adapter: bool = opt(False, "Also write a merged full model to output_dir/final_merged/.")
 
@@ -93,7 +93,7 @@ class DataArguments:
     max_train_samples: int | None = opt(None, "Use only the first N training examples.", min=1)
     max_eval_samples: int | None = opt(None, "Use only the first N validation examples.", min=1)
     subset_seed: int | None = opt(None, "Draw the max_*_samples subsets at random with this seed (default: first N).")
-    column_names: list | None = opt(None, "Column names of csv/tsv files that have no header row.")
+    column_names: list[str] | None = opt(None, "Column names of csv/tsv files that have no header row.")
     file_format: str | None = opt(None, "Read local files as this format whatever their extension.",
                                   choices=[None, "json", "jsonl", "csv", "tsv", "parquet"])
     max_length: int | None = opt(None, "Max tokens per example (default: from the model config, else 1024).", min=8)
@@ -161,7 +161,7 @@ class TrackingArguments:
     report_to: str = opt("none", "Experiment tracker.", choices=["none", "wandb", "tensorboard", "all"])
     project_name: str = opt("ftkit", "Tracker project name.")
     run_name: str | None = opt(None, "Tracker run name (default: output_dir's name).")
-    tags: list | None = opt(None, "W&B run tags.")
+    tags: list[str] | None = opt(None, "W&B run tags.")
     group: str | None = opt(None, "W&B run group (to gather the runs of a sweep).")
     peak_tflops: float | None = opt(None, "Peak TFLOP/s of one device for the MFU estimate (default: "
                                           "A100 312, H100/H200 989; none on CPU).", min_exclusive=0)
@@ -207,17 +207,18 @@ _FALSE = {"false", "no", "0", "off"}
 
 
 def _base_type(tp):
-    """(base type, optional?) of a hint like ``int | None``."""
-    args = typing.get_args(tp)
+    """(base type, optional?) of a hint like ``int | None``; a list's items' type stays: ``list[float]``."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        non_none = [a for a in args if a is not type(None)]
+        non_none = [a for a in typing.get_args(tp) if a is not type(None)]
         return (non_none[0] if len(non_none) == 1 else str), True
-    return (typing.get_origin(tp) or tp), False
+    return tp, False
 
 
 def _coerce(name: str, value: Any, tp, auto: bool = False) -> Any:
     """Convert a YAML or command-line value to the field's type (or "auto" where ``auto``), or raise ConfigError."""
     base, optional = _base_type(tp)
+    item_type = typing.get_args(base)[0] if typing.get_origin(base) is list else None
+    base = typing.get_origin(base) or base
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
             return None
@@ -246,7 +247,7 @@ def _coerce(name: str, value: Any, tp, auto: bool = False) -> Any:
                      else [v.strip() for v in text.split(",") if v.strip()])
         if not isinstance(value, base):
             raise ConfigError(f"{name}: expected {'a list' if base is list else 'a mapping'}, got {value!r}")
-        return value
+        return [_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value)] if item_type else value
     if base is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -317,7 +318,7 @@ def help_text(cls, prog: str) -> str:
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         base, _ = _base_type(hints[f.name])
-        tname = getattr(base, "__name__", str(base))
+        tname = str(base) if typing.get_origin(base) is list else getattr(base, "__name__", str(base))
         extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}" if "choices" in f.metadata else ""
         lines.append(f"  --{f.name} {tname.upper()}{'|auto' if f.metadata.get('auto') else ''}{extra}")
         said = f.metadata.get("help", "")  # a help text that explains its default is not followed by another

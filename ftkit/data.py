@@ -210,13 +210,19 @@ def undersample(ds, label_column: str, seed: int):
     return ds.select(sorted(keep))
 
 
+def check_split_ratios(ratios: list[float], validation_file: str | None = None) -> None:
+    if validation_file:
+        raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
+    if len(ratios) not in (2, 3) or not all(isinstance(r, (int, float)) and r > 0 for r in ratios):
+        raise ConfigError(f"split_ratios: give 2 or 3 positive fractions (train, validation[, test]), got {ratios}")
+
+
 def split_by_ratios(ds, ratios: list[float], seed: int) -> dict:
     """Shuffle once with ``seed`` and cut into train/validation[/test] by ``ratios`` (S003: 70/10/20). Sizes are
     ``floor(ratio * n)`` but for the last part, which takes the rest: no example lost or shared between parts."""
     import numpy as np
 
-    if len(ratios) not in (2, 3) or not all(isinstance(r, (int, float)) and r > 0 for r in ratios):
-        raise ConfigError(f"split_ratios: give 2 or 3 positive fractions (train, validation[, test]), got {ratios}")
+    check_split_ratios(ratios)
     names = ["train", "validation", "test"][: len(ratios)]
     order = np.random.default_rng(seed).permutation(len(ds)).tolist()
     total = sum(ratios)

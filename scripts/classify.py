@@ -48,11 +48,11 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
     label_column: str = opt("label", "Column holding the label (int, string or hub ClassLabel).")
     label_map: dict | None = opt(None, "Map from the data's label values to class ids, e.g. {ham: 0, spam: 1}.")
     num_labels: int | None = opt(None, "Number of classes (default: from label_map, the data or ClassLabel).", min=2)
-    split_ratios: list | None = opt(None, "Split train_file into train/validation[/test], e.g. [0.7, 0.1, 0.2].")
+    split_ratios: list[float] | None = opt(None, "Split train_file into train/validation[/test], e.g. [0.7, 0.1, 0.2].")
     balance: str = opt("none", "Balance the classes before splitting (undersample: as many as the rarest).",
                        choices=["none", "undersample"])
     split_seed: int = opt(123, "Seed for balancing and split_ratios (S003: 123).", min=0)
-    trainable_modules: list | None = opt(None, "Train only these modules (names, prefixes or globs); default: all.")
+    trainable_modules: list[str] | None = opt(None, "Train only these modules (names, prefixes or globs); default: all.")
     eval_on_train: bool = opt(False, "Also report final metrics on the training split (S003 does).")
     predict: bool = opt(False, "Label --text or --input_file with a trained --model instead of training.")
     model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
@@ -75,8 +75,8 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
         if self.load_in_4bit or self.load_in_8bit:
             raise ConfigError("load_in_4bit/load_in_8bit: quantized weights cannot be fine-tuned without "
                               "adapters; classification trains full weights or trainable_modules")
-        if self.split_ratios is not None and self.validation_file:
-            raise ConfigError("split_ratios: splits one train_file; remove it or validation_file")
+        if self.split_ratios is not None:
+            data.check_split_ratios(self.split_ratios, self.validation_file)
         if self.label_map is not None:
             if flags := [k for k in self.label_map if isinstance(k, bool)]:
                 raise ConfigError(f"label_map: key {flags[0]} is YAML's reading of an unquoted yes/no/on/off; "

@@ -1,14 +1,16 @@
 """Recipes + command-line overrides, types, --help/--print_config, and every error path."""
 
+import os
 
 import pytest
 import yaml
 
-from conftest import TINY_SUMMARIZE, load_script, run_python
+from conftest import ROOT, TINY_SUMMARIZE, load_script, run_python
 from ftkit import checkpoint, config as cfg
 from ftkit.config import ConfigError
 
 qs = load_script("qlora_summarize")
+TINY_SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
 
 
 def parse(*argv):
@@ -39,6 +41,20 @@ def test_bare_flag_sets_a_boolean_and_yaml_lists_parse():
     assert c.gradient_checkpointing is True and c.lora_target_modules == ["dense", "fc1"]
 
 
+def test_list_items_take_the_options_item_type_from_either_list_form():
+    cs = load_script("classify")
+    for given in ("0.7,0.3", "[0.7, 0.3]", "[7e-1, 3e-1]"):  # the comma form gave strings, refused later by the split
+        c = cfg.parse(cs.ClassifyConfig, ["--config", TINY_SPAM, "--split_ratios", given], exit_on_error=False)
+        assert c.split_ratios == [0.7, 0.3] and all(type(r) is float for r in c.split_ratios), given
+    c = cfg.parse(cs.ClassifyConfig, ["--config", TINY_SPAM, "--tags", "[1, b]"], exit_on_error=False)
+    assert c.tags == ["1", "b"]
+    for given, message in (("0.7,x", "split_ratios[1]: expected a number, got 'x'"),
+                           ("0.7", "split_ratios: give 2 or 3 positive fractions (train, validation[, test]), got [0.7]")):
+        with pytest.raises(ConfigError) as e:  # before any data is read
+            cfg.parse(cs.ClassifyConfig, ["--config", TINY_SPAM, "--split_ratios", given], exit_on_error=False)
+        assert str(e.value) == message
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--learning_rat", "1e-4"], "unknown option 'learning_rat' in the command line (did you mean 'learning_rate'?)"),
     (["--learning_rate", "fast"], "learning_rate: expected a number, got 'fast'"),
@@ -54,6 +70,7 @@ def test_bare_flag_sets_a_boolean_and_yaml_lists_parse():
     (["--load_in_8bit", "true"], "load_in_4bit and load_in_8bit: choose one"),
     (["--train_file", "none", "--dataset_name", "none"], "train_file: required"),
     (["--lora_target_modules", "[]"], "lora_target_modules: empty list"),
+    (["--lora_target_modules", "[q_proj, [v_proj]]"], "lora_target_modules[1]: expected a string, got ['v_proj']"),
 ])
 def test_bad_values_name_the_key(argv, message):
     with pytest.raises(ConfigError) as e:
