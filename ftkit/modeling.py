@@ -178,17 +178,26 @@ def prepare_source(config, accelerator, auto_model_cls, weights: bool = True, **
     is built with random weights (seeded), saved with its tokenizer to ``output_dir/base_model/`` and then loaded like
     any pretrained checkpoint, so the offline runs follow exactly the code path of real ones; without ``weights``
     (``--preflight``) only the tokenizer and the model's config are written there."""
+    model_cfg = auto_config(config) if config.model_config is not None else None
+    try:  # sizes its architecture refuses (a width the heads do not divide): one line, before anything is written
+        model_cfg and skeleton_of(model_cfg, auto_model_cls)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"model_config: {str(e).splitlines()[0]}") from None
+    # an attention kernel that is unknown or that the model lacks; one this machine lacks (its package, a hub kernel) only
+    # where it is to run, not in --preflight, which a login node without the GPU's packages makes for the GPU
+    if config.attn_implementation and (weights or "/" not in config.attn_implementation):
+        try:
+            skeleton_of(model_cfg or load_config(config.model_name_or_path, config), auto_model_cls,
+                        attn_implementation=config.attn_implementation)
+        except (ValueError, ImportError) as e:
+            if weights or not isinstance(e, ImportError):
+                raise ConfigError(f"attn_implementation: {str(e).splitlines()[0]}") from None
     if config.model_config is None:
         return config.model_name_or_path
     path = os.path.abspath(os.path.join(config.output_dir, "base_model"))
     stamp = _stamp(path, "model", [config.model_config, config.seed, config.tokenizer_files,
                                    config.tokenizer_vocab_size, config.tokenizer_name_or_path, model_kwargs])
     if accelerator.is_main_process and stamp is not None:
-        model_cfg = auto_config(config)
-        try:  # sizes its architecture refuses (a width the heads do not divide): one line, before anything is written
-            skeleton_of(model_cfg, auto_model_cls)
-        except (ValueError, TypeError, AssertionError) as e:
-            raise ConfigError(f"model_config: {str(e).splitlines()[0]}") from None
         os.makedirs(path, exist_ok=True)
         if config.tokenizer_files:
             tok = build_tokenizer(config.tokenizer_files, config.tokenizer_vocab_size, path,

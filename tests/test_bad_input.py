@@ -114,6 +114,10 @@ CASES = {
                                                                      str(_checkpointed_run(t) / "checkpoints")],
                                           "checkpoints holds checkpoints but is not one; name one of them: "
                                           "{t}/run/checkpoints/step_10 (the latest), {t}/run/checkpoints/step_5", True),
+    "19 attention kernel unknown": ("t5_qa.py", lambda t: ["--config", QA, "--attn_implementation", "sdpa2"],
+                                    "attn_implementation: Specified `attn_implementation=\"sdpa2\"` is not supported", True),
+    "19 attention kernel the model lacks": ("t5_qa.py", lambda t: ["--config", QA, "--attn_implementation", "flash_attention_2"],
+                                            "attn_implementation: T5ForConditionalGeneration does not support Flash Attention 2", True),
     "20 wandb without credentials": ("classify.py", lambda t: ["--config", SPAM, "--report_to", "wandb"],
                                      "report_to: wandb has no credentials", True),
     "21 model not cached offline": ("classify.py", lambda t: ["--config", SPAM, "--model_config", "null",

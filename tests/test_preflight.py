@@ -289,8 +289,12 @@ def test_the_logits_line_is_the_output_layer_output_at_the_longest_batch_or_one_
 
 
 def test_a_gpu_target_is_estimated_with_bf16_and_checkpointing_on_a_cpu(tmp_path):
-    # a GPU job checked on a login node: CUDA's rules, checkpointed blocks recomputed under them too
+    # a GPU job checked on a login node: CUDA's rules, checkpointed blocks recomputed under them too; a kernel whose
+    # package only the GPU nodes have is not refused here (training refuses it where it is missing, test_bad_input)
     args = PHI + ["--preflight_device", "cuda", "--bf16", "true", "--gradient_checkpointing", "true"]
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        args += ["--attn_implementation", "flash_attention_2"]
     report, stdout = preflight_of(tmp_path, "qlora_summarize.py", args)
     assert report["device"] == "cuda" and "preflight: 1 process(es) on cuda" in stdout
     activations = report["memory"]["activations_gb"]
