@@ -12,8 +12,16 @@ if not _torch.cuda.is_available():
 
 import logging as _logging
 
-# On a CPU with AVX512-BF16, bitsandbytes tries at import to fetch an optional 4-bit kernel from the hub
-# (kernels-community) and warns when it cannot (offline, or its publisher untrusted), before every error line and
-# run; it then uses its own CPU kernel, so the run is the same. The notice says nothing a user can act on.
+# On a CPU with AVX512-BF16, bitsandbytes asks the hub at its import for an optional 4-bit kernel (kernels-community)
+# and warns when it cannot have it (offline, its publisher untrusted; the `kernels` package adds a warning of its own
+# offline): before every run and error line. It then runs its own CPU kernel: the run is the same, and the notices say
+# nothing a user can act on.
+_BNB_HUB_KERNEL = "kernels-community/quantization-bitsandbytes"
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+_logging.getLogger("kernels._internals.hf_hub").addFilter(lambda record: _BNB_HUB_KERNEL not in record.getMessage())
+
+import warnings as _warnings
+
+# peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` in every get_peft_model: a notice for peft
+_warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

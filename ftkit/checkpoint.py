@@ -257,6 +257,7 @@ def save(accelerator, config, state: dict) -> str:
     if accelerator.is_main_process:
         _replace(tmp, final)
         _rotate(root, config.save_total_limit, state.get("scores"), state.get("greater_is_better", True))
+        logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
 

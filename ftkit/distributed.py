@@ -77,6 +77,9 @@ def accelerator(config):
     level = logging.INFO if acc.is_main_process else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
     logger.setLevel(level)
+    # accelerate's six lines per checkpoint (ftkit logs one) and rouge-score's "Using default tokenizer" per scoring
+    for name in ("accelerate.accelerator", "accelerate.checkpointing", "absl"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by accelerate launch from its config or flag
     if acc.is_main_process and launcher and launcher != acc.mixed_precision:
         logger.warning("mixed precision: %s, as the recipe's bf16: %s says; the launcher's mixed_precision %s is not "

@@ -400,7 +400,7 @@ def training_setup(model, config, pad_token_id: int | None = None):
         model.config.pad_token_id = pad_token_id
     freeze_except(model, getattr(config, "trainable_modules", None))
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     compile_blocks(model, config)
     return model
@@ -413,15 +413,12 @@ def add_lora(model, config, task_type: str):
     if config.load_in_4bit:
         keep_4bit_training_layout(model)
     kbit, checkpointing = config.load_in_4bit or config.load_in_8bit, {"use_reentrant": False}
-    if kbit and config.upcast_unquantized_weights:
-        # freezes the base, casts its unquantized bf16/fp16 weights to fp32; gradient checkpointing set up here too
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    else:
-        if kbit:  # frozen as above, without the cast (non-reentrant checkpointing needs no input gradients)
-            model.requires_grad_(False)
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if kbit and config.upcast_unquantized_weights:  # freezes the base, casts its unquantized bf16/fp16 weights to fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif kbit:  # frozen as above, without the cast (non-reentrant checkpointing needs no input gradients)
+        model.requires_grad_(False)
+    if config.gradient_checkpointing:  # (peft's k-bit preparation would call transformers' deprecated name for this)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     if config.use_peft:
         model = get_peft_model(model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias=config.lora_bias,

@@ -1,5 +1,7 @@
 """Model building, LoRA target checks, optimizers and the token-summed loss."""
 
+import os
+
 import pytest
 import torch
 
@@ -175,18 +177,25 @@ def test_a_4bit_model_being_trained_never_takes_the_cpu_inference_layout(tmp_pat
     assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_warnings_kept():
-    # the notice comes at import on AVX512-BF16 CPUs only; the same logger's records are sent on any CPU here
+def test_bitsandbytes_hub_kernel_notices_are_dropped_and_other_warnings_kept():
+    # they come at import on AVX512-BF16 CPUs only (the real import below); the same loggers' records are sent on any CPU
     import subprocess
     import sys
 
     code = ("import logging, ftkit, bitsandbytes; logging.basicConfig(format='%(message)s')\n"
+            "import bitsandbytes.backends.cpu.ops\n"
             "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
-            "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: offline')\n"
-            "log.warning('another warning')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "another warning" in proc.stderr, proc.stderr[-2000:]
-    assert "kernels-community" not in proc.stderr, proc.stderr[-2000:]
+            "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s', 'offline')\n"
+            "log.warning('another warning')\n"
+            "log = logging.getLogger('kernels._internals.hf_hub')\n"
+            "log.warning('Skipping publisher trust check for %r (offline)', 'kernels-community/quantization-bitsandbytes')\n"
+            "log.warning('Skipping publisher trust check for %r (offline)', 'kernels-community/flash-attn')")
+    for offline in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": offline})
+        assert proc.returncode == 0 and "another warning" in proc.stderr, proc.stderr[-2000:]
+        assert "kernels-community/flash-attn" in proc.stderr, proc.stderr[-2000:]  # another kernel's is kept
+        assert "bitsandbytes" not in proc.stderr and "gemm_4bit" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_4bit_weight_already_in_the_cpu_inference_layout_is_restored_for_training(tmp_path, tiny_tokenizer):

@@ -102,6 +102,7 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
                                                           "3", "--logging_steps", "1", "--eval_steps", "2",
                                                           "--save_total_limit", "5"])
     assert f"resumed from {out / 'checkpoints' / 'step_3'} (step 3" in extended.stderr
+    assert f"saved checkpoint {out / 'checkpoints' / 'step_6'}" in extended.stderr  # what the rerun below must not say
     assert "max_steps: 3 -> 6" in extended.stderr and "eval_steps: 1000 -> 2" in extended.stderr
     assert "re-planned from the checkpoint's step" in extended.stderr
     assert json.load(open(out / "metrics.json"))["global_step"] == 6
@@ -122,7 +123,7 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
     saved = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
     again = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
                                               "--logging_steps", "1", "--eval_steps", "2", "--save_total_limit", "5"])
-    assert "Saving current state" not in again.stderr and json.load(open(out / "metrics.json"))["global_step"] == 6
+    assert "saved checkpoint" not in again.stderr and json.load(open(out / "metrics.json"))["global_step"] == 6
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == saved
 
     # a resume cannot shorten the run: refused by max_steps before anything is loaded, by epochs once the data is
@@ -173,7 +174,7 @@ def test_early_stopping_holds_across_a_resume_and_a_rerun_and_more_patience_trai
     # the same command again trains nothing and rewrites no checkpoint; a larger patience trains on
     saved = {p: p.stat().st_mtime_ns for p in (straight / "checkpoints").rglob("*")}
     again = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "2"])
-    assert "[ftkit] this run stopped early at step 6" in again.stdout and "Saving current state" not in again.stderr
+    assert "[ftkit] this run stopped early at step 6" in again.stdout and "saved checkpoint" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in (straight / "checkpoints").rglob("*")} == saved
     more = launch("classify.py", early + ["--output_dir", str(straight), "--early_stopping_patience", "3"])
     assert "[ftkit] early stopping at step 8" in more.stdout
