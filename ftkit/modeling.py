@@ -179,10 +179,11 @@ def prepare_source(config, accelerator, auto_model_cls, weights: bool = True, **
     any pretrained checkpoint, so the offline runs follow exactly the code path of real ones; without ``weights``
     (``--preflight``) only the tokenizer and the model's config are written there."""
     model_cfg = auto_config(config) if config.model_config is not None else None
-    try:  # sizes its architecture refuses (a width the heads do not divide): one line, before anything is written
-        model_cfg and skeleton_of(model_cfg, auto_model_cls)
-    except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"model_config: {str(e).splitlines()[0]}") from None
+    if model_cfg is not None:  # sizes its architecture refuses (a width the heads do not divide): one line, first
+        try:
+            skeleton_of(model_cfg, auto_model_cls)
+        except (ValueError, TypeError, AssertionError) as e:
+            raise ConfigError(f"model_config: {str(e).splitlines()[0]}") from None
     # an attention kernel that is unknown or that the model lacks; one this machine lacks (its package, a hub kernel) only
     # where it is to run, not in --preflight, which a login node without the GPU's packages makes for the GPU
     if config.attn_implementation and (weights or "/" not in config.attn_implementation):
