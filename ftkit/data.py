@@ -40,11 +40,17 @@ def _scan_text_file(path: str, ext: str) -> None:
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
-    if ext == ".jsonl" or (ext == ".json" and not text.lstrip().startswith(("[", "{\"data\""))):
+    if ext == ".json":
+        try:  # one document, however laid out: an array of rows, {"data": rows}, columns
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # else JSON lines, checked line by line
+    if ext in (".json", ".jsonl"):
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -86,13 +92,13 @@ def load_squad_json(path: str, doc: dict):
     return datasets.Dataset.from_dict(rows)
 
 
-def _squad_json(path: str) -> dict | None:
+def _json_with_data(path: str) -> dict | None:
     """A .json file holding one object with a ``data`` key, read (JSON lines fail to parse as one document)."""
     with open(path, "rb") as f:
-        if not f.read(64).lstrip().startswith(b"{"):
+        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
             return None
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
@@ -107,20 +113,24 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
     import datasets
 
     ext = _check_local_file(path, key, file_format)
-    squad = _squad_json(path) if ext == ".json" else None
-    if squad is not None:
-        return load_squad_json(path, squad)
+    doc = _json_with_data(path) if ext == ".json" else None
+    rows = doc is not None and isinstance(doc["data"], list) and doc["data"] and all(  # not SQuAD's articles
+        isinstance(row, dict) and "paragraphs" not in row and not set(row) <= {"title"} for row in doc["data"])
+    if doc is not None and not rows:  # the official SQuAD layout (a malformed one is named as such)
+        return load_squad_json(path, doc)
     if ext in (".json", ".jsonl", ".csv", ".tsv"):
         _scan_text_file(path, ext)
     if ext != ".parquet":
         with open(path, "rb") as f:
             if not f.read(65536).strip():
                 raise ConfigError(f"{path}: holds no examples (empty file)")
-    kwargs = {"encoding": "utf-8-sig"} if ext in (".csv", ".tsv") else {}  # a byte-order mark is not a column name
+    kwargs = {"encoding": "utf-8-sig"} if ext != ".parquet" else {}  # a byte-order mark is not a column name
     if ext == ".tsv":  # real TSV corpora (MRPC, SMS spam) hold stray quote characters: no quoting at all
         kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
     if column_names and ext in (".csv", ".tsv"):
         kwargs["column_names"] = list(column_names)
+    if rows:  # {"data": [{...}, ...]}: the rows under "data"
+        kwargs["field"] = "data"
     try:
         ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={"data": path}, split="data", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
@@ -156,22 +166,6 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
     if "train" not in out:
         raise ConfigError(f"train_split: {config.train_split!r} not in {config.dataset_name} (has {list(dd)})")
     return out
-
-
-def write_jsonl(path: str, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str) -> None:
-    """``--predict``'s output: ``rows`` as jsonl to ``path`` (``--prediction_file``; its folder made), else ``lines``
-    printed."""
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_jsonl(path, rows)
-        print(f"wrote {len(rows)} {what} to {path}")
-    else:
-        print("\n".join(lines))
 
 
 def require_columns(ds, columns: dict, source: str, complete: tuple = ()) -> None:

@@ -1,7 +1,7 @@
 """The output directory a run finds: another run's config (refused, or set aside with ``overwrite_output_dir``), a
 checkpoint to resume, the launch and the training data that wrote it, a run that would end before that checkpoint; all
-checked before any model is loaded; and output paths that cannot be written. Not here: the checkpoint files
-themselves (checkpoint.py)."""
+checked before any model is loaded; output paths that cannot be written; and the plain files a run writes (config.yaml,
+jsonl predictions). Not here: the checkpoint files themselves (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -107,6 +107,22 @@ def save_config(config, path: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+def write_jsonl(path: str, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str) -> None:
+    """``--predict``'s output: ``rows`` as jsonl to ``path`` (``--prediction_file``; its folder made), else ``lines``
+    printed."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_jsonl(path, rows)
+        print(f"wrote {len(rows)} {what} to {path}")
+    else:
+        print("\n".join(lines))
 
 
 def resume_path(config) -> str | None:

@@ -298,7 +298,7 @@ def main(config):
                                f"loss {report[n]['loss']:.4f}  ({report[n]['examples']} examples)" for n in shown))
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         split, preds, probs = predictions
-        data.write_jsonl(os.path.join(config.output_dir, f"predictions_{split}.jsonl"),
+        rundir.write_jsonl(os.path.join(config.output_dir, f"predictions_{split}.jsonl"),
                          prediction_rows(splits[split], config, names, preds, probs, gold=labels[split]))
     run.close()
 
@@ -342,7 +342,7 @@ def predict(config):
     _, preds, probs = evaluate(acc, model, dl, len(names))
     if not acc.is_main_process:
         return
-    data.write_or_print(config.prediction_file, prediction_rows(ds, config, names, preds, probs),
+    rundir.write_or_print(config.prediction_file, prediction_rows(ds, config, names, preds, probs),
                         [f"{names[pred]}\t{prob:.4f}" for pred, prob in zip(preds, probs)], "predictions")
 
 

@@ -297,7 +297,7 @@ def main(config):
                   "delta": {k: tuned[k] - base_scores[k] for k in tuned},
                   "num_test_examples": min(len(raw_test), config.num_test_compare), **run.state}
         json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
-        data.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), (
+        rundir.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), (
             {"id": row.get("id"), "prediction": pred, "reference": row[config.summary_column]}
             for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions)))
     run.close()
@@ -343,7 +343,7 @@ def predict(config):
     summaries = summarize(acc, model, tokenizer, config, dialogues)
     if not acc.is_main_process:
         return
-    data.write_or_print(config.prediction_file, [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)],
+    rundir.write_or_print(config.prediction_file, [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)],
                         summaries, "summaries")
 
 if __name__ == "__main__":

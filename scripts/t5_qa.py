@@ -299,7 +299,7 @@ def main(config):
         per_example = scores.pop("per_example")
         report = {"split": eval_name, **scores, "eval_loss": final_loss, **run.state}
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
-        data.write_jsonl(os.path.join(config.output_dir, "predictions.jsonl"),
+        rundir.write_jsonl(os.path.join(config.output_dir, "predictions.jsonl"),
                          prediction_rows(splits[eval_name], predictions, per_example))
     run.close()
 
@@ -341,7 +341,7 @@ def predict(config):
     if scored:
         print(f"exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['examples']} questions)")
     rows = prediction_rows(ds, predictions, scores["per_example"] if scored else None)
-    data.write_or_print(config.prediction_file, rows, predictions, "answers")
+    rundir.write_or_print(config.prediction_file, rows, predictions, "answers")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,24 @@ def test_missing_file_is_named():
         data.load_local_file("nope.jsonl", "validation_file")
 
 
+def test_json_rows_load_in_every_common_layout(tmp_path):
+    # lines, with a byte-order mark (Windows editors), an array, {"data": rows} (as datasets' field="data"), pretty
+    # printed or not, and a .json file of JSON lines: the same rows; {"data": ...} in SQuAD's layout stays SQuAD's
+    rows = [{"dialogue": "A: hi", "summary": "greeting"}, {"dialogue": "B: bye", "summary": "farewell"}]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    layouts = {"lines.jsonl": lines, "bom.jsonl": "\ufeff" + lines, "lines.json": lines,
+               "array.json": json.dumps(rows, indent=2), "data.json": json.dumps({"version": 2, "data": rows}, indent=2),
+               "data_bom.json": "\ufeff" + json.dumps({"data": rows})}
+    for name, text in layouts.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        ds = data.load_local_file(str(tmp_path / name))
+        assert ds.column_names == ["dialogue", "summary"] and ds.to_list() == rows, name
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"id": "1", "question": "q"}]}]}]}
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    with pytest.raises(ConfigError, match=r"not SQuAD JSON: data\[0\]\.paragraphs\[0\]\.qas\[0\] has no 'answers'"):
+        data.load_local_file(str(tmp_path / "squad.json"))
+
+
 def test_tsv_with_stray_quotes_loads_verbatim(tmp_path):
     path = tmp_path / "spam.tsv"
     path.write_text('label\ttext\nham\t"Hi" she said\nspam\tWIN "free prize\n')
