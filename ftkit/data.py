@@ -45,11 +45,17 @@ def _scan_text_file(path: str, ext: str) -> None:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 (byte offset {e.start}: {raw[e.start:e.start + 1]!r})") from None
     if ext == ".json":
-        try:  # one document, however laid out: an array of rows, {"data": rows}, columns
-            json.loads(text)
-            return
+        try:  # one document, however laid out: an array of rows, {"data": rows}, one row
+            doc = json.loads(text)
         except json.JSONDecodeError:
-            pass  # else JSON lines, checked line by line
+            doc = None  # else JSON lines, checked line by line
+        if isinstance(doc, dict) and "data" not in doc and doc and all(isinstance(v, (list, dict)) for v in doc.values()):
+            raise ConfigError(f"{path}: one JSON object of columns, not rows; write JSON lines, an array of objects or "
+                              f"{{\"data\": [objects]}} (pandas: to_json(orient='records'))")
+        if isinstance(doc, list) and not all(isinstance(row, dict) for row in doc):
+            raise ConfigError(f"{path}: a JSON array of rows must hold objects only")
+        if doc is not None:
+            return
     if ext in (".json", ".jsonl"):
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():

@@ -193,6 +193,8 @@ def test_missing_column_lists_the_columns_that_exist():
     ("c.jsonl", '{"a": 1}\n[1, 2]\n', r"c.jsonl:2: each JSON line must be an object"),
     ("d.csv", b"text,label\nok,1\nbad \xff\xfe,0\n", r"d.csv:3: not UTF-8 \(byte offset 20"),
     ("e.jsonl", "", r"e.jsonl: holds no examples"),
+    ("f.json", '{\n  "dialogue": ["A: hi"],\n  "summary": ["greeting"]\n}', r"f.json: one JSON object of columns, not rows"),
+    ("g.json", '[{"a": 1}, [1]]', r"g.json: a JSON array of rows must hold objects only"),
 ])
 def test_bad_files_give_one_clear_error(tmp_path, name, content, message):
     path = tmp_path / name
