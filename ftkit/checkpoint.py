@@ -418,11 +418,12 @@ def export(accelerator, model, tokenizer, config, name: str = "final", **save_kw
     return final
 
 
-def with_saved_run(cls, config, key: str, marker: str):
-    """A ``--predict`` config: the trained model or adapter in ``config.<key>`` (a directory holding
-    ``marker``), and the training run's options saved there under what the user set now."""
-    directory = getattr(config, key)
-    if os.path.isfile(os.path.join(directory, "final", marker)):  # a run's output_dir: the model it exported
+def with_saved_run(cls, config, key: str, marker: str | tuple):
+    """A ``--predict`` config: the trained model or adapter in ``config.<key>`` (a directory holding ``marker``, or
+    one of them), and the training run's options saved there under what the user set now."""
+    directory, markers = getattr(config, key), (marker,) if isinstance(marker, str) else marker
+    exported = lambda folder: any(os.path.isfile(os.path.join(folder, m)) for m in markers)  # noqa: E731
+    if exported(os.path.join(directory, "final")):  # a run's output_dir: the model it exported
         directory = os.path.join(directory, "final")
         setattr(config, key, directory)
         object.__setattr__(config, "explicit", {**getattr(config, "explicit", {}), key: directory})
@@ -431,8 +432,8 @@ def with_saved_run(cls, config, key: str, marker: str):
         raise ConfigError(f"{key}: {directory} is a training checkpoint (trainable weights and optimizer state), not a "
                           f"model; export it with the training command plus --resume_from_checkpoint {directory} "
                           f"--max_steps {step} --output_dir NEW_DIR, then name NEW_DIR/final")
-    elif not os.path.isfile(os.path.join(directory, marker)):
-        raise ConfigError(f"{key}: {directory} holds no {marker} (expected a trained output_dir/final)")
+    elif not exported(directory):
+        raise ConfigError(f"{key}: {directory} holds no {' or '.join(markers)} (expected a trained output_dir/final)")
     from ftkit.rundir import check_output_path  # (rundir imports this module)
     check_output_path("prediction_file", config.prediction_file)
     saved = os.path.join(directory, "ftkit_config.yaml")

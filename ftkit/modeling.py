@@ -366,6 +366,26 @@ def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quant
         raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e)})") from None
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model a PEFT adapter directory names (its adapter_config.json), or None where ``path`` holds none."""
+    adapter_config = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(adapter_config):
+        return None
+    with open(adapter_config) as f:
+        return json.load(f)["base_model_name_or_path"]
+
+
+def load_trained(auto_model_cls, path: str, config, accelerator=None):
+    """A trained export for ``--predict``: an adapter over the base it names, loaded as the training run loaded it, or
+    a whole model (a full fine-tune, a merged adapter) with the recipe's dtype and quantization options."""
+    base = adapter_base(path)
+    if base is None:
+        return load_pretrained(auto_model_cls, path, config, accelerator)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_pretrained(auto_model_cls, base, config, accelerator), path)
+
+
 def keep_4bit_training_layout(model) -> int:
     """Keep every 4-bit weight of a model that will train in the layout training reads; returns the 4-bit layers' count.
 

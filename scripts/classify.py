@@ -299,7 +299,7 @@ def main(config):
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         split, preds, probs = predictions
         rundir.write_jsonl(os.path.join(config.output_dir, f"predictions_{split}.jsonl"),
-                         prediction_rows(splits[split], config, names, preds, probs, gold=labels[split]))
+                           prediction_rows(splits[split], config, names, preds, probs, gold=labels[split]))
     run.close()
 
 
@@ -343,7 +343,7 @@ def predict(config):
     if not acc.is_main_process:
         return
     rundir.write_or_print(config.prediction_file, prediction_rows(ds, config, names, preds, probs),
-                        [f"{names[pred]}\t{prob:.4f}" for pred, prob in zip(preds, probs)], "predictions")
+                          [f"{names[pred]}\t{prob:.4f}" for pred, prob in zip(preds, probs)], "predictions")
 
 
 if __name__ == "__main__":

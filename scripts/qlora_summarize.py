@@ -61,7 +61,8 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
     num_test_compare: int = opt(50, "Test examples for the final base-vs-fine-tuned ROUGE table.", min=1)
     max_new_tokens: int = opt(100, "Generation limit for summaries.", min=1)
     predict: bool = opt(False, "Summarize --text or --input_file with a trained --adapter instead of training.")
-    adapter: str | None = opt(None, "A trained adapter for --predict: output_dir/final, or the output_dir.")
+    adapter: str | None = opt(None, "A trained adapter (or whole model: use_peft false, final_merged) for --predict: "
+                                    "output_dir/final, or the output_dir.")
     input_file: str | None = opt(None, "File of dialogues (dialogue_column) to summarize with --predict.")
     text: str | None = opt(None, "One dialogue to summarize with --predict.")
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
@@ -308,27 +309,22 @@ def merge(config, adapter_dir: str, out_dir: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = modeling.load_pretrained(AutoModelForCausalLM, _base_of(adapter_dir), config, quantize=False)
+    base = modeling.load_pretrained(AutoModelForCausalLM, modeling.adapter_base(adapter_dir), config, quantize=False)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     modeling.load_tokenizer(adapter_dir).save_pretrained(out_dir)
+    rundir.save_config(config, os.path.join(out_dir, "ftkit_config.yaml"))  # --predict reads its options there too
     logger.info("merged model written to %s", out_dir)
-
-
-def _base_of(adapter_dir: str) -> str:
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        return json.load(f)["base_model_name_or_path"]
 
 
 # --- Prediction with a trained adapter ------------------------------------------------------------
 
 
 def predict(config):
-    """Summarize new dialogues with ``--adapter``, loading the base as the training run did."""
-    from peft import PeftModel
+    """Summarize new dialogues with ``--adapter`` (loading the base as the training run did) or a whole model."""
     from transformers import AutoModelForCausalLM
 
-    config = checkpoint.with_saved_run(SummarizeConfig, config, "adapter", "adapter_config.json")  # + run options
+    config = checkpoint.with_saved_run(SummarizeConfig, config, "adapter", ("adapter_config.json", "config.json"))
     if config.input_file:
         inputs = data.load_local_file(config.input_file, "input_file")
         data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file, ("dialogue_column",))
@@ -338,13 +334,12 @@ def predict(config):
     config.report_to = "none"
     acc = distributed.accelerator(config)
     tokenizer = modeling.load_tokenizer(config.adapter)
-    base = modeling.load_pretrained(AutoModelForCausalLM, _base_of(config.adapter), config, acc)
-    model = PeftModel.from_pretrained(base, config.adapter).to(acc.device)
+    model = modeling.load_trained(AutoModelForCausalLM, config.adapter, config, acc).to(acc.device)
     summaries = summarize(acc, model, tokenizer, config, dialogues)
     if not acc.is_main_process:
         return
     rundir.write_or_print(config.prediction_file, [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)],
-                        summaries, "summaries")
+                          summaries, "summaries")
 
 if __name__ == "__main__":
     cfg.run(SummarizeConfig, main, predict)

@@ -300,7 +300,7 @@ def main(config):
         report = {"split": eval_name, **scores, "eval_loss": final_loss, **run.state}
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         rundir.write_jsonl(os.path.join(config.output_dir, "predictions.jsonl"),
-                         prediction_rows(splits[eval_name], predictions, per_example))
+                           prediction_rows(splits[eval_name], predictions, per_example))
     run.close()
 
 

@@ -105,6 +105,15 @@ def test_merged_model_equals_base_plus_adapter(memorised):
     assert (plain - b).abs().max() > 1e-2
 
 
+def test_predict_takes_the_merged_model_and_it_summarizes_as_base_plus_adapter(memorised):
+    # a whole model (final_merged here; a use_peft: false run's final likewise), its options read from its folder
+    dialogue = read_jsonl(TRAIN)[1]["dialogue"]
+    outputs = [run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / name), "--text", dialogue,
+                                                 "--load_in_4bit", "false"]) for name in ("final_merged", "final")]
+    assert all(p.returncode == 0 for p in outputs), outputs[0].stderr[-3000:] + outputs[1].stderr[-3000:]
+    assert outputs[0].stdout == outputs[1].stdout and outputs[0].stdout.strip()
+
+
 def test_predict_with_text_prints_a_summary(memorised):
     dialogue = read_jsonl(TRAIN)[0]["dialogue"]
     proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"), "--text", dialogue])
