@@ -337,9 +337,8 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
             print(help_text(cls, prog))
             sys.exit(0)
         config_paths, print_config, overrides = _split_argv(argv, cls)
-        values = {}  # recipes in the order given, a later one's keys replacing an earlier one's (whole values)
-        for path in config_paths:
-            values.update(_known(cls, load_yaml_recipe(path), path))
+        # the recipes in the order given, a later one's keys replacing an earlier one's (whole values)
+        values = {k: v for path in config_paths for k, v in _known(cls, load_yaml_recipe(path), path).items()}
         config = build(cls, values, overrides)
         # which options the user set (recipe or command line), e.g. to layer them over a saved config
         object.__setattr__(config, "explicit", {**values, **overrides})
@@ -471,6 +470,8 @@ def check_common(config) -> None:
         read_deepspeed_config(config.deepspeed, "deepspeed")
     if hasattr(config, "train_file") and not (config.train_file or config.dataset_name):
         raise ConfigError("train_file: required (or dataset_name for a hub dataset)")
+    from ftkit.optim import check_weight_dtype
+    check_weight_dtype(config)
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
     if getattr(config, "early_stopping_patience", None) and (

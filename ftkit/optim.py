@@ -22,6 +22,18 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def check_weight_dtype(config) -> None:
+    """Refuse float16 weights that torch's AdamW would train: its epsilon (1e-8) and small squared gradients are 0 in
+    float16, and the first step writes inf and nan (LoRA adapters over a float16 base train in float32)."""
+    from ftkit.config import ConfigError
+
+    if config.torch_dtype == "float16" and config.optim in ("adamw_torch", "adamw_torch_fused") and not (
+            getattr(config, "use_peft", False)):
+        raise ConfigError(f"torch_dtype: float16 weights trained by {config.optim} break at the first step (inf and nan: "
+                          f"its epsilon and small squared gradients are 0 in float16); load float32 (with bf16: true "
+                          f"for mixed precision) or bfloat16, or use adamw_8bit")
+
+
 def build_optimizer(model, config) -> torch.optim.Optimizer:
     groups = parameter_groups(model, config.weight_decay)
     if not groups:

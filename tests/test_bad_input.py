@@ -118,6 +118,8 @@ CASES = {
                                     "attn_implementation: Specified `attn_implementation=\"sdpa2\"` is not supported", True),
     "19 attention kernel the model lacks": ("t5_qa.py", lambda t: ["--config", QA, "--attn_implementation", "flash_attention_2"],
                                             "attn_implementation: T5ForConditionalGeneration does not support Flash Attention 2", True),
+    "19 float16 weights under AdamW": ("t5_qa.py", lambda t: ["--config", QA, "--torch_dtype", "float16"],
+                                       "torch_dtype: float16 weights trained by adamw_torch break at the first step", True),
     "20 wandb without credentials": ("classify.py", lambda t: ["--config", SPAM, "--report_to", "wandb"],
                                      "report_to: wandb has no credentials", True),
     "21 model not cached offline": ("classify.py", lambda t: ["--config", SPAM, "--model_config", "null",
