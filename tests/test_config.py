@@ -92,6 +92,14 @@ def test_recipes_given_in_order_layer_and_the_command_line_wins(tmp_path):
         parse("--config", TINY_SUMMARIZE, "--config", str(typo))
 
 
+def test_float16_weights_are_refused_only_where_torch_adamw_trains_them():
+    fp16 = ["--config", TINY_SUMMARIZE, "--load_in_4bit", "false", "--torch_dtype", "float16", "--optim", "adamw_torch"]
+    assert parse(*fp16).use_peft  # LoRA adapters over a float16 base train in float32
+    assert parse(*fp16, "--use_peft", "false", "--optim", "adamw_8bit").optim == "adamw_8bit"
+    with pytest.raises(ConfigError, match="torch_dtype: float16 weights trained by adamw_torch break at the first step"):
+        parse(*fp16, "--use_peft", "false")
+
+
 def test_unknown_key_in_recipe_names_the_file_and_suggests(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(open(TINY_SUMMARIZE).read() + "\nlora_rank: 8\n")
