@@ -3,6 +3,7 @@ trained runs; the tests' own one-process runs are started as `python scripts/cla
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +94,13 @@ def test_predict_takes_a_runs_output_dir_and_explains_a_checkpoint(runs, tmp_pat
     error = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 2 and error.startswith(f"error: model: {ckpt} is a training checkpoint"), error
     assert f"--resume_from_checkpoint {ckpt} --max_steps {step} --output_dir NEW_DIR" in error, error
+    unfinished = tmp_path / "unfinished"  # a run still training (or stopped): no final/ yet
+    shutil.copytree(runs["spam"], unfinished, ignore=shutil.ignore_patterns("final"))
+    refused = run_python("classify.py", ["--predict", "--model", str(unfinished), *text])
+    error = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and error.startswith(
+        f"error: model: {unfinished} is a run's output_dir with no final/ yet; its latest checkpoint "
+        f"{unfinished / 'checkpoints' / ckpt.name} is not a model"), error
 
     before = {p: p.stat().st_mtime_ns for p in runs["spam"].rglob("*") if p.is_file()}
     exported = tmp_path / "step_model"
