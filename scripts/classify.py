@@ -332,7 +332,7 @@ def predict(config):
     config.report_to = "none"
     acc = distributed.accelerator(config)
     tokenizer = modeling.load_tokenizer(config.model)
-    model = AutoModelForSequenceClassification.from_pretrained(config.model).to(acc.device)
+    model = modeling.load_trained(AutoModelForSequenceClassification, config.model, config, acc).to(acc.device)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     limit = config.max_length or modeling.max_positions(model.config)
     token_types = getattr(model.config, "type_vocab_size", 0) > 1

@@ -334,7 +334,7 @@ def predict(config):
     config.report_to = "none"
     acc = distributed.accelerator(config)
     tokenizer = modeling.load_tokenizer(config.model)
-    model = AutoModelForSeq2SeqLM.from_pretrained(config.model).to(acc.device)
+    model = modeling.load_trained(AutoModelForSeq2SeqLM, config.model, config, acc).to(acc.device)
     scores, predictions = score(acc, model, tokenizer, config, ds, config.max_length or 512)
     if not acc.is_main_process:
         return
