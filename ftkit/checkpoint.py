@@ -423,21 +423,20 @@ def with_saved_run(cls, config, key: str, marker: str | tuple):
     one of them), and the training run's options saved there under what the user set now."""
     directory, markers = getattr(config, key), (marker,) if isinstance(marker, str) else marker
     exported = lambda folder: any(os.path.isfile(os.path.join(folder, m)) for m in markers)  # noqa: E731
-    unfinished = not exported(directory) and list_checkpoints(directory)  # a run's output_dir with no final/ yet
-    ckpt = directory if os.path.isfile(os.path.join(directory, STATE_FILE)) else (
-        unfinished[-1][1] if unfinished else None)
     if exported(os.path.join(directory, "final")):  # a run's output_dir: the model it exported
         directory = os.path.join(directory, "final")
         setattr(config, key, directory)
         object.__setattr__(config, "explicit", {**getattr(config, "explicit", {}), key: directory})
-    elif ckpt is not None:
+    elif not exported(directory):
+        found = list_checkpoints(directory)  # a run's output_dir with no final/ yet: its latest checkpoint
+        ckpt = directory if os.path.isfile(os.path.join(directory, STATE_FILE)) else found[-1][1] if found else None
+        if ckpt is None:
+            raise ConfigError(f"{key}: {directory} holds no {' or '.join(markers)} (expected a trained output_dir/final)")
         what = ("a training checkpoint (trainable weights and optimizer state)," if ckpt == directory else
                 f"a run's output_dir with no final/ yet; its latest checkpoint {ckpt} is")
         raise ConfigError(f"{key}: {directory} is {what} not a model; export it with the training command plus "
                           f"--resume_from_checkpoint {ckpt} --max_steps {read_state(ckpt).get('global_step', 'N')} "
                           f"--output_dir NEW_DIR, then name NEW_DIR/final")
-    elif not exported(directory):
-        raise ConfigError(f"{key}: {directory} holds no {' or '.join(markers)} (expected a trained output_dir/final)")
     from ftkit.rundir import check_output_path  # (rundir imports this module)
     check_output_path("prediction_file", config.prediction_file)
     saved = os.path.join(directory, "ftkit_config.yaml")

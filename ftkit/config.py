@@ -120,7 +120,7 @@ class TrainingArguments:
     warmup_steps: int = opt(0, "Linear warmup steps (wins over warmup_ratio when > 0).", min=0)
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total optimizer steps.", min=0, max=1)
     num_train_epochs: float = opt(1.0, "Epochs to train (ignored when max_steps > 0).", min_exclusive=0)
-    max_steps: int = opt(-1, "Total optimizer steps if > 0 (overrides num_train_epochs); -1 or 0: the epochs'.", min=-1)
+    max_steps: int = opt(-1, "Total optimizer steps if > 0 (overrides num_train_epochs); -1 or 0: num_train_epochs decides.", min=-1)
     per_device_train_batch_size: int = opt(1, "Micro-batch size per process for training; auto: the largest that fits "
                                               "the device (--preflight's estimate, then one real step, halving on "
                                               "out-of-memory), taken out of gradient_accumulation_steps, which then "

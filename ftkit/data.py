@@ -35,8 +35,9 @@ def _check_local_file(path: str, key: str, file_format: str | None = None) -> st
     return ext
 
 
-def _scan_text_file(path: str, ext: str) -> None:
-    """Find the exact place a text file is broken (encoding, JSON line) to report it in one line."""
+def _scan_text_file(path: str, ext: str):
+    """Find the exact place a text file is broken (encoding, JSON line) to report it in one line; returns a .json
+    file's document when it is one (not JSON lines)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -55,7 +56,7 @@ def _scan_text_file(path: str, ext: str) -> None:
         if isinstance(doc, list) and not all(isinstance(row, dict) for row in doc):
             raise ConfigError(f"{path}: a JSON array of rows must hold objects only")
         if doc is not None:
-            return
+            return doc
     if ext in (".json", ".jsonl"):
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -98,19 +99,6 @@ def load_squad_json(path: str, doc: dict):
     return datasets.Dataset.from_dict(rows)
 
 
-def _json_with_data(path: str) -> dict | None:
-    """A .json file holding one object with a ``data`` key, read (JSON lines fail to parse as one document)."""
-    with open(path, "rb") as f:
-        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
-            return None
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return doc if isinstance(doc, dict) and "data" in doc else None
-
-
 def load_local_file(path: str, key: str = "train_file", column_names: list | None = None,
                     file_format: str | None = None):
     """Load one local file as a ``datasets.Dataset`` (TSV read with quoting disabled). ``column_names`` names
@@ -119,13 +107,12 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
     import datasets
 
     ext = _check_local_file(path, key, file_format)
-    doc = _json_with_data(path) if ext == ".json" else None
-    rows = doc is not None and isinstance(doc["data"], list) and doc["data"] and all(  # not SQuAD's articles
+    doc = _scan_text_file(path, ext) if ext in (".json", ".jsonl", ".csv", ".tsv") else None
+    doc = doc if isinstance(doc, dict) and "data" in doc else None  # {"data": ...}: rows, or SQuAD's articles
+    rows = doc is not None and isinstance(doc["data"], list) and doc["data"] and all(
         isinstance(row, dict) and "paragraphs" not in row and not set(row) <= {"title"} for row in doc["data"])
     if doc is not None and not rows:  # the official SQuAD layout (a malformed one is named as such)
         return load_squad_json(path, doc)
-    if ext in (".json", ".jsonl", ".csv", ".tsv"):
-        _scan_text_file(path, ext)
     if ext != ".parquet":
         with open(path, "rb") as f:
             if not f.read(65536).strip():
