@@ -177,6 +177,11 @@ def require_columns(ds, columns: dict, source: str, complete: tuple = ()) -> Non
                               f"({values.null_count} of {len(values)} rows have none)")
 
 
+def has_values(ds, column: str) -> bool:
+    """Whether ``ds`` has ``column`` with a value in some row (a file's empty column, all nulls, holds nothing)."""
+    return column in ds.column_names and ds.with_format("arrow")[column].null_count < len(ds)
+
+
 def take_first(ds, n: int | None, seed: int | None = None):
     """The first ``n`` examples, or ``n`` drawn at random with ``seed`` (S002: shuffle(42), select)."""
     if n is None or n >= len(ds):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 
 import yaml
@@ -114,15 +115,21 @@ def write_jsonl(path: str, rows) -> None:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str) -> None:
+def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str, scores: str | None = None) -> None:
     """``--predict``'s output: ``rows`` as jsonl to ``path`` (``--prediction_file``; its folder made), else ``lines``
-    printed."""
+    printed, one per input row whatever they hold (a line break inside one is written ``\\n``), so that the output can
+    be pasted beside the input. ``scores`` (against the input's gold column, if it had one) go to stdout after the
+    file's line, or to stderr when stdout holds the predictions."""
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_jsonl(path, rows)
         print(f"wrote {len(rows)} {what} to {path}")
+        if scores:
+            print(scores)
     else:
-        print("\n".join(lines))
+        if scores:
+            print(scores, file=sys.stderr, flush=True)
+        print("\n".join(line.replace("\r", "\\r").replace("\n", "\\n") for line in lines))
 
 
 def resume_path(config) -> str | None:

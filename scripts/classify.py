@@ -58,7 +58,7 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
     model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
     text: str | None = opt(None, "One text to label with --predict.")
     text_pair: str | None = opt(None, "Second sentence of the pair to label with --predict.")
-    input_file: str | None = opt(None, "File of texts (text_column[, text_pair_column]) to label with --predict.")
+    input_file: str | None = opt(None, "Texts to label with --predict (text_column[, text_pair_column]; scored with label_column).")
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
 
     def check(self):
@@ -294,13 +294,17 @@ def main(config):
             predictions = (name, preds, probs)
     checkpoint.export(acc, model, tokenizer, config)
     if acc.is_main_process:
-        print("\n" + "\n".join(f"{n:<10} accuracy {report[n]['accuracy']:.4f}  f1 {report[n]['f1']:.4f}  "
-                               f"loss {report[n]['loss']:.4f}  ({report[n]['examples']} examples)" for n in shown))
+        print("\n" + "\n".join(score_line(n, report[n]) for n in shown))
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         split, preds, probs = predictions
         rundir.write_jsonl(os.path.join(config.output_dir, f"predictions_{split}.jsonl"),
                            prediction_rows(splits[split], config, names, preds, probs, gold=labels[split]))
     run.close()
+
+
+def score_line(split: str, result: dict) -> str:
+    return (f"{split:<10} accuracy {result['accuracy']:.4f}  f1 {result['f1']:.4f}  loss {result['loss']:.4f}  "
+            f"({result['examples']} examples)")
 
 
 def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
@@ -316,13 +320,20 @@ def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
 
 
 def predict(config):
+    """Label ``--text`` or ``--input_file``; a file with the run's ``label_column`` is scored as a split is in training."""
     import datasets
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = checkpoint.with_saved_run(ClassifyConfig, config, "model", "config.json")  # + its run's options
+    model_cfg = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)  # no weights
+    names = [model_cfg.id2label[i] for i in range(model_cfg.num_labels)]
+    gold = None
     if config.input_file:
         ds = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
         data.require_columns(ds, text_columns(config), config.input_file)
+        if data.has_values(ds, config.label_column):  # gold labels: then every row needs one the model knows
+            data.require_columns(ds, {"label_column": config.label_column}, config.input_file, ("label_column",))
+            gold = label_ids(config, ds, names, "input")
     else:
         rows = {config.text_column: [config.text]}
         if config.text_pair_column or config.text_pair:
@@ -333,17 +344,17 @@ def predict(config):
     acc = distributed.accelerator(config)
     tokenizer = modeling.load_tokenizer(config.model)
     model = modeling.load_trained(AutoModelForSequenceClassification, config.model, config, acc).to(acc.device)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    limit = config.max_length or modeling.max_positions(model.config)
-    token_types = getattr(model.config, "type_vocab_size", 0) > 1
-    tokenized = tokenize_split(ds, [0] * len(ds), tokenizer, config, limit, token_types, "input").remove_columns(
-        "truncated")
-    dl = acc.prepare(data.eval_loader(tokenized, tokenizer.pad_token_id, config))
-    _, preds, probs = evaluate(acc, model, dl, len(names))
+    limit = config.max_length or modeling.max_positions(model_cfg)
+    token_types = getattr(model_cfg, "type_vocab_size", 0) > 1
+    tokenized = tokenize_split(ds, gold or [0] * len(ds), tokenizer, config, limit, token_types, "input")
+    dl = acc.prepare(data.eval_loader(tokenized.remove_columns("truncated"), tokenizer.pad_token_id, config))
+    result, preds, probs = evaluate(acc, model, dl, len(names))
     if not acc.is_main_process:
         return
-    rundir.write_or_print(config.prediction_file, prediction_rows(ds, config, names, preds, probs),
-                          [f"{names[pred]}\t{prob:.4f}" for pred, prob in zip(preds, probs)], "predictions")
+    scores = (f"{score_line('input', result)}\nconfusion (rows: true, columns: predicted; {', '.join(names)}): "
+              f"{result['confusion']}") if gold is not None else None
+    rundir.write_or_print(config.prediction_file, prediction_rows(ds, config, names, preds, probs, gold),
+                          [f"{names[pred]}\t{prob:.4f}" for pred, prob in zip(preds, probs)], "predictions", scores)
 
 
 if __name__ == "__main__":

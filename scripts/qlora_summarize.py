@@ -63,7 +63,7 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
     predict: bool = opt(False, "Summarize --text or --input_file with a trained --adapter instead of training.")
     adapter: str | None = opt(None, "A trained adapter (or whole model: use_peft false, final_merged) for --predict: "
                                     "output_dir/final, or the output_dir.")
-    input_file: str | None = opt(None, "File of dialogues (dialogue_column) to summarize with --predict.")
+    input_file: str | None = opt(None, "Dialogues to summarize with --predict; ROUGE if summary_column is there.")
     text: str | None = opt(None, "One dialogue to summarize with --predict.")
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
 
@@ -325,10 +325,14 @@ def predict(config):
     from transformers import AutoModelForCausalLM
 
     config = checkpoint.with_saved_run(SummarizeConfig, config, "adapter", ("adapter_config.json", "config.json"))
-    if config.input_file:
-        inputs = data.load_local_file(config.input_file, "input_file")
-        data.require_columns(inputs, {"dialogue_column": config.dialogue_column}, config.input_file, ("dialogue_column",))
+    references = None
+    if config.input_file:  # with the run's summary_column, the summaries are scored against it
+        inputs = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
+        columns = {"dialogue_column": config.dialogue_column, **(
+            {"summary_column": config.summary_column} if data.has_values(inputs, config.summary_column) else {})}
+        data.require_columns(inputs, columns, config.input_file, tuple(columns))
         dialogues = inputs[config.dialogue_column]
+        references = inputs[config.summary_column] if "summary_column" in columns else None
     else:
         dialogues = [config.text]
     config.report_to = "none"
@@ -338,8 +342,15 @@ def predict(config):
     summaries = summarize(acc, model, tokenizer, config, dialogues)
     if not acc.is_main_process:
         return
-    rundir.write_or_print(config.prediction_file, [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)],
-                          summaries, "summaries")
+    rows = [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)]
+    scores = None
+    if references is not None:
+        for row, reference in zip(rows, references):
+            row["reference"] = reference
+        scores = "  ".join(f"{k} {v:.2f}" for k, v in metrics.rouge(summaries, references).items())
+        scores += f"  ({len(summaries)} dialogues)"
+    rundir.write_or_print(config.prediction_file, rows, summaries, "summaries", scores)
+
 
 if __name__ == "__main__":
     cfg.run(SummarizeConfig, main, predict)

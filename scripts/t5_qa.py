@@ -67,7 +67,7 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
     model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
     context: str | None = opt(None, "Context passage for --predict.")
     question: str | None = opt(None, "Question for --predict.")
-    input_file: str | None = opt(None, "File of questions (question/context columns; answers optional) for --predict.")
+    input_file: str | None = opt(None, "Questions (+ context) for --predict; EM/F1 if answer_column is there.")
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
 
     def check(self):
@@ -322,10 +322,10 @@ def predict(config):
     config = checkpoint.with_saved_run(QAConfig, config, "model", "config.json")  # + its run's options
     if config.input_file:
         raw = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
-        if config.answer_column not in raw.column_names:  # answers are optional when predicting
+        scored = data.has_values(raw, config.answer_column)  # answers are optional when predicting
+        if config.answer_column not in raw.column_names:
             raw = raw.add_column(config.answer_column, [None] * len(raw))
         ds = standardize(config, raw, "input")
-        scored = any(v is not None for v in raw[config.answer_column])
     else:
         ds = standardize(config, datasets.Dataset.from_dict({
             config.context_column: [config.context], config.question_column: [config.question],
@@ -338,10 +338,9 @@ def predict(config):
     scores, predictions = score(acc, model, tokenizer, config, ds, config.max_length or 512)
     if not acc.is_main_process:
         return
-    if scored:
-        print(f"exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['examples']} questions)")
     rows = prediction_rows(ds, predictions, scores["per_example"] if scored else None)
-    rundir.write_or_print(config.prediction_file, rows, predictions, "answers")
+    summary = f"exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  ({scores['examples']} questions)"
+    rundir.write_or_print(config.prediction_file, rows, predictions, "answers", summary if scored else None)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,32 @@ def test_predict_takes_a_runs_output_dir_and_explains_a_checkpoint(runs, tmp_pat
     assert {p: p.stat().st_mtime_ns for p in runs["spam"].rglob("*") if p.is_file()} == before
 
 
+def test_predict_scores_a_labelled_file_as_the_run_scored_its_test_split(runs, tmp_path):
+    saved = read_jsonl(runs["spam"] / "predictions_test.jsonl")
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in saved))
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout holds the predictions alone, a line per row (to paste beside the input); the scores go to stderr
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [r["prediction"] for r in saved]
+    test = json.load(open(runs["spam"] / "metrics.json"))["test"]
+    assert f"input      accuracy {test['accuracy']:.4f}  f1 {test['f1']:.4f}  loss " in proc.stderr
+    assert f"confusion (rows: true, columns: predicted; ham, spam): {test['confusion']}" in proc.stderr
+    out = tmp_path / "out.jsonl"
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled),
+                                      "--prediction_file", str(out)])
+    assert proc.returncode == 0 and f"accuracy {test['accuracy']:.4f}" in proc.stdout
+    assert [(r["prediction"], r["label"]) for r in read_jsonl(out)] == [(r["prediction"], r["label"]) for r in saved]
+    # a gold label the model does not know: one line naming it and its row; an empty label column is no gold
+    labelled.write_text('{"text": "see you at 6", "label": "ham"}\n{"text": "WIN cash now", "label": "maybe"}\n')
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: label_column: label 'maybe' in the input data (row 2) is not in label_map: ham, spam"), proc.stderr
+    labelled.write_text('{"text": "see you at 6", "label": null}\n{"text": "WIN cash now", "label": null}\n')
+    proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled)])
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2 and "accuracy" not in proc.stderr
+
+
 def test_empty_and_missing_texts_are_labelled_too(runs, tmp_path):
     # GPT-2's tokenizer makes no tokens of "": the row is its end-of-text token (a batch of no tokens failed)
     (tmp_path / "in.jsonl").write_text('{"text": ""}\n{"text": null}\n{"id": 3}\n')

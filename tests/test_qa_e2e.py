@@ -60,7 +60,9 @@ def test_exact_match_rises_from_the_untrained_model_to_at_least_80(memorised, tm
     untrained = run_python("t5_qa.py", ["--predict", "--model", str(out / "base_model"), "--input_file",
                                         str(questions), "--max_length", "128", "--max_target_length", "16"])
     assert untrained.returncode == 0, untrained.stderr[-3000:]
-    em = float(untrained.stdout.split("exact match")[1].split()[0])
+    # stdout: the answers, a line each (an untrained model's hold control characters, maybe line breaks)
+    assert untrained.stdout.count("\n") == len(read_jsonl(questions)), untrained.stdout
+    em = float(untrained.stderr.split("exact match")[1].split()[0])  # the score beside them, on stderr
     assert em < 20 <= result["exact_match"] - em
 
 

@@ -1,7 +1,9 @@
-"""ftkit/rundir.py's output_dir lock, on its own (live runs against each other are in test_faults.py)."""
+"""ftkit/rundir.py on its own: the output_dir lock (live runs against each other are in test_faults.py), the data a
+resume is checked against, what --predict prints."""
 
 import errno
 import fcntl
+import json
 import logging
 import subprocess
 import sys
@@ -103,3 +105,16 @@ def test_a_resume_checks_the_training_data_and_warns_of_other_validation_data(tm
     with caplog.at_level(logging.WARNING, logger="ftkit"):
         rundir.check_data(config, longer, other_validation)
     assert not caplog.text
+
+
+def test_predictions_print_a_line_per_row_and_the_scores_apart(tmp_path, capsys):
+    # a generated text may hold line breaks: printed, line i is still row i; the jsonl file keeps the text as it is
+    lines = ["two\nlines", "a\r\nwindows one", "plain"]
+    rundir.write_or_print(None, [], lines, "answers", "exact match 50.00")
+    out, err = capsys.readouterr()
+    assert out == "two\\nlines\na\\r\\nwindows one\nplain\n" and err == "exact match 50.00\n"
+    path = tmp_path / "new" / "p.jsonl"
+    rundir.write_or_print(str(path), [{"prediction": line} for line in lines], lines, "answers", "exact match 50.00")
+    out, err = capsys.readouterr()
+    assert out == f"wrote 3 answers to {path}\nexact match 50.00\n" and not err
+    assert [json.loads(row)["prediction"] for row in path.read_text().splitlines()] == lines

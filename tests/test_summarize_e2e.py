@@ -74,17 +74,21 @@ def test_training_loss_falls_by_half_and_tuned_rouge_beats_base(memorised):
 
 
 def test_saved_adapter_reloads_and_generates_what_training_generated(memorised, tmp_path):
+    # the input holds the reference summaries too: --predict scores them, as the run scored its test dialogues
     prediction_file = tmp_path / "pred.jsonl"
     rows = read_jsonl(TRAIN)[:8]
     inputs = tmp_path / "in.jsonl"
-    inputs.write_text("".join(json.dumps({"dialogue": r["dialogue"]}) + "\n" for r in rows))
+    inputs.write_text("".join(json.dumps({"dialogue": r["dialogue"], "summary": r["summary"]}) + "\n" for r in rows))
     proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"),
                                              "--input_file", str(inputs), "--prediction_file", str(prediction_file)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    reloaded = [r["summary"] for r in read_jsonl(prediction_file)]
+    predicted = read_jsonl(prediction_file)
     in_process = [r["prediction"] for r in read_jsonl(memorised / "predictions_test.jsonl")]
-    assert reloaded == in_process
-    assert any(len(s) > 10 for s in reloaded)
+    assert [r["summary"] for r in predicted] == in_process
+    assert [r["reference"] for r in predicted] == [r["summary"] for r in rows]
+    assert any(len(r["summary"]) > 10 for r in predicted)
+    tuned = json.load(open(memorised / "metrics.json"))["tuned"]
+    assert proc.stdout.splitlines()[-1] == "  ".join(f"{k} {v:.2f}" for k, v in tuned.items()) + "  (8 dialogues)"
 
 
 def test_merged_model_equals_base_plus_adapter(memorised):
@@ -119,7 +123,7 @@ def test_predict_with_text_prints_a_summary(memorised):
     proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"), "--text", dialogue])
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = read_jsonl(memorised / "predictions_test.jsonl")[0]["prediction"]
-    assert proc.stdout.strip() == expected.strip()
+    assert proc.stdout.strip() == expected.strip().replace("\r", "\\r").replace("\n", "\\n")  # a line, printed
 
 
 # ---------------------------------------------------------------------------------------------
