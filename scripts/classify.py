@@ -164,7 +164,8 @@ def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, to
                 "truncated": [bool(e.overflowing) for e in enc.encodings],
                 **({"token_type_ids": enc["token_type_ids"]} if token_types else {})}
 
-    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+    return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"tokenize {name}",
+                  num_proc=config.preprocessing_num_workers)
 
 
 # --- Evaluation -----------------------------------------------------------------------------------

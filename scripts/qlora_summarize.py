@@ -105,7 +105,8 @@ def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
         return {**data.tokenize_prompt_completion(tokenizer, prompts, completions, config.train_on_prompt),
                 "truncated": [a != b for a, b in zip(dialogues, batch[config.dialogue_column])]}
 
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}",
+                       num_proc=config.preprocessing_num_workers)
     kept = tokenized.filter(lambda n: n < max_length, input_columns="length")  # S001 drops len >= max
     counts = {"dropped": len(tokenized) - len(kept), "truncated": sum(kept["truncated"])}
     if counts["dropped"]:
@@ -192,8 +193,8 @@ def main(config):
                              f"the {name} data", complete=("dialogue_column", "summary_column"))
     if "validation" not in splits:
         raise ConfigError("validation_file: a validation set is needed for evaluation")
-    raw_train = data.take_first(splits["train"], config.max_train_samples)
-    raw_eval = data.take_first(splits["validation"], config.max_eval_samples)
+    raw_train = data.take_first(splits["train"], config.max_train_samples, config.subset_seed)
+    raw_eval = data.take_first(splits["validation"], config.max_eval_samples, config.subset_seed)
     raw_test = splits.get("test", splits["validation"])
 
     acc = distributed.accelerator(config)

@@ -118,7 +118,8 @@ def standardize(config, ds, name: str):
                 "question": clean(config, row[config.question_column]),
                 "answers": answers_of(config, row[config.answer_column])}
 
-    return ds.map(convert, with_indices=True, remove_columns=ds.column_names, desc=f"clean {name}")
+    return ds.map(convert, with_indices=True, remove_columns=ds.column_names, desc=f"clean {name}",
+                  num_proc=config.preprocessing_num_workers)
 
 
 def load_qa_splits(config) -> dict:
@@ -157,7 +158,7 @@ def tokenize_split(ds, tokenizer, config, max_length: int, name: str):
                 "labels": tokenizer(answers[0], truncation=True, max_length=config.max_target_length)["input_ids"],
                 "answer_cut": truncated and any(a in row["context"] for a in answers) and not any(a in kept for a in answers)}
 
-    tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenize {name}")
+    tokenized = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenize {name}", num_proc=config.preprocessing_num_workers)
     counts = {"truncated": sum(tokenized["truncated"]), "answer_cut": sum(tokenized["answer_cut"])}
     kept = tokenized.filter(lambda long: not long, input_columns="too_long")
     counts["dropped_long_question"] = len(tokenized) - len(kept)

@@ -177,3 +177,19 @@ def test_script_exits_2_with_one_line_before_anything_is_written(tmp_path, argv,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name,config_class", [("qlora_summarize", "SummarizeConfig"), ("classify", "ClassifyConfig"),
+                                                ("t5_qa", "QAConfig")])
+def test_every_option_is_read_by_the_code(name, config_class):
+    # an option that --help lists and nothing reads is a setting users change for nothing (preprocessing_num_workers
+    # was one: declared, never passed to the tokenization)
+    import dataclasses
+    import glob
+    import re
+
+    code = "".join(open(p).read() for p in glob.glob(os.path.join(ROOT, "ftkit", "*.py")) + [
+        os.path.join(ROOT, "scripts", f"{name}.py")])
+    unread = [f.name for f in dataclasses.fields(getattr(load_script(name), config_class))
+              if not re.search(rf'\.{f.name}\b|getattr\(\w+, "{f.name}"', code)]
+    assert not unread, unread

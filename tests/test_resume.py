@@ -52,7 +52,9 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, script, processe
     with open(resumed / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in read_jsonl(straight / "metrics.jsonl") if r["step"] <= 5)
         f.write('{"step": 5, "train/lo')
-    _run(script, args, resumed, 6, processes)
+    # resumed with the tokenization in 2 processes: the same rows in the same order (the data check would refuse others)
+    proc = _run(script, args + ["--preprocessing_num_workers", "2"], resumed, 6, processes)
+    assert "tokenize train (num_proc=2)" in proc.stderr
 
     def losses(out):
         logged = [(r["step"], r["train/loss"]) for r in read_jsonl(out / "metrics.jsonl") if "train/loss" in r]

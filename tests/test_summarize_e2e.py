@@ -176,9 +176,12 @@ def test_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     launch("qlora_summarize.py", args + ["--output_dir", str(straight), "--save_total_limit", "5"], fresh=True)
     state = json.load(open(straight / "checkpoints" / "step_3" / "trainer_state.json"))
     assert (state["epoch"], state["batches_in_epoch"]) == (0, 6)
-    # a run that stopped after its step-3 checkpoint: its output_dir holds just that checkpoint
+    # a run that stopped after its step-3 checkpoint: its output_dir holds just that checkpoint; resumed with the
+    # tokenization in 2 processes (the same rows in the same order, else the data check would refuse the resume)
     shutil.copytree(straight / "checkpoints" / "step_3", resumed / "checkpoints" / "step_3")
-    launch("qlora_summarize.py", args + ["--output_dir", str(resumed)], fresh=True)
+    proc = launch("qlora_summarize.py", args + ["--output_dir", str(resumed), "--preprocessing_num_workers", "2"],
+                  fresh=True)
+    assert "tokenize train (num_proc=2)" in proc.stderr
     losses = {r["step"]: r["train/loss"] for r in read_jsonl(straight / "metrics.jsonl") if "train/loss" in r}
     resumed_losses = {r["step"]: r["train/loss"] for r in read_jsonl(resumed / "metrics.jsonl") if "train/loss" in r}
     assert sorted(resumed_losses) == [4, 5, 6]
