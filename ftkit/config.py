@@ -12,6 +12,7 @@ import difflib
 import faulthandler
 import operator
 import os
+import signal
 import sys
 import types
 import typing
@@ -367,6 +368,13 @@ def run(config_cls, train, predict) -> None:
         predict(config) if config.predict else train(config)
     except distributed.Stopped:  # a stop signal during the base model's evaluation (the loop's own stops return)
         distributed.stopped_before_training()
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one (the first stops training as SIGTERM does)
+        if config.debug:
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's copy must not cut this short
+        training = not (config.predict or getattr(config, "preflight", False))
+        fail("interrupted by Ctrl-C" + (": stopped at once, nothing saved since the latest checkpoint in output_dir "
+                                        "(the same command goes on from there)" if training else ""), 130, "[ftkit] ")
     except (ConfigError, RunError) as error:
         if config.debug:
             raise
@@ -377,16 +385,17 @@ def run(config_cls, train, predict) -> None:
         fail(RunError(f"ddp_timeout: rank {os.environ.get('RANK', '0')} waited more than {config.ddp_timeout} s for the "
                       f"other processes ({str(error).strip().splitlines()[0]}); if one was busy (the main process "
                       f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
-    distributed.exit_finished()  # without the interpreter's teardown of native state (see there)
+    # without the interpreter's teardown of native state (see there); 130 after a Ctrl-C that stopped training
+    distributed.exit_finished(130 if distributed.STOP.signal_name == "SIGINT" else 0)
 
 
-def fail(error: BaseException, code: int = EXIT_BAD_INPUT):
+def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: "):
     """Report a user error as one line and exit."""
     from tqdm import tqdm  # (a dependency of transformers and datasets)
 
     for bar in list(getattr(tqdm, "_instances", [])):  # or a progress bar would redraw itself after the error line
         bar.close()
-    sys.stderr.write(f"error: {error}\n")  # one write: the same line from several ranks must not interleave
+    sys.stderr.write(f"{prefix}{error}\n")  # one write: the same line from several ranks must not interleave
     sys.stderr.flush()
     sys.exit(code)
 

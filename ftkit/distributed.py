@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import time
 
 import torch
 
@@ -189,7 +190,7 @@ def end(acc) -> None:
     acc.end_training()
 
 
-def exit_finished() -> None:
+def exit_finished(code: int = 0) -> None:
     """End the process of a run that finished (every rank past ``end``'s barrier, outputs written) without the
     interpreter's teardown. That teardown destroys module state, torch's, gloo's and DeepSpeed's native objects
     among it, in no set order, and there a rank sometimes aborted (SIGABRT, "terminate called without an active
@@ -218,7 +219,7 @@ def exit_finished() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(0)
+    os._exit(code)
 
 
 def reduce_sum(acc, value) -> torch.Tensor:
@@ -300,14 +301,21 @@ class StopRequest:
     the loading, the data or the base model's evaluation is kept. Acting on it is collective: before each optimizer
     step (:meth:`loop.LoopState.count`), between evaluation batches (:func:`stop_point`) and once after the last step
     (:meth:`loop.LoopState.stop_if_signalled`); after that (``phase`` "over": the final evaluation and export) a
-    signal stops nothing. A second signal changes nothing."""
+    signal stops nothing. A second signal changes nothing.
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
+    SIGINT (Ctrl-C) is a person at the terminal: during training it stops as the others do (exit 130); before and after
+    training, or once more after the first, it quits at once (``KeyboardInterrupt``, one line in ``config.run``). A
+    second SIGINT within a second is the same Ctrl-C passed on by the launcher (torchrun sends its own signal to
+    processes that the terminal's reached too)."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
+    SAME_CTRL_C_S = 1.0
 
     def __init__(self):
         self.signal_name = None
         self.phase = "start-up"  # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled)
         self.installed = False
+        self.ctrl_c_at = None
 
     def install(self) -> "StopRequest":
         if not self.installed:
@@ -317,12 +325,20 @@ class StopRequest:
         return self
 
     def _handler(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            if self.ctrl_c_at is not None and time.monotonic() - self.ctrl_c_at <= self.SAME_CTRL_C_S:
+                return  # the launcher's copy of the Ctrl-C this process has just had
+            self.ctrl_c_at = time.monotonic()
+            if self.phase != "training" or self.signal_name is not None:
+                raise KeyboardInterrupt
         if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
+            self.signal_name = name
             then = {"start-up": "training will stop before its first optimizer step",
                     "training": "stopping after this optimizer step or evaluation batch",
                     "over": "training has ended: its evaluation and export go on"}[self.phase]
-            os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {self.signal_name} received, {then}\n".encode())
+            again = " (Ctrl-C again to quit at once, without saving)" if name == "SIGINT" else ""
+            os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n".encode())
 
 
 STOP = StopRequest()  # one per process: the handler may be installed long before the loop begins

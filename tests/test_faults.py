@@ -1,5 +1,6 @@
 """Faults with real processes and signals: kill -9 at random moments (training or saving), SIGTERM /
-SIGUSR1 (finish the step or stop the evaluation, save, exit 0), the crash of one rank in a 2-process run."""
+SIGUSR1 / Ctrl-C (finish the step or stop the evaluation, save, exit 0 or 130; a second Ctrl-C quits at once), the
+crash of one rank in a 2-process run."""
 
 import json
 import os
@@ -94,16 +95,17 @@ def test_kill_9_at_random_moments_never_loses_completed_work(uninterrupted, tmp_
     assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_finishes_the_step_saves_and_exits_0(uninterrupted, tmp_path, signum):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_signal_finishes_the_step_saves_and_exits(uninterrupted, tmp_path, signum):
+    # SIGINT is Ctrl-C: the same stop, exit 130 (interrupted) rather than 0
     out = tmp_path / "run"
     proc = start(out, ["--save_steps", "1000"])  # no periodic checkpoint: the one saved is the signal's
     wait_until_step(proc, out, 10)
     proc.send_signal(signum)
     time.sleep(0.01)
-    proc.send_signal(signum)  # a second signal, likely during the save, changes nothing
+    proc.send_signal(signum)  # a second signal, likely during the save, changes nothing (a Ctrl-C: torchrun's copy)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == (130 if signum == signal.SIGINT else 0), stderr[-3000:]
     name = signal.Signals(signum).name
     assert f"stopped by {name} at step" in stdout, stdout[-2000:]
     step = int(stdout.split(f"stopped by {name} at step ")[1].split(":")[0])
@@ -133,9 +135,26 @@ def test_a_stop_signal_in_the_last_step_saves_it_and_the_next_run_evaluates_and_
     assert all(torch.equal(weights[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def signalled_at(where: str, args: list) -> subprocess.CompletedProcess:
-    """classify.py, sent SIGUSR1 by itself at ``where`` (tests/signal_at.py)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "signal_at.py"), where, "SIGUSR1",
+def test_ctrl_c_before_training_or_a_second_one_quits_at_once_in_one_line(tmp_path):
+    # nothing to save before training; a second Ctrl-C (a person's, not torchrun's copy of the first) does not wait
+    # for the save the first one asked for
+    out = tmp_path / "run"
+    for where, signals, received in [("loading", "SIGINT", False), ("evaluation", "SIGINT,SIGINT", True)]:
+        proc = signalled_at(where, RUN + ["--eval_strategy", "steps", "--eval_steps", "20", "--save_steps", "1000",
+                                          "--output_dir", str(out)], signals)
+        assert proc.returncode == 130, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            "[ftkit] interrupted by Ctrl-C: stopped at once, nothing saved since the latest checkpoint in output_dir "
+            "(the same command goes on from there)"), proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert ("SIGINT received, stopping after this optimizer step or evaluation batch (Ctrl-C again to quit at "
+                "once, without saving)" in proc.stderr) == received
+        assert not (out / "checkpoints").exists() or not os.listdir(out / "checkpoints")
+
+
+def signalled_at(where: str, args: list, signals: str = "SIGUSR1") -> subprocess.CompletedProcess:
+    """classify.py, sent ``signals`` by itself at ``where`` (tests/signal_at.py)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "signal_at.py"), where, signals,
                            os.path.join(ROOT, "scripts", "classify.py"), *args], cwd=ROOT, env=script_env(),
                           capture_output=True, text=True, timeout=300)
 
@@ -234,6 +253,26 @@ def test_a_crashed_rank_ends_the_two_process_run_promptly(tmp_path):
     assert proc.returncode != 0
     assert "Signal 9" in stderr or "SIGKILL" in stderr or "exitcode  : -9" in stderr, stderr[-3000:]
     assert subprocess.run(["pgrep", "-f", f"classify.py.*{out}"], capture_output=True).returncode == 1  # none left
+
+
+def test_ctrl_c_at_the_terminal_stops_a_launched_two_process_run_once(tmp_path):
+    # the terminal sends SIGINT to the whole process group, the launcher's and both ranks'; torchrun then sends each
+    # rank its own SIGINT: one stop, the step saved, no "quit at once"
+    out = tmp_path / "run"
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "launch", "accelerate", "cpu_2proc.yaml"), "--main_process_port",
+           str(free_port()), os.path.join(ROOT, "scripts", "classify.py"), *RUN,
+           "--max_steps", "100000", "--save_steps", "100000", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a process group of its own, as a terminal's job is
+    wait_until_step(proc, out, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stdout.count("stopped by SIGINT at step ") == 1 and "interrupted by Ctrl-C" not in stderr, stderr[-3000:]
+    step = int(stdout.split("stopped by SIGINT at step ")[1].split(":")[0])
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step_{step}"]
+    assert json.load(open(out / "checkpoints" / f"step_{step}" / "trainer_state.json"))["global_step"] == step
 
 
 def test_a_rank_waiting_past_ddp_timeout_stops_with_one_line_naming_it(tmp_path):
