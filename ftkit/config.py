@@ -465,8 +465,13 @@ def validate(config) -> None:
 
 def check_common(config) -> None:
     """Cross-field rules shared by every recipe (called from each config's ``check``)."""
-    if getattr(config, "load_in_4bit", False) and getattr(config, "load_in_8bit", False):
+    quantized = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(config, k, False)]
+    if len(quantized) == 2:
         raise ConfigError("load_in_4bit and load_in_8bit: choose one")
+    if quantized and not getattr(config, "use_peft", False):  # bitsandbytes' 4/8-bit weights take no gradient
+        raise ConfigError(f"{quantized[0]}: quantized weights cannot be trained; " + (
+            "train LoRA adapters over them (use_peft: true, QLoRA) or load the model unquantized"
+            if hasattr(config, "use_peft") else "this recipe trains full weights: load the model unquantized"))
     if getattr(config, "model_name_or_path", None) is None and getattr(config, "model_config", None) is None:
         raise ConfigError("model_name_or_path: required (or model_config to build a model from a config)")
     if getattr(config, "model_config", None) is not None and "model_type" not in config.model_config:

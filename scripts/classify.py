@@ -72,9 +72,6 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
         if self.metric_for_best_model not in EVAL_METRICS:
             raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of "
                               f"{', '.join(EVAL_METRICS)}")
-        if self.load_in_4bit or self.load_in_8bit:
-            raise ConfigError("load_in_4bit/load_in_8bit: quantized weights cannot be fine-tuned without "
-                              "adapters; classification trains full weights or trainable_modules")
         if self.split_ratios is not None:
             data.check_split_ratios(self.split_ratios, self.validation_file)
         if self.label_map is not None:

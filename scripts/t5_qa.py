@@ -81,8 +81,6 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
         if self.metric_for_best_model not in EVAL_METRICS:
             raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of "
                               f"{', '.join(EVAL_METRICS)}")
-        if self.load_in_4bit or self.load_in_8bit:
-            raise ConfigError("load_in_4bit/load_in_8bit: this recipe fine-tunes full weights")
         if self.val_split and self.validation_file:
             raise ConfigError("val_split: splits train_file; remove it or validation_file")
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_SUMMARIZE, load_script, run_python
+from conftest import ROOT, TINY_QA, TINY_SUMMARIZE, load_script, run_python
 from ftkit import checkpoint, config as cfg
 from ftkit.config import ConfigError
 
@@ -68,6 +68,8 @@ def test_list_items_take_the_options_item_type_from_either_list_form():
     (["--max_steps", "auto"], "max_steps: expected an integer, got 'auto'"),
     (["--per_device_train_batch_size", "big"], "per_device_train_batch_size: expected an integer or auto, got 'big'"),
     (["--load_in_8bit", "true"], "load_in_4bit and load_in_8bit: choose one"),
+    (["--use_peft", "false"], "load_in_4bit: quantized weights cannot be trained; train LoRA adapters over them "
+                              "(use_peft: true, QLoRA) or load the model unquantized"),  # a traceback at the optimizer
     (["--train_file", "none", "--dataset_name", "none"], "train_file: required"),
     (["--lora_target_modules", "[]"], "lora_target_modules: empty list"),
     (["--lora_target_modules", "[q_proj, [v_proj]]"], "lora_target_modules[1]: expected a string, got ['v_proj']"),
@@ -76,6 +78,14 @@ def test_bad_values_name_the_key(argv, message):
     with pytest.raises(ConfigError) as e:
         parse("--config", TINY_SUMMARIZE, *argv)
     assert message in str(e.value)
+
+
+def test_recipes_without_adapters_refuse_quantized_weights():
+    for script, config_class, recipe in [("classify", "ClassifyConfig", TINY_SPAM), ("t5_qa", "QAConfig", TINY_QA)]:
+        with pytest.raises(ConfigError, match=r"^load_in_8bit: quantized weights cannot be trained; this recipe trains "
+                                              r"full weights: load the model unquantized$"):
+            cfg.parse(getattr(load_script(script), config_class), ["--config", recipe, "--load_in_8bit", "true"],
+                      exit_on_error=False)
 
 
 def test_recipes_given_in_order_layer_and_the_command_line_wins(tmp_path):
