@@ -82,6 +82,9 @@ CASES = {
                                 "label 'maybe' in the train data (row 2) is not in label_map: same, different", True),
     "11 YAML yes/no label names": ("classify.py", lambda t: ["--config", MRPC, "--label_map", "{yes: 1, no: 0}"],
                                    "label_map: key True is YAML's reading of an unquoted yes/no/on/off", True),
+    "11 label_map without spaces": ("classify.py", lambda t: ["--config", SPAM, "--label_map", "{ham:0, spam: 1}"],
+                                    "label_map: 'ham:0' reads as a name without a class id; YAML needs a space after "
+                                    "each colon: {ham: 0, spam: 1}", True),
     "12 unknown model_type": ("classify.py", lambda t: ["--config", SPAM, "--model_config", "{model_type: brt, hidden_size: 16}"],
                               "model_config: unknown model_type 'brt' (did you mean 'bert'", True),
     "12 sizes the architecture refuses": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--model_config",
@@ -93,6 +96,8 @@ CASES = {
                                            "lora_target_modules: 'query' matches no module of this model (linear layers: ", False),
     "15 trainable_modules matching nothing": ("classify.py", lambda t: ["--config", SPAM, "--trainable_modules", "[encoder.layer.1]"],
                                               "trainable_modules: 'encoder.layer.1' matches no parameter of this model (modules: transformer", False),
+    "15 trainable_modules empty": ("classify.py", lambda t: ["--config", SPAM, "--trainable_modules", "[]"],
+                                   "trainable_modules: empty list; name at least one module, or leave it unset", True),
     "16 DeepSpeed config missing": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", "ds_configs/zero9.json"],
                                     "deepspeed: DeepSpeed config not found: ds_configs/zero9.json", True),
     "16 DeepSpeed config not JSON": ("classify.py", lambda t: ["--config", SPAM, "--deepspeed", write(t / "ds.json", "{ stage: 2 }")],
