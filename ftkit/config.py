@@ -248,6 +248,11 @@ def _coerce(name: str, value: Any, tp, auto: bool = False) -> Any:
                      else [v.strip() for v in text.split(",") if v.strip()])
         if not isinstance(value, base):
             raise ConfigError(f"{name}: expected {'a list' if base is list else 'a mapping'}, got {value!r}")
+        glued = [str(k) for k, v in value.items() if v is None and ":" in str(k)] if base is dict else []
+        if glued:  # {ham:0} is the key "ham:0" with no value
+            key, _, rest = glued[0].partition(":")
+            raise ConfigError(f"{name}: {glued[0]!r} reads as a key without a value; YAML needs a space after each "
+                              f"colon: {{{key}: {rest}}}")
         return [_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value)] if item_type else value
     if base is str:
         if isinstance(value, (dict, list)):

@@ -78,9 +78,6 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
             if flags := [k for k in self.label_map if isinstance(k, bool)]:
                 raise ConfigError(f"label_map: key {flags[0]} is YAML's reading of an unquoted yes/no/on/off; "
                                   f"quote the label names ('yes': 1)")
-            if glued := [k for k, v in self.label_map.items() if v is None and ":" in str(k)]:
-                raise ConfigError(f"label_map: {glued[0]!r} reads as a name without a class id; YAML needs a space "
-                                  f"after each colon: {{ham: 0, spam: 1}}")
             ids = set(self.label_map.values())
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or sorted(ids) != list(range(len(ids))):
                 raise ConfigError(f"label_map: class ids must be 0..N-1 integers, got {self.label_map}")

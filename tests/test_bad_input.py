@@ -83,8 +83,8 @@ CASES = {
     "11 YAML yes/no label names": ("classify.py", lambda t: ["--config", MRPC, "--label_map", "{yes: 1, no: 0}"],
                                    "label_map: key True is YAML's reading of an unquoted yes/no/on/off", True),
     "11 label_map without spaces": ("classify.py", lambda t: ["--config", SPAM, "--label_map", "{ham:0, spam: 1}"],
-                                    "label_map: 'ham:0' reads as a name without a class id; YAML needs a space after "
-                                    "each colon: {ham: 0, spam: 1}", True),
+                                    "label_map: 'ham:0' reads as a key without a value; YAML needs a space after "
+                                    "each colon: {ham: 0}", True),
     "12 unknown model_type": ("classify.py", lambda t: ["--config", SPAM, "--model_config", "{model_type: brt, hidden_size: 16}"],
                               "model_config: unknown model_type 'brt' (did you mean 'bert'", True),
     "12 sizes the architecture refuses": ("qlora_summarize.py", lambda t: ["--config", SUMMARIZE, "--model_config",

@@ -72,6 +72,8 @@ def test_list_items_take_the_options_item_type_from_either_list_form():
                               "(use_peft: true, QLoRA) or load the model unquantized"),  # a traceback at the optimizer
     (["--train_file", "none", "--dataset_name", "none"], "train_file: required"),
     (["--lora_target_modules", "[]"], "lora_target_modules: empty list"),
+    (["--model_config", "{model_type:phi}"], "model_config: 'model_type:phi' reads as a key without a value; YAML needs "
+                                             "a space after each colon: {model_type: phi}"),
     (["--lora_target_modules", "[q_proj, [v_proj]]"], "lora_target_modules[1]: expected a string, got ['v_proj']"),
 ])
 def test_bad_values_name_the_key(argv, message):
