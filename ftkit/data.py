@@ -118,6 +118,8 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
             if not f.read(65536).strip():
                 raise ConfigError(f"{path}: holds no examples (empty file)")
     kwargs = {"encoding": "utf-8-sig"} if ext != ".parquet" else {}  # a byte-order mark is not a column name
+    if ext in (".csv", ".tsv"):  # only an empty field is missing: pandas would also erase NA, None, null, n/a, nan...
+        kwargs.update(keep_default_na=False, na_values=[""])  # (a text, or a class named None)
     if ext == ".tsv":  # real TSV corpora (MRPC, SMS spam) hold stray quote characters: no quoting at all
         kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
     if column_names and ext in (".csv", ".tsv"):

@@ -233,6 +233,19 @@ def test_tsv_with_stray_quotes_loads_verbatim(tmp_path):
     assert ds["text"] == ['"Hi" she said', 'WIN "free prize']
 
 
+@pytest.mark.parametrize("ext", ["csv", "tsv"])
+def test_only_an_empty_field_is_missing_not_the_words_pandas_reads_as_na(tmp_path, ext):
+    # pandas' defaults read NA, N/A, None, null, nan... as missing: a message "N/A" became no text, a class named
+    # "None" no label
+    sep = "," if ext == "csv" else "\t"
+    path = tmp_path / f"d.{ext}"
+    path.write_text("".join(sep.join(row) + "\n" for row in [
+        ("text", "label"), ("N/A", "ham"), ("None", "None"), ("null", "NA"), ("nan", "spam"), ("", "ham"), ("hi", "")]))
+    ds = data.load_local_file(str(path))
+    assert ds["text"] == ["N/A", "None", "null", "nan", None, "hi"]
+    assert ds["label"] == ["ham", "None", "NA", "spam", "ham", None]
+
+
 def test_pad_multiple_defaults_to_8_only_on_a_gpu_and_pinning_needs_one():
     from types import SimpleNamespace
 
