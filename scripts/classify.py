@@ -154,9 +154,13 @@ def tokenize_split(ds, labels: list[int], tokenizer, config, max_length: int, to
     """Batched tokenization (Arrow-backed, S000); truncation to max_length (marked), padding left to the collator."""
 
     def encode(batch, indices):
-        # an empty text (a missing one reads as "") is the end-of-text token alone, not a row of no tokens
-        texts = [t or tokenizer.eos_token or "" for t in batch[config.text_column]]
-        pairs = [t if t is not None else "" for t in batch[config.text_pair_column]] if config.text_pair_column else None
+        # a column of numbers is text too; an empty text (a missing one reads as "") is the end-of-text token alone,
+        # not a row of no tokens
+        def text(t):
+            return "" if t is None else t if isinstance(t, str) else str(t)
+
+        texts = [text(t) or tokenizer.eos_token or "" for t in batch[config.text_column]]
+        pairs = [text(t) for t in batch[config.text_pair_column]] if config.text_pair_column else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_token_type_ids=token_types)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "labels": [labels[i] for i in indices], "length": [len(x) for x in enc["input_ids"]],

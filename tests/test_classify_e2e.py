@@ -148,6 +148,16 @@ def test_empty_and_missing_texts_are_labelled_too(runs, tmp_path):
     assert len(rows) == 3 and len({tuple(r) for r in rows}) == 1 and rows[0][0] in ("ham", "spam"), rows
 
 
+def test_a_column_of_numbers_is_labelled_as_the_same_text(runs, tmp_path):
+    # a CSV column of numbers reads as integers: tokenized as text (the tokenizer refused them: a traceback)
+    (tmp_path / "numbers.csv").write_text("text\n12345\n0\n")
+    (tmp_path / "strings.jsonl").write_text('{"text": "12345"}\n{"text": "0"}\n')
+    outputs = [run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(tmp_path / f),
+                                          "--column_names", "null"]) for f in ("numbers.csv", "strings.jsonl")]
+    assert all(p.returncode == 0 for p in outputs), outputs[0].stderr[-3000:]
+    assert outputs[0].stdout == outputs[1].stdout and len(outputs[0].stdout.splitlines()) == 2
+
+
 def test_the_best_checkpoint_is_reloaded_with_the_metrics_it_was_chosen_for(tmp_path):
     # Ranking by *lowest* accuracy picks an early, poor checkpoint: the final metrics must be its.
     out = tmp_path / "run"
