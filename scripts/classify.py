@@ -313,6 +313,8 @@ def score_line(split: str, result: dict) -> str:
 
 def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
     texts = {key.removesuffix("_column"): ds[column] for key, column in text_columns(config).items()}
+    if "id" in ds.column_names:  # the data's own row ids, to join the predictions back
+        texts = {"id": ds["id"], **texts}
     rows = [{**{key: values[i] for key, values in texts.items()}, "prediction": names[pred], "probability": prob}
             for i, (pred, prob) in enumerate(zip(preds, probs))]
     for row, label in zip(rows, gold or []):

@@ -326,7 +326,7 @@ def predict(config):
     from transformers import AutoModelForCausalLM
 
     config = checkpoint.with_saved_run(SummarizeConfig, config, "adapter", ("adapter_config.json", "config.json"))
-    references = None
+    references, ids = None, None
     if config.input_file:  # with the run's summary_column, the summaries are scored against it
         inputs = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
         columns = {"dialogue_column": config.dialogue_column, **(
@@ -334,6 +334,7 @@ def predict(config):
         data.require_columns(inputs, columns, config.input_file, tuple(columns))
         dialogues = inputs[config.dialogue_column]
         references = inputs[config.summary_column] if "summary_column" in columns else None
+        ids = inputs["id"] if "id" in inputs.column_names else None  # (DialogSum's), to join the rows back
     else:
         dialogues = [config.text]
     config.report_to = "none"
@@ -343,7 +344,8 @@ def predict(config):
     summaries = summarize(acc, model, tokenizer, config, dialogues)
     if not acc.is_main_process:
         return
-    rows = [{"dialogue": d, "summary": s} for d, s in zip(dialogues, summaries)]
+    rows = [{**({"id": ids[i]} if ids else {}), "dialogue": d, "prediction": s}
+            for i, (d, s) in enumerate(zip(dialogues, summaries))]  # the keys of the run's predictions_test.jsonl
     scores = None
     if references is not None:
         for row, reference in zip(rows, references):

@@ -115,7 +115,8 @@ def test_predict_takes_a_runs_output_dir_and_explains_a_checkpoint(runs, tmp_pat
 def test_predict_scores_a_labelled_file_as_the_run_scored_its_test_split(runs, tmp_path):
     saved = read_jsonl(runs["spam"] / "predictions_test.jsonl")
     labelled = tmp_path / "labelled.jsonl"
-    labelled.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in saved))
+    labelled.write_text("".join(json.dumps({"id": f"m{i}", "text": r["text"], "label": r["label"]}) + "\n"
+                                for i, r in enumerate(saved)))
     proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stdout holds the predictions alone, a line per row (to paste beside the input); the scores go to stderr
@@ -127,7 +128,8 @@ def test_predict_scores_a_labelled_file_as_the_run_scored_its_test_split(runs, t
     proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled),
                                       "--prediction_file", str(out)])
     assert proc.returncode == 0 and f"accuracy {test['accuracy']:.4f}" in proc.stdout
-    assert [(r["prediction"], r["label"]) for r in read_jsonl(out)] == [(r["prediction"], r["label"]) for r in saved]
+    assert [(r["id"], r["prediction"], r["label"]) for r in read_jsonl(out)] == [
+        (f"m{i}", r["prediction"], r["label"]) for i, r in enumerate(saved)]
     # a gold label the model does not know: one line naming it and its row; an empty label column is no gold
     labelled.write_text('{"text": "see you at 6", "label": "ham"}\n{"text": "WIN cash now", "label": "maybe"}\n')
     proc = run_python("classify.py", ["--predict", "--model", str(runs["spam"]), "--input_file", str(labelled)])

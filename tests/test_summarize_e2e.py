@@ -78,15 +78,16 @@ def test_saved_adapter_reloads_and_generates_what_training_generated(memorised, 
     prediction_file = tmp_path / "pred.jsonl"
     rows = read_jsonl(TRAIN)[:8]
     inputs = tmp_path / "in.jsonl"
-    inputs.write_text("".join(json.dumps({"dialogue": r["dialogue"], "summary": r["summary"]}) + "\n" for r in rows))
+    inputs.write_text("".join(json.dumps({"id": r["id"], "dialogue": r["dialogue"], "summary": r["summary"]}) + "\n"
+                              for r in rows))
     proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"),
                                              "--input_file", str(inputs), "--prediction_file", str(prediction_file)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     predicted = read_jsonl(prediction_file)
     in_process = [r["prediction"] for r in read_jsonl(memorised / "predictions_test.jsonl")]
-    assert [r["summary"] for r in predicted] == in_process
-    assert [r["reference"] for r in predicted] == [r["summary"] for r in rows]
-    assert any(len(r["summary"]) > 10 for r in predicted)
+    assert [r["prediction"] for r in predicted] == in_process
+    assert [(r["id"], r["reference"]) for r in predicted] == [(r["id"], r["summary"]) for r in rows]
+    assert any(len(r["prediction"]) > 10 for r in predicted)
     tuned = json.load(open(memorised / "metrics.json"))["tuned"]
     assert proc.stdout.splitlines()[-1] == "  ".join(f"{k} {v:.2f}" for k, v in tuned.items()) + "  (8 dialogues)"
 
