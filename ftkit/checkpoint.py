@@ -386,6 +386,9 @@ def load_best(accelerator, config, state: dict) -> bool:
     best = state.get("best_checkpoint")
     if not best or state.get("best_step") == state["global_step"]:
         return False
+    here = step_path(config, state["best_step"])  # this output_dir's, wherever the run was when it saved it (a
+    if os.path.isfile(os.path.join(here, STATE_FILE)):  # run folder moved or copied elsewhere); else where it was
+        best = here  # saved: another run's, resumed into this output_dir
     if not os.path.isfile(os.path.join(best, STATE_FILE)):
         logger.warning("best checkpoint %s is missing: keeping the last weights", best)
         return False

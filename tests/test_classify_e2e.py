@@ -176,6 +176,23 @@ def test_the_best_checkpoint_is_reloaded_with_the_metrics_it_was_chosen_for(tmp_
     assert kept == sorted({f"step_{result['best_step']}", f"step_{result['global_step']}"})
 
 
+def test_a_run_folder_moved_elsewhere_still_reloads_its_best_checkpoint(tmp_path):
+    # the run finished, then its folder moved (another filesystem, a cluster mounted elsewhere): the same command
+    # there evaluates and exports again from its own best checkpoint (the saved state named the old folder's)
+    args = ["--config", TINY["spam"], "--eval_strategy", "steps", "--eval_steps", "2", "--greater_is_better", "false",
+            "--save_total_limit", "1", "--max_steps", "10"]
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "run"
+    launch("classify.py", args + ["--output_dir", str(first)])
+    result = json.load(open(first / "metrics.json"))
+    assert result["best_step"] < result["global_step"]
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    proc = launch("classify.py", args + ["--output_dir", str(moved)])
+    assert f"loaded the best checkpoint {moved / 'checkpoints'}" in proc.stderr, proc.stderr[-3000:]
+    again = json.load(open(moved / "metrics.json"))
+    assert again["validation"] == result["validation"] and again["best_step"] == result["best_step"]
+
+
 def test_save_strategy_epoch_checkpoints_every_epoch_end(tmp_path):
     # 42 examples, batch 8, drop_last: 5 steps an epoch; the last epoch's end is the final checkpoint
     out = tmp_path / "run"
