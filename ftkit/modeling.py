@@ -372,7 +372,11 @@ def adapter_base(path: str) -> str | None:
     if not os.path.isfile(adapter_config):
         return None
     with open(adapter_config) as f:
-        return json.load(f)["base_model_name_or_path"]
+        base = json.load(f)["base_model_name_or_path"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), "base_model")
+    if not os.path.isdir(base) and os.path.basename(os.path.normpath(base)) == "base_model" and os.path.isdir(beside):
+        return beside  # the run's own base_model/ (a model built from model_config), its run folder moved since
+    return base
 
 
 def load_trained(auto_model_cls, path: str, config, accelerator=None):

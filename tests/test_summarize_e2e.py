@@ -119,6 +119,24 @@ def test_predict_takes_the_merged_model_and_it_summarizes_as_base_plus_adapter(m
     assert outputs[0].stdout == outputs[1].stdout and outputs[0].stdout.strip()
 
 
+def test_a_moved_run_folder_predicts_with_its_own_base_model(memorised, tmp_path):
+    # a model built from model_config is saved as the run's base_model/, and the adapter names that folder's path
+    # then; the run moved (here: its final/ and base_model/ copied, and the path they were at gone), --predict finds
+    # base_model/ beside final/
+    moved = tmp_path / "elsewhere"
+    for name in ("final", "base_model"):
+        shutil.copytree(memorised / name, moved / name)
+    adapter_config = json.load(open(moved / "final" / "adapter_config.json"))
+    assert adapter_config["base_model_name_or_path"] == str(memorised / "base_model")
+    adapter_config["base_model_name_or_path"] = str(tmp_path / "gone" / "run" / "base_model")
+    json.dump(adapter_config, open(moved / "final" / "adapter_config.json", "w"))
+    dialogue = read_jsonl(TRAIN)[0]["dialogue"]
+    procs = [run_python("qlora_summarize.py", ["--predict", "--adapter", str(run), "--text", dialogue])
+             for run in (memorised, moved)]
+    assert procs[1].returncode == 0, procs[1].stderr[-3000:]
+    assert procs[1].stdout == procs[0].stdout and procs[0].stdout.strip()
+
+
 def test_predict_with_text_prints_a_summary(memorised):
     dialogue = read_jsonl(TRAIN)[0]["dialogue"]
     proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"), "--text", dialogue])
