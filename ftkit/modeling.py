@@ -113,7 +113,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"tokenizer: cannot load {name_or_path!r} ({_offline_hint(e)})") from None
+        raise ConfigError(f"tokenizer: cannot load {name_or_path!r} ({_offline_hint(e, name_or_path)})") from None
     tok.padding_side = padding_side
     if tok.pad_token is None and tok.eos_token is not None:
         logger.info("tokenizer has no pad token: using the EOS token %r for padding", tok.eos_token)
@@ -121,7 +121,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     return tok
 
 
-def _offline_hint(error: Exception) -> str:
+def _offline_hint(error: Exception, source: str | None = None) -> str:
+    local = source is not None and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1)
+    if local and not os.path.exists(os.path.expanduser(source)):  # a path, not a hub id (transformers: "Repo id must be")
+        return "no such directory"
     text = str(error).splitlines()[0][:200]
     if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):
         return f"not in the local cache and the hub is unreachable: {text}"
@@ -161,7 +164,7 @@ def load_config(source: str, config, **kwargs):
         if "trust_remote_code" in str(e):
             raise ConfigError(f"trust_remote_code: {source!r} needs its own code from the hub; set "
                               f"trust_remote_code: true if you trust it") from None
-        raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e)})") from None
+        raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e, source)})") from None
 
 
 def max_positions(model_config) -> int:
@@ -363,7 +366,7 @@ def load_pretrained(auto_model_cls, source: str, config, accelerator=None, quant
     try:
         return auto_model_cls.from_pretrained(source, **load_kwargs)
     except OSError as e:
-        raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e)})") from None
+        raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e, source)})") from None
 
 
 def adapter_base(path: str) -> str | None:
