@@ -442,6 +442,10 @@ def with_saved_run(cls, config, key: str, marker: str | tuple):
                           f"--output_dir NEW_DIR, then name NEW_DIR/final")
     from ftkit.rundir import check_output_path  # (rundir imports this module)
     check_output_path("prediction_file", config.prediction_file)
+    if config.prediction_file and config.input_file and os.path.exists(config.prediction_file) and os.path.samefile(
+            config.prediction_file, config.input_file):
+        raise ConfigError(f"prediction_file: {config.prediction_file} is the input_file; writing it would replace the "
+                          f"input: name another file")
     saved = os.path.join(directory, "ftkit_config.yaml")
     if not os.path.isfile(saved):
         return config

@@ -148,6 +148,10 @@ CASES = {
     "26 prediction_file under a file": ("classify.py", lambda t: ["--predict", "--model", _trained_classifier(), "--text",
                                                                   "hi", "--prediction_file", str(t / "out" / "keep.txt" / "p.jsonl")],
                                         "/out/keep.txt/p.jsonl cannot be made: {t}/out/keep.txt is a file", True),
+    "26 prediction_file is the input_file": ("classify.py", lambda t: [
+        "--predict", "--model", _trained_classifier(), "--input_file", str(t / "out" / "keep.txt"), "--prediction_file",
+        str(t / "out" / ".." / "out" / "keep.txt")],
+        "prediction_file: {t}/out/../out/keep.txt is the input_file; writing it would replace the input", True),
 }
 
 
