@@ -9,6 +9,7 @@ last); rotation renames to ``.trash_step_<N>`` before deleting: a kill never lea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -440,7 +442,7 @@ def with_saved_run(cls, config, key: str, marker: str | tuple):
         raise ConfigError(f"{key}: {directory} is {what} not a model; export it with the training command plus "
                           f"--resume_from_checkpoint {ckpt} --max_steps {read_state(ckpt).get('global_step', 'N')} "
                           f"--output_dir NEW_DIR, then name NEW_DIR/final")
-    from ftkit.rundir import check_output_path  # (rundir imports this module)
+    from ftkit.rundir import check_output_path, written_by  # (rundir imports this module)
     check_output_path("prediction_file", config.prediction_file)
     if config.prediction_file and config.input_file and os.path.exists(config.prediction_file) and os.path.samefile(
             config.prediction_file, config.input_file):
@@ -449,4 +451,10 @@ def with_saved_run(cls, config, key: str, marker: str | tuple):
     saved = os.path.join(directory, "ftkit_config.yaml")
     if not os.path.isfile(saved):
         return config
-    return build(cls, {**load_yaml_recipe(saved), **getattr(config, "explicit", {})}, where=saved)
+    values, this, trainer = load_yaml_recipe(saved), os.path.basename(sys.argv[0]), written_by(saved)
+    foreign = [k for k in values if k not in {f.name for f in dataclasses.fields(cls)}]
+    if foreign and trainer != this:  # (the same script: an option since removed, named by build below)
+        raise ConfigError(f"{key}: {directory} was trained by {trainer or 'another ftkit script'}, not {this} (its "
+                          f"options include {foreign[0]!r}): predict with "
+                          + (f"python scripts/{trainer} --predict" if trainer else "the script that trained it"))
+    return build(cls, {**values, **getattr(config, "explicit", {})}, where=saved)

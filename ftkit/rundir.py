@@ -106,8 +106,19 @@ def save_config(config, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{WRITTEN_BY}{os.path.basename(sys.argv[0])}\n")  # which script: --predict names it if another reads it
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
     os.replace(tmp, path)
+
+
+WRITTEN_BY = "# ftkit config, written by "
+
+
+def written_by(path: str) -> str | None:
+    """The script that wrote the config at ``path`` (:func:`save_config`'s first line), or None."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().strip()
+    return first[len(WRITTEN_BY):] if first.startswith(WRITTEN_BY) else None
 
 
 def write_jsonl(path: str, rows) -> None:

@@ -140,6 +140,18 @@ def test_predict_scores_a_labelled_file_as_the_run_scored_its_test_split(runs, t
     assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 2 and "accuracy" not in proc.stderr
 
 
+def test_predict_with_another_script_names_the_one_that_trained_the_model(runs):
+    # (a T5 head over a GPT-2 classifier: the options of another script, then a traceback or a random head)
+    run = str(runs["spam"])
+    for script, args in [("t5_qa.py", ["--model", run, "--question", "Where?", "--context", "Here."]),
+                         ("qlora_summarize.py", ["--adapter", run, "--text", "#Person1#: Hi."])]:
+        proc = run_python(script, ["--predict", *args])
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            f"error: {args[0][2:]}: {runs['spam'] / 'final'} was trained by classify.py, not {script} (its options include "
+            f"'text_column'): predict with python scripts/classify.py --predict"), proc.stderr[-2000:]
+    assert open(runs["spam"] / "final" / "ftkit_config.yaml").readline() == "# ftkit config, written by classify.py\n"
+
+
 def test_empty_and_missing_texts_are_labelled_too(runs, tmp_path):
     # GPT-2's tokenizer makes no tokens of "": the row is its end-of-text token (a batch of no tokens failed)
     (tmp_path / "in.jsonl").write_text('{"text": ""}\n{"text": null}\n{"id": 3}\n')
