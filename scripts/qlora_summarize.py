@@ -160,17 +160,34 @@ def eval_loss(acc, model, eval_dl, config, max_length: int) -> float:
 
 def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:
     """Greedy summaries of ``dialogues``, sharded over processes and gathered in order."""
+    max_length = modeling.max_length_of(config, acc.unwrap_model(model).config)
+    prompts = generation_prompts(tokenizer, config, dialogues, max_length)
     tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     texts = distributed.generate_in_order(
-        acc, model, tokenizer, [prompt_of(config, d) for d in dialogues], config.per_device_eval_batch_size,
+        acc, model, tokenizer, prompts, config.per_device_eval_batch_size,
         lambda prompts: tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=config.max_new_tokens,
         use_cache=True, pad_token_id=tokenizer.pad_token_id)
     tokenizer.padding_side = "right"
     return [t.split("###")[0].strip() for t in texts]
 
 
-def prompt_lengths(tokenizer, config, ds, n: int) -> list[int]:  # as summarize encodes them, for --preflight
-    prompts = [prompt_of(config, d) for d in data.take_first(ds, n)[config.dialogue_column]]
+def generation_prompts(tokenizer, config, dialogues: list[str], max_length: int) -> list[str]:
+    """The prompts to summarize ``dialogues`` from: a dialogue too long for its prompt and ``max_new_tokens`` to fit in
+    ``max_length`` (past the model's positions, generation degrades or fails) loses its tail, as ``overlong: truncate``
+    cuts a training example; said in the log."""
+    room, length = max_length - config.max_new_tokens, lambda d: len(tokenizer(prompt_of(config, d))["input_ids"])
+    if length("") > room:
+        raise ConfigError(f"max_new_tokens: {config.max_new_tokens} leaves {room} of the {max_length} tokens of "
+                          f"max_length to the prompt, less than its template alone ({length('')})")
+    fitted = [data.fit_text(tokenizer, d, length, room) for d in dialogues]
+    if cut := sum(a != b for a, b in zip(fitted, dialogues)):
+        logger.warning("%d of %d dialogues cut to fit their prompt and max_new_tokens %d in max_length %d", cut,
+                       len(dialogues), config.max_new_tokens, max_length)
+    return [prompt_of(config, d) for d in fitted]
+
+
+def prompt_lengths(tokenizer, config, ds, n: int, max_length: int) -> list[int]:  # as summarize's, for --preflight
+    prompts = generation_prompts(tokenizer, config, data.take_first(ds, n)[config.dialogue_column], max_length)
     return [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
 
 
@@ -215,7 +232,7 @@ def main(config):
                     100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
     fingerprints = rundir.check_data(config, train_ds, eval_ds)  # a resume checks the training and validation data
-    generation = preflight.Generation([prompt_lengths(tokenizer, config, ds, n) for ds, n in (
+    generation = preflight.Generation([prompt_lengths(tokenizer, config, ds, n, max_length) for ds, n in (
         (raw_eval, config.num_eval_generate), (raw_test, config.num_test_compare))], config.max_new_tokens)
     estimate = preflight.Estimate(acc, config, model_cfg, AutoModelForCausalLM, setup,
                                   lambda m, b: step_loss(m, b, config), train_ds, tokenizer.pad_token_id, generation)

@@ -137,6 +137,16 @@ def test_a_moved_run_folder_predicts_with_its_own_base_model(memorised, tmp_path
     assert procs[1].stdout == procs[0].stdout and procs[0].stdout.strip()
 
 
+def test_a_dialogue_too_long_for_the_model_is_cut_to_fit_with_its_summary(memorised):
+    # the tiny model has 512 positions: a dialogue of ~2,000 tokens was generated from past them (transformers'
+    # "friendly reminder"; a model with learned positions fails there)
+    dialogue = "\n".join([read_jsonl(TRAIN)[0]["dialogue"]] * 30)
+    proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"), "--text", dialogue])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 of 1 dialogues cut to fit their prompt and max_new_tokens 40 in max_length 512" in proc.stderr
+    assert "exceeded the model's predefined maximum length" not in proc.stderr and len(proc.stdout.splitlines()) == 1
+
+
 def test_predict_with_text_prints_a_summary(memorised):
     dialogue = read_jsonl(TRAIN)[0]["dialogue"]
     proc = run_python("qlora_summarize.py", ["--predict", "--adapter", str(memorised / "final"), "--text", dialogue])
