@@ -168,6 +168,10 @@ def check_saved_config(config, explicit: bool) -> None:
     saved = os.path.join(config.output_dir, "config.yaml")
     if config.overwrite_output_dir or not os.path.isfile(saved):
         return
+    trainer, this = written_by(saved), os.path.basename(sys.argv[0])
+    if trainer not in (None, this) and not (explicit and not list_checkpoints(config.output_dir)):
+        raise ConfigError(f"output_dir: {config.output_dir} holds a run of {trainer}, not {this}; choose another "
+                          f"output_dir or pass --overwrite_output_dir true (the run is set aside, not deleted)")
     try:
         previous = build(type(config), load_yaml_recipe(saved), where=saved)
         adopt_auto_batch_size(previous, config)

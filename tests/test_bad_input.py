@@ -214,6 +214,17 @@ def test_output_dir_of_another_run_is_refused_unless_overwrite(tmp_path):
     assert sorted(os.listdir(out)) == ["config.yaml", "keep.txt"]
 
 
+def test_output_dir_of_another_scripts_run_names_that_script(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "config.yaml", "# ftkit config, written by t5_qa.py\n" + open(QA).read())
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(out)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: output_dir: {out} holds a run of t5_qa.py, not classify.py; choose another output_dir or pass "
+        f"--overwrite_output_dir true (the run is set aside, not deleted)"), proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["config.yaml"]
+
+
 @pytest.mark.parametrize("case", ["a file", "under a file", "empty", "blank"])
 def test_an_output_dir_that_is_a_file_under_one_or_empty_is_one_line(tmp_path, case):
     blocker = write(tmp_path / "notes.txt", "precious")
