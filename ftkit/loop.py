@@ -217,7 +217,12 @@ class LoopState:
         self.progress.set_postfix(tracking.progress_fields(entry))
 
     def log(self, entry: dict) -> None:
+        """Log an entry at this step; an evaluation's generated texts (``entry["samples"]``, rows) go to
+        eval_samples.jsonl and the trackers' tables."""
+        samples = entry.pop("samples", None)
         self.log_.log(entry, self.step)
+        if samples:
+            self.log_.log_samples(samples, self.step)
 
     def evaluation_due(self) -> bool:
         """Evaluate now? Every ``eval_steps``, or at the end of each epoch (the final one is separate)."""

@@ -322,8 +322,8 @@ def adopt_auto_batch_size(previous, config, quiet: bool = False) -> None:
 
 # what a run writes into output_dir, besides base_model/ (the built random-init model, stamped) and base_eval.json
 # (the base model's scores: the same for a run with the same config, computed anew with overwrite_output_dir)
-RUN_OUTPUTS = ("config.yaml", "checkpoints", "metrics.jsonl", "tensorboard", "curves.png", "metrics.json", "final",
-               "final_merged")
+RUN_OUTPUTS = ("config.yaml", "checkpoints", "metrics.jsonl", "eval_samples.jsonl", "tensorboard", "curves.png",
+               "metrics.json", "final", "final_merged")
 
 
 def set_aside_earlier_run(config, accelerator) -> str | None:

@@ -67,34 +67,35 @@ class MetricsLog:
     def __init__(self, accelerator, config, step: int = 0):
         self.accelerator, self.config = accelerator, config
         self.path = os.path.join(config.output_dir, "metrics.jsonl")
-        if accelerator.is_main_process and step and os.path.isfile(self.path):  # a fresh run's is set aside first
-            self._continue_at(step)
-
-    def _continue_at(self, step: int) -> None:
-        """A run resumed at ``step`` keeps the earlier run's events up to its checkpoint's step and drops the later
-        ones (it logs those steps again), and a line cut short when the process was killed."""
-        kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except json.JSONDecodeError:
-                    pass
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(self.path + ".tmp", self.path)
+        self.samples_path = os.path.join(config.output_dir, SAMPLES_FILE)
+        for path in (self.path, self.samples_path):
+            if accelerator.is_main_process and step and os.path.isfile(path):  # a fresh run's is set aside first
+                _continue_at(path, step)
 
     def log(self, metrics: dict, step: int) -> None:
         metrics = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
         if self.accelerator.is_main_process:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-            except OSError as e:  # e.g. the disk is full
-                raise RunError(f"cannot write {self.path}: {e.strerror or e}") from None
+            _append(self.path, [{"step": step, **metrics}])
         if self.accelerator.log_with:
             self.accelerator.log(metrics, step=step)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """An evaluation's generated texts beside their inputs and references: every row to ``eval_samples.jsonl``,
+        the first :data:`TRACKED_SAMPLES` to the trackers (a W&B table, a TensorBoard text table) at ``step``."""
+        if not self.accelerator.is_main_process or not rows:
+            return
+        _append(self.samples_path, [{"step": step, **row} for row in rows])
+        columns = list(rows[0])
+        cells = [[row[c] if isinstance(row[c], str) else json.dumps(row[c]) for c in columns]
+                 for row in rows[:TRACKED_SAMPLES]]
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.log_table("eval/samples", columns=columns, data=cells, step=step)
+            elif tracker.name == "tensorboard":  # markdown: a row per example, cells on one line
+                escape = lambda text: text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")  # noqa: E731
+                table = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+                tracker.log({"eval/samples": "\n".join(table + [f"| {' | '.join(map(escape, r))} |" for r in cells])},
+                            step=step)
 
     def finish(self, state: dict) -> None:
         """Close the trackers, draw the curves, and in debug mode say what the run did."""
@@ -106,6 +107,34 @@ class MetricsLog:
         plot_curves(events, os.path.join(self.config.output_dir, "curves.png"))
         if self.config.debug:
             print(debug_summary(events, state), flush=True)
+
+
+SAMPLES_FILE = "eval_samples.jsonl"
+TRACKED_SAMPLES = 32  # of an evaluation's generated texts, shown by the trackers (eval_samples.jsonl holds all)
+
+
+def _append(path: str, rows: list[dict]) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    except OSError as e:  # e.g. the disk is full
+        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _continue_at(path: str, step: int) -> None:
+    """A run resumed at ``step`` keeps the earlier run's lines up to its checkpoint's step and drops the later ones (it
+    logs those steps again), and a line cut short when the process was killed."""
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                pass
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def plot_curves(events: list[dict], path: str) -> None:

@@ -259,11 +259,14 @@ def main(config):
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
 
-    def validate() -> dict:  # validation loss, and ROUGE of num_eval_generate summaries
+    def validate() -> dict:  # validation loss, and ROUGE of num_eval_generate summaries (logged beside them)
         entry = {"eval/loss": eval_loss(acc, model, eval_dl, config, max_length)}
         if config.num_eval_generate:
-            scores, _ = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
+            scores, predictions = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
             entry.update({f"eval/{k}": v for k, v in scores.items()})
+            shown = data.take_first(raw_eval, config.num_eval_generate)
+            entry["samples"] = [{"dialogue": d, "reference": r, "prediction": p} for d, r, p in zip(
+                shown[config.dialogue_column], shown[config.summary_column], predictions)]
         return entry
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), fingerprints,

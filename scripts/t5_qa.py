@@ -250,10 +250,10 @@ def main(config):
                      truncation=counts)
     ga = config.gradient_accumulation_steps
 
-    def validate() -> dict:
-        scores, _ = score(acc, model, tokenizer, config, splits["validation"], max_length)
-        return {"eval/loss": eval_loss(acc, model, eval_dl, decoder_start, pad),
-                "eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
+    def validate() -> dict:  # (the answers logged beside the scores)
+        scores, predictions = score(acc, model, tokenizer, config, splits["validation"], max_length)
+        return {"eval/loss": eval_loss(acc, model, eval_dl, decoder_start, pad), "eval/exact_match": scores["exact_match"],
+                "eval/f1": scores["f1"], "samples": prediction_rows(splits["validation"], predictions)}
 
     model.train()
     for window in run.windows(train_dl, sampler, validate):  # epoch after epoch, from a resumed checkpoint's position

@@ -45,6 +45,11 @@ def test_run_writes_config_metrics_checkpoints_and_final_adapter(memorised):
     assert [r["step"] for r in log if "eval/loss" in r] == [30, 60]
     assert all("eval/rougeL" in r for r in log if "eval/loss" in r)  # validation ROUGE, each evaluation
     assert [r["step"] for r in log if "test/rougeL" in r] == [60]  # the S001 table's, once
+    samples = read_jsonl(memorised / "eval_samples.jsonl")  # each evaluation's summaries beside its ROUGE
+    assert [r["step"] for r in samples] == [30, 30, 60, 60]
+    assert [list(r) for r in samples[:1]] == [["step", "dialogue", "reference", "prediction"]]
+    validation = read_jsonl(os.path.join(ROOT, "data", "dialogsum_sample_validation.jsonl"))[:2]
+    assert [(r["dialogue"], r["reference"]) for r in samples[:2]] == [(r["dialogue"], r["summary"]) for r in validation]
 
 
 def test_early_stopping_and_the_best_adapter(tmp_path):

@@ -139,6 +139,35 @@ def test_resumed_run_continues_the_same_wandb_run_and_tensorboard_log(tracked, t
     assert (shown["train/loss"], shown["eval/loss"]) == ([2, 4, 6, 8, 10], [5, 10])
 
 
+def test_an_evaluations_generated_answers_are_logged_beside_its_scores(tmp_path):
+    # every answer of each evaluation in eval_samples.jsonl; the first TRACKED_SAMPLES in a W&B table and in a
+    # TensorBoard text table, at the evaluation's step
+    out = tmp_path / "run"
+    launch("t5_qa.py", ["--config", os.path.join(ROOT, "recipes", "tiny", "t5_qa.yaml"), "--output_dir", str(out),
+                        "--max_steps", "4", "--eval_steps", "2", "--val_split", "0.5", "--report_to", "all"])
+    rows = read_jsonl(out / "eval_samples.jsonl")
+    questions = sum(r["step"] == 2 for r in rows)
+    assert questions > tracking.TRACKED_SAMPLES and [r["step"] for r in rows] == [2] * questions + [4] * questions
+    assert list(rows[0]) == ["step", "id", "question", "prediction", "answers"]
+    (_, _, _, history), = wandb_run(out)
+    assert steps_with(history, "eval/samples/nrows") == [2, 4]
+    assert [row["eval/samples/nrows"] for row in history if "eval/samples/nrows" in row] == [32, 32]
+    tables = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "table" / "eval" /
+                                  "samples_*.table.json")))
+    assert [os.path.basename(t).split("_")[1] for t in tables] == ["2", "4"]
+    table = json.load(open(tables[0]))
+    assert table["columns"] == ["id", "question", "prediction", "answers"]
+    assert [row[:3] for row in table["data"]] == [[r["id"], r["question"], r["prediction"]] for r in rows[:32]]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard" / "ftkit"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = events.Tensors("eval/samples/text_summary")
+    assert [e.step for e in texts] == [2, 4]
+    lines = texts[0].tensor_proto.string_val[0].decode().split("\n")  # (an untrained model's answers hold \x1c...)
+    assert lines[0] == "| id | question | prediction | answers |" and len(lines) == 2 + tracking.TRACKED_SAMPLES
+
+
 # ---------------------------------------------------------------------------------------------
 # MFU arithmetic and --debug
 # ---------------------------------------------------------------------------------------------
