@@ -250,11 +250,12 @@ def main(config):
     base_file = os.path.join(config.output_dir, "base_eval.json")
     if os.path.isfile(base_file) and not config.overwrite_output_dir:  # a resume: scored before training began
         base_scores = json.load(open(base_file))
+        base_predictions = base_scores.pop("predictions", None)  # (none in a base_eval.json of an earlier ftkit)
     else:
         with modeling.gathered(model):  # ZeRO-3 partitions an unquantized model as it loads
-            base_scores, _ = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
+            base_scores, base_predictions = rouge_on(acc, model, tokenizer, config, raw_test, config.num_test_compare)
         if acc.is_main_process:
-            json.dump(base_scores, open(base_file, "w"))
+            json.dump({**base_scores, "predictions": base_predictions}, open(base_file, "w"))
 
     optimizer, scheduler = optim.build(model, config, total_steps)
     model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
@@ -320,8 +321,10 @@ def main(config):
                   "num_test_examples": min(len(raw_test), config.num_test_compare), **run.state}
         json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         rundir.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), (
-            {"id": row.get("id"), "prediction": pred, "reference": row[config.summary_column]}
-            for row, pred in zip(data.take_first(raw_test, config.num_test_compare), predictions)))
+            {"id": row.get("id"), "dialogue": row[config.dialogue_column], "prediction": pred,
+             **({"base_prediction": base_predictions[i]} if base_predictions else {}),
+             "reference": row[config.summary_column]}
+            for i, (row, pred) in enumerate(zip(data.take_first(raw_test, config.num_test_compare), predictions))))
     run.close()
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_SUMMARIZE, launch, read_jsonl, run_python
+from ftkit import metrics
 
 pytestmark = pytest.mark.slow
 TRAIN = os.path.join(ROOT, "data", "dialogsum_sample_train.jsonl")
@@ -76,6 +77,12 @@ def test_training_loss_falls_by_half_and_tuned_rouge_beats_base(memorised):
     assert losses[-1] < 0.5 * losses[0], losses
     result = json.load(open(memorised / "metrics.json"))
     assert result["tuned"]["rougeL"] > result["base"]["rougeL"] + 10, result
+    # the table's summaries, base and fine-tuned, beside each test dialogue and its reference
+    rows = read_jsonl(memorised / "predictions_test.jsonl")
+    assert [list(r) for r in rows[:1]] == [["id", "dialogue", "prediction", "base_prediction", "reference"]]
+    assert [r["dialogue"] for r in rows] == [r["dialogue"] for r in read_jsonl(TRAIN)[:8]]
+    for key, scores in (("base_prediction", result["base"]), ("prediction", result["tuned"])):
+        assert metrics.rouge([r[key] for r in rows], [r["reference"] for r in rows]) == pytest.approx(scores)
 
 
 def test_saved_adapter_reloads_and_generates_what_training_generated(memorised, tmp_path):
