@@ -39,7 +39,7 @@ NON_TRAINING_KEYS = {
     "dataloader_pin_memory", "debug", "preprocessing_num_workers", "predict", "adapter", "input_file", "text",
     "prediction_file", "merge_adapter", "num_test_compare", "num_eval_generate", "model", "text_pair", "eval_on_train",
     "preflight", "device_memory_gb", "preflight_device", "assumed_mfu", "preflight_num_processes", "ddp_timeout",
-    "save_strategy", "ignore_data_skip",
+    "save_strategy", "ignore_data_skip", "per_device_eval_batch_size",
 }
 # Options a resumed run may change (extending a run, evaluating more often): the learning-rate
 # schedule is re-planned from the checkpoint's step. Any other training option refuses the resume.

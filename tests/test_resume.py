@@ -123,9 +123,15 @@ def test_a_finished_run_extends_with_a_longer_schedule_and_refuses_a_batch_chang
 
     # the same command again: the finished run is evaluated and exported again; its checkpoint is not rewritten
     saved = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
+    before = json.load(open(out / "metrics.json"))
+    # (with a smaller evaluation batch: an evaluation that ran out of memory may go on with one)
     again = launch("classify.py", classify + ["--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
-                                              "--logging_steps", "1", "--eval_steps", "2", "--save_total_limit", "5"])
+                                              "--logging_steps", "1", "--eval_steps", "2", "--save_total_limit", "5",
+                                              "--per_device_eval_batch_size", "3"])
     assert "saved checkpoint" not in again.stderr and json.load(open(out / "metrics.json"))["global_step"] == 6
+    after = json.load(open(out / "metrics.json"))
+    assert after["validation"]["accuracy"] == before["validation"]["accuracy"]
+    assert after["validation"]["loss"] == pytest.approx(before["validation"]["loss"], rel=1e-5)
     assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == saved
 
     # a resume cannot shorten the run: refused by max_steps before anything is loaded, by epochs once the data is
