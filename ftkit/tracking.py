@@ -1,4 +1,5 @@
-"""Tracking: W&B/TensorBoard via accelerate, the always-on metrics.jsonl, curves, throughput and MFU.
+"""Tracking: W&B/TensorBoard via accelerate, the always-on metrics.jsonl and eval_samples.jsonl (an evaluation's
+generated texts, also as tracker tables), curves, throughput and MFU.
 Not here: when to log (loop.py)."""
 
 from __future__ import annotations
