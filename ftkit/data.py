@@ -69,6 +69,19 @@ def _scan_text_file(path: str, ext: str):
                 raise ConfigError(f"{path}:{number}: each JSON line must be an object, got {type(obj).__name__}")
 
 
+def _check_field_count(path: str, key: str, ext: str, names: list) -> None:
+    """A headerless file's first row must have a field for each of ``column_names``: pandas fills missing trailing
+    columns with nothing, and takes extra leading ones as the row index (a file of texts alone, read with a run's
+    ``[label, text]``, gave texts as labels)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a CSV record may hold quoted line breaks
+        rows = (line.rstrip("\r\n").split("\t") for line in f) if ext == ".tsv" else csv.reader(f)
+        number, first = next(((n, row) for n, row in enumerate(rows, 1) if any(field.strip() for field in row)), (1, []))
+    fields = len(first)
+    if fields != len(names):
+        raise ConfigError(f"{key}: {path}:{number} has {fields} field{'s' * (fields != 1)}, but column_names names "
+                          f"{len(names)} ({', '.join(map(str, names))}); give this file's columns with --column_names")
+
+
 def load_squad_json(path: str, doc: dict):
     """``doc``, read from ``path`` in the official SQuAD layout (``data -> paragraphs -> qas -> answers``), as
     one row per question: ``id, title, context, question, answers`` (list of answer texts) and ``answer_start``."""
@@ -123,6 +136,7 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
     if ext == ".tsv":  # real TSV corpora (MRPC, SMS spam) hold stray quote characters: no quoting at all
         kwargs.update(sep="\t", quoting=csv.QUOTE_NONE)
     if column_names and ext in (".csv", ".tsv"):
+        _check_field_count(path, key, ext, list(column_names))
         kwargs["column_names"] = list(column_names)
     if rows:  # {"data": [{...}, ...]}: the rows under "data"
         kwargs["field"] = "data"

@@ -246,6 +246,19 @@ def test_only_an_empty_field_is_missing_not_the_words_pandas_reads_as_na(tmp_pat
     assert ds["label"] == ["ham", "None", "NA", "spam", "ham", None]
 
 
+@pytest.mark.parametrize("content,fields,fitting", [("hello there\nWIN cash\n", 1, ["text"]),
+                                                    ("1\tham\thi\n", 3, ["id", "label", "text"]),
+                                                    ('"two\nlines",ham,x\n', 3, ["text", "label", "x"])])
+def test_a_headerless_file_needs_a_field_for_each_column_name(tmp_path, content, fields, fitting):
+    # pandas filled the missing column with nothing (or made extra leading ones the index): texts read as labels
+    path = tmp_path / ("texts.csv" if "," in content else "texts.tsv")  # a CSV record may span lines
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=rf"^input_file: {path}:1 has {fields} fields?, but column_names names 2 "
+                                          rf"\(label, text\); give this file's columns with --column_names$"):
+        data.load_local_file(str(path), "input_file", ["label", "text"])
+    assert data.load_local_file(str(path), "input_file", fitting).column_names == fitting
+
+
 def test_pad_multiple_defaults_to_8_only_on_a_gpu_and_pinning_needs_one():
     from types import SimpleNamespace
 
