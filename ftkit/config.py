@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import faulthandler
 import operator
 import os
-import signal
 import sys
 import types
 import typing
@@ -358,42 +356,6 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
     return config
 
 
-def run(config_cls, train, predict) -> None:
-    """A script's entry point: parse, apply --debug, run ``train`` (or ``predict`` with --predict), exit 0; a
-    ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
-    faulthandler.enable()  # a rank killed by a signal (a native library's SIGSEGV, SIGABRT) prints its Python stacks
-    config = parse(config_cls)
-    from ftkit import distributed
-
-    if config.debug:
-        apply_debug(config)
-    if not (config.predict or getattr(config, "preflight", False)):
-        distributed.STOP.install()  # SIGUSR1/SIGTERM from now on: the run stops where all its processes can
-    try:
-        predict(config) if config.predict else train(config)
-    except distributed.Stopped:  # a stop signal during the base model's evaluation (the loop's own stops return)
-        distributed.stopped_before_training()
-    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one (the first stops training as SIGTERM does)
-        if config.debug:
-            raise
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's copy must not cut this short
-        training = not (config.predict or getattr(config, "preflight", False))
-        fail("interrupted by Ctrl-C" + (": stopped at once, nothing saved since the latest checkpoint in output_dir "
-                                        "(the same command goes on from there)" if training else ""), 130, "[ftkit] ")
-    except (ConfigError, RunError) as error:
-        if config.debug:
-            raise
-        fail(error, EXIT_BAD_INPUT if isinstance(error, ConfigError) else 1)
-    except RuntimeError as error:  # a collective that waited past ddp_timeout (gloo raises; NCCL's watchdog aborts)
-        if config.debug or "timed out" not in str(error).lower() or not hasattr(config, "ddp_timeout"):
-            raise
-        fail(RunError(f"ddp_timeout: rank {os.environ.get('RANK', '0')} waited more than {config.ddp_timeout} s for the "
-                      f"other processes ({str(error).strip().splitlines()[0]}); if one was busy (the main process "
-                      f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
-    # without the interpreter's teardown of native state (see there); 130 after a Ctrl-C that stopped training
-    distributed.exit_finished(130 if distributed.STOP.signal_name == "SIGINT" else 0)
-
-
 def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: "):
     """Report a user error as one line and exit."""
     from tqdm import tqdm  # (a dependency of transformers and datasets)
@@ -468,6 +430,23 @@ def validate(config) -> None:
         check()
 
 
+def check_script(config, key: str, given: bool, alternative: str, metrics: list, why: str = "") -> bool:
+    """What every script's config checks: with ``--predict``, a trained model (option ``key``) and something to
+    predict (the script's own inputs, ``given``, named by ``alternative``, or ``--input_file``); else the shared rules
+    and a ``metric_for_best_model`` among ``metrics`` (``why`` tells why one is not). True when the config trains."""
+    if config.predict:
+        if not getattr(config, key):
+            raise ConfigError(f"{key}: --predict needs --{key} DIR (a trained output_dir/final)")
+        if not (config.input_file or given):
+            raise ConfigError(f"input_file: --predict needs {alternative} or --input_file FILE")
+        return False
+    check_common(config)
+    if config.metric_for_best_model not in metrics:
+        raise ConfigError(f"metric_for_best_model: {config.metric_for_best_model!r} is not one of "
+                          f"{', '.join(metrics)}{why}")
+    return True
+
+
 def check_common(config) -> None:
     """Cross-field rules shared by every recipe (called from each config's ``check``)."""
     quantized = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(config, k, False)]
@@ -493,6 +472,8 @@ def check_common(config) -> None:
     check_weight_dtype(config)
     if getattr(config, "lora_target_modules", None) == [] and getattr(config, "use_peft", False):
         raise ConfigError("lora_target_modules: empty list; name at least one module")
+    if getattr(config, "trainable_modules", None) == []:
+        raise ConfigError("trainable_modules: empty list; name at least one module, or leave it unset to train all")
     if getattr(config, "early_stopping_patience", None) and (
             config.eval_strategy == "no" or (config.eval_strategy == "steps" and not config.eval_steps)):
         raise ConfigError(f"early_stopping_patience: needs evaluations during training, but eval_strategy is "

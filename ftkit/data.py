@@ -70,9 +70,7 @@ def _scan_text_file(path: str, ext: str):
 
 
 def _check_field_count(path: str, key: str, ext: str, names: list) -> None:
-    """A headerless file's first row must have a field for each of ``column_names``: pandas fills missing trailing
-    columns with nothing, and takes extra leading ones as the row index (a file of texts alone, read with a run's
-    ``[label, text]``, gave texts as labels)."""
+    """A headerless file's first record needs a field per name (pandas leaves missing ones empty, extra ones index)."""
     with open(path, encoding="utf-8-sig", newline="") as f:  # a CSV record may hold quoted line breaks
         rows = (line.rstrip("\r\n").split("\t") for line in f) if ext == ".tsv" else csv.reader(f)
         number, first = next(((n, row) for n, row in enumerate(rows, 1) if any(field.strip() for field in row)), (1, []))
@@ -191,11 +189,6 @@ def require_columns(ds, columns: dict, source: str, complete: tuple = ()) -> Non
             row = pc.index(pc.is_null(values), True).as_py() + 1
             raise ConfigError(f"{option}: column {column!r} has no value in row {row} of {source} "
                               f"({values.null_count} of {len(values)} rows have none)")
-
-
-def has_values(ds, column: str) -> bool:
-    """Whether ``ds`` has ``column`` with a value in some row (a file's empty column, all nulls, holds nothing)."""
-    return column in ds.column_names and ds.with_format("arrow")[column].null_count < len(ds)
 
 
 def take_first(ds, n: int | None, seed: int | None = None):

@@ -297,14 +297,14 @@ def read_deepspeed_config(path: str, key: str) -> dict:
 
 class StopRequest:
     """SIGUSR1 (SLURM's preemption warning) or SIGTERM: stop at the next point where every process can, save, exit 0.
-    The handler only records the signal. A training run installs it at start-up (``config.run``), so a signal during
+    The handler only records the signal. A training run installs it at start-up (``cli.run``), so a signal during
     the loading, the data or the base model's evaluation is kept. Acting on it is collective: before each optimizer
     step (:meth:`loop.LoopState.count`), between evaluation batches (:func:`stop_point`) and once after the last step
     (:meth:`loop.LoopState.stop_if_signalled`); after that (``phase`` "over": the final evaluation and export) a
     signal stops nothing. A second signal changes nothing.
 
     SIGINT (Ctrl-C) is a person at the terminal: during training it stops as the others do (exit 130); before and after
-    training, or once more after the first, it quits at once (``KeyboardInterrupt``, one line in ``config.run``). A
+    training, or once more after the first, it quits at once (``KeyboardInterrupt``, one line in ``cli.run``). A
     second SIGINT within a second is the same Ctrl-C passed on by the launcher (torchrun sends its own signal to
     processes that the terminal's reached too)."""
 

@@ -393,6 +393,20 @@ def load_trained(auto_model_cls, path: str, config, accelerator=None):
     return PeftModel.from_pretrained(load_pretrained(auto_model_cls, base, config, accelerator), path)
 
 
+def merge_adapter(auto_model_cls, adapter_dir: str, out_dir: str, config) -> None:
+    """Reload the adapter's base unquantized, fold the adapter into its weights, save the whole model (with the
+    tokenizer and the run's options, which --predict reads)."""
+    from peft import PeftModel
+
+    from ftkit.rundir import save_config
+
+    base = load_pretrained(auto_model_cls, adapter_base(adapter_dir), config, quantize=False)
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(adapter_dir).save_pretrained(out_dir)
+    save_config(config, os.path.join(out_dir, "ftkit_config.yaml"))
+    logger.info("merged model written to %s", out_dir)
+
+
 def keep_4bit_training_layout(model) -> int:
     """Keep every 4-bit weight of a model that will train in the layout training reads; returns the 4-bit layers' count.
 

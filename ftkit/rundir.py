@@ -1,7 +1,7 @@
 """The output directory a run finds: another run's config (refused, or set aside with ``overwrite_output_dir``), a
 checkpoint to resume, the launch and the training data that wrote it, a run that would end before that checkpoint; all
-checked before any model is loaded; output paths that cannot be written; and the plain files a run writes (config.yaml,
-jsonl predictions). Not here: the checkpoint files themselves (checkpoint.py)."""
+checked before any model is loaded; output paths that cannot be written; the plain files a run writes (config.yaml,
+jsonl predictions) and --predict's input file. Not here: the checkpoint files themselves (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import yaml
 from ftkit.checkpoint import (RESCHEDULE_KEYS, config_changes, config_hash, explicit_checkpoint, list_checkpoints,
                               read_state, resolve_resume_path)
 from ftkit.config import ConfigError, build, load_yaml_recipe, to_dict
+from ftkit.data import load_local_file, require_columns
 from ftkit.distributed import launch_processes, launch_zero_stage
 
 logger = logging.getLogger("ftkit")
@@ -124,6 +125,23 @@ def written_by(path: str) -> str | None:
 def write_jsonl(path: str, rows) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def predict_input(config, columns: dict, gold: str, complete: tuple = ()) -> tuple:
+    """``--predict``'s ``--input_file``, read as the run read its data, with the model's input ``columns`` (option ->
+    column) and the gold column of option ``gold`` where it holds values (then scored: returns ``(rows, True)``).
+    Options in ``complete`` need a value in every row."""
+    ds = load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
+    column = getattr(config, gold)
+    scored = column in ds.column_names and ds.with_format("arrow")[column].null_count < len(ds)  # not all empty
+    require_columns(ds, {**columns, **({gold: column} if scored else {})}, config.input_file, complete)
+    return ds, scored
+
+
+def rows_of(columns: dict) -> list[dict]:
+    """Rows (for a jsonl file) of ``columns`` (name -> values of equal length), those given as None left out."""
+    kept = {name: values for name, values in columns.items() if values is not None}
+    return [dict(zip(kept, row)) for row in zip(*kept.values())]
 
 
 def write_or_print(path: str | None, rows: list[dict], lines: list[str], what: str, scores: str | None = None) -> None:

@@ -1,12 +1,11 @@
 """Sequence classification: BERT on MRPC pairs (S000), BERT on IMDB (S002), GPT-2 SMS spam (S003).
 
-One accelerate loop for any ``AutoModelForSequenceClassification`` (encoders with token type ids,
-decoders read at their last non-pad token). Features: hub or local csv/tsv/jsonl/parquet data (TSV
-unquoted), texts or pairs, int / string (``label_map``) / ClassLabel labels, undersampling, one file
-split by ``split_ratios``, seeded subsets, dynamic padding, length grouping, ``trainable_modules``,
-accumulation (loss averaged over the window's examples on all processes), exact resume, evaluation
-every ``eval_steps`` or epoch (accuracy / F1 / confusion matrix, each example once), the best
-checkpoint kept and reloaded, metrics on every split, test predictions, ``--predict`` for new texts.
+One accelerate loop for any ``AutoModelForSequenceClassification`` (encoders with token type ids, decoders read at
+their last non-pad token). Features: hub or local csv/tsv/jsonl/parquet data (TSV unquoted), texts or pairs, int /
+string (``label_map``) / ClassLabel labels, undersampling, one file split by ``split_ratios``, seeded subsets, dynamic
+padding, length grouping, ``trainable_modules``, accumulation (loss averaged over the window's examples on all
+processes), exact resume, evaluation every ``eval_steps`` or epoch (accuracy / F1 / confusion matrix, each example
+once), the best checkpoint kept and reloaded, metrics on every split, test predictions, ``--predict`` for new texts.
 
     # tiny model, CPU, offline (seconds)
     accelerate launch scripts/classify.py --config recipes/tiny/spam.yaml
@@ -29,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, metrics, modeling, optim, preflight,
-                   rundir)
+from ftkit import (autobatch, checkpoint, cli, config as cfg, data, distributed, loop, metrics, modeling, optim,
+                   preflight, rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -62,16 +61,8 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
 
     def check(self):
-        if self.predict:
-            if not self.model:
-                raise ConfigError("model: --predict needs --model DIR (a trained output_dir/final)")
-            if not (self.text or self.input_file):
-                raise ConfigError("input_file: --predict needs --text TEXT or --input_file FILE")
+        if not cfg.check_script(self, "model", bool(self.text), "--text TEXT", EVAL_METRICS):
             return
-        cfg.check_common(self)
-        if self.metric_for_best_model not in EVAL_METRICS:
-            raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of "
-                              f"{', '.join(EVAL_METRICS)}")
         if self.split_ratios is not None:
             data.check_split_ratios(self.split_ratios, self.validation_file)
         if self.label_map is not None:
@@ -81,8 +72,6 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
             ids = set(self.label_map.values())
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or sorted(ids) != list(range(len(ids))):
                 raise ConfigError(f"label_map: class ids must be 0..N-1 integers, got {self.label_map}")
-        if self.trainable_modules == []:
-            raise ConfigError("trainable_modules: empty list; name at least one module, or leave it unset to train all")
 
 
 # --- Data: splits, labels, tokens -----------------------------------------------------------------
@@ -312,14 +301,10 @@ def score_line(split: str, result: dict) -> str:
 
 
 def prediction_rows(ds, config, names, preds, probs, gold=None) -> list[dict]:
-    texts = {key.removesuffix("_column"): ds[column] for key, column in text_columns(config).items()}
-    if "id" in ds.column_names:  # the data's own row ids, to join the predictions back
-        texts = {"id": ds["id"], **texts}
-    rows = [{**{key: values[i] for key, values in texts.items()}, "prediction": names[pred], "probability": prob}
-            for i, (pred, prob) in enumerate(zip(preds, probs))]
-    for row, label in zip(rows, gold or []):
-        row["label"] = names[label]
-    return rows
+    return rundir.rows_of({"id": ds["id"] if "id" in ds.column_names else None,  # the data's own, to join rows back
+                           **{key.removesuffix("_column"): ds[column] for key, column in text_columns(config).items()},
+                           "prediction": [names[p] for p in preds], "probability": probs,
+                           "label": [names[g] for g in gold] if gold else None})
 
 
 # --- Prediction with a trained model (S003's classify-new-text) -----------------------------------
@@ -333,19 +318,15 @@ def predict(config):
     config = checkpoint.with_saved_run(ClassifyConfig, config, "model", "config.json")  # + its run's options
     model_cfg = AutoConfig.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)  # no weights
     names = [model_cfg.id2label[i] for i in range(model_cfg.num_labels)]
-    gold = None
-    if config.input_file:
-        ds = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
-        data.require_columns(ds, text_columns(config), config.input_file)
-        if data.has_values(ds, config.label_column):  # gold labels: then every row needs one the model knows
-            data.require_columns(ds, {"label_column": config.label_column}, config.input_file, ("label_column",))
-            gold = label_ids(config, ds, names, "input")
+    if config.input_file:  # with labels, every row needs one the model knows
+        ds, scored = rundir.predict_input(config, text_columns(config), "label_column", ("label_column",))
+        gold = label_ids(config, ds, names, "input") if scored else None
     else:
         rows = {config.text_column: [config.text]}
         if config.text_pair_column or config.text_pair:
             config.text_pair_column = config.text_pair_column or "text_pair"
             rows[config.text_pair_column] = [config.text_pair]
-        ds = datasets.Dataset.from_dict(rows)
+        ds, gold = datasets.Dataset.from_dict(rows), None
     config.report_to = "none"
     acc = distributed.accelerator(config)
     tokenizer = modeling.load_tokenizer(config.model)
@@ -364,4 +345,4 @@ def predict(config):
 
 
 if __name__ == "__main__":
-    cfg.run(ClassifyConfig, main, predict)
+    cli.run(ClassifyConfig, main, predict)

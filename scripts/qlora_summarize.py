@@ -1,12 +1,11 @@
 """QLoRA dialogue summarization: Phi-2 on DialogSum (source S001), a hand-written accelerate loop.
 
-Features: 4-bit NF4 base model with double quantization (QLoRA) or 8-bit / bf16 / fp32, LoRA
-adapters (or a full fine-tune), one prompt template for training and generation, loss on the
-summary only (``train_on_prompt: false``), over-long examples dropped or truncated and counted,
-dynamic padding, length grouping, gradient accumulation with the loss normalised by the target
-tokens of the whole accumulation window on all processes, gradient checkpointing, 8-bit paged
-AdamW, atomic checkpoints with exact mid-epoch resume, eval loss + ROUGE during training, and a
-base-vs-fine-tuned ROUGE table on test dialogues at the end; ``--predict`` summarizes new text.
+Features: 4-bit NF4 base model with double quantization (QLoRA) or 8-bit / bf16 / fp32, LoRA adapters (or a full fine-
+tune), one prompt template for training and generation, loss on the summary only (``train_on_prompt: false``), over-
+long examples dropped or truncated and counted, dynamic padding, length grouping, gradient accumulation with the loss
+normalised by the target tokens of the whole accumulation window on all processes, gradient checkpointing, 8-bit paged
+AdamW, atomic checkpoints with exact mid-epoch resume, eval loss + ROUGE during training, and a base-vs-fine-tuned
+ROUGE table on test dialogues at the end; ``--predict`` summarizes new text.
 
     # tiny model, CPU, offline (seconds)
     accelerate launch scripts/qlora_summarize.py --config recipes/tiny/qlora_summarize.yaml
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
+from ftkit import (autobatch, checkpoint, cli, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
                    preflight, rundir)
 from ftkit.config import ConfigError, opt
 
@@ -68,17 +67,9 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
 
     def check(self):
-        if self.predict:
-            if not self.adapter:
-                raise ConfigError("adapter: --predict needs --adapter DIR (a trained output_dir/final)")
-            if not (self.text or self.input_file):
-                raise ConfigError("input_file: --predict needs --text TEXT or --input_file FILE")
-            return
-        cfg.check_common(self)
         scored = ["loss"] + (list(metrics.ROUGE_KEYS) if self.num_eval_generate else [])
-        if self.metric_for_best_model not in scored:
-            raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of {', '.join(scored)}"
-                              + ("" if self.num_eval_generate else " (ROUGE needs num_eval_generate > 0)"))
+        cfg.check_script(self, "adapter", bool(self.text), "--text TEXT", scored,
+                         "" if self.num_eval_generate else " (ROUGE needs num_eval_generate > 0)")
 
 
 # --- Prompt format: one template for training and generation (S001 used two different ones) -------
@@ -172,9 +163,8 @@ def summarize(acc, model, tokenizer, config, dialogues: list[str]) -> list[str]:
 
 
 def generation_prompts(tokenizer, config, dialogues: list[str], max_length: int) -> list[str]:
-    """The prompts to summarize ``dialogues`` from: a dialogue too long for its prompt and ``max_new_tokens`` to fit in
-    ``max_length`` (past the model's positions, generation degrades or fails) loses its tail, as ``overlong: truncate``
-    cuts a training example; said in the log."""
+    """The prompts for ``dialogues``; a dialogue too long for its prompt and ``max_new_tokens`` to fit in ``max_length``
+    (past the model's positions generation degrades or fails) loses its tail, said in the log."""
     room, length = max_length - config.max_new_tokens, lambda d: len(tokenizer(prompt_of(config, d))["input_ids"])
     if length("") > room:
         raise ConfigError(f"max_new_tokens: {config.max_new_tokens} leaves {room} of the {max_length} tokens of "
@@ -226,9 +216,8 @@ def main(config):
         eval_ds, eval_counts = tokenize_split(raw_eval, tokenizer, config, max_length, "validation")
     if config.packing:  # training rows only: evaluation stays one example per row
         examples, train_ds = len(train_ds), data.pack(train_ds, max_length)
-        logger.info("packing: %d examples in %d rows of <= %d tokens (%.1f%% real tokens); attention stays within "
-                    "each example: position ids restart per example, which gives a block-diagonal mask with "
-                    "sdpa/eager and varlen kernels with flash_attention_2", examples, len(train_ds), max_length,
+        logger.info("packing: %d examples in %d rows of <= %d tokens (%.1f%% real tokens); position ids restart per "
+                    "example (a block-diagonal mask; varlen flash_attention_2)", examples, len(train_ds), max_length,
                     100 * sum(train_ds["length"]) / (len(train_ds) * max_length))
 
     fingerprints = rundir.check_data(config, train_ds, eval_ds)  # a resume checks the training and validation data
@@ -265,9 +254,7 @@ def main(config):
         if config.num_eval_generate:
             scores, predictions = rouge_on(acc, model, tokenizer, config, raw_eval, config.num_eval_generate)
             entry.update({f"eval/{k}": v for k, v in scores.items()})
-            shown = data.take_first(raw_eval, config.num_eval_generate)
-            entry["samples"] = [{"dialogue": d, "reference": r, "prediction": p} for d, r, p in zip(
-                shown[config.dialogue_column], shown[config.summary_column], predictions)]
+            entry["samples"] = summary_rows(config, data.take_first(raw_eval, config.num_eval_generate), predictions, True)
         return entry
 
     run = loop.begin(acc, config, model, scheduler, total_steps, windows_per_epoch, len(train_dl), fingerprints,
@@ -312,7 +299,7 @@ def main(config):
     # the vocabulary is never resized, so the base's embeddings need no copy in the adapter
     final = checkpoint.export(acc, model, tokenizer, config, **({"save_embedding_layers": False} if config.use_peft else {}))
     if acc.is_main_process and config.merge_adapter and config.use_peft:
-        merge(config, final, os.path.join(config.output_dir, "final_merged"))
+        modeling.merge_adapter(AutoModelForCausalLM, final, os.path.join(config.output_dir, "final_merged"), config)
     if acc.is_main_process:
         table = metrics.comparison_table(base_scores, tuned)
         print(f"\nROUGE on {min(len(raw_test), config.num_test_compare)} test dialogues, base vs fine-tuned:\n{table}")
@@ -320,25 +307,16 @@ def main(config):
                   "delta": {k: tuned[k] - base_scores[k] for k in tuned},
                   "num_test_examples": min(len(raw_test), config.num_test_compare), **run.state}
         json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
-        rundir.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), (
-            {"id": row.get("id"), "dialogue": row[config.dialogue_column], "prediction": pred,
-             **({"base_prediction": base_predictions[i]} if base_predictions else {}),
-             "reference": row[config.summary_column]}
-            for i, (row, pred) in enumerate(zip(data.take_first(raw_test, config.num_test_compare), predictions))))
+        rundir.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), summary_rows(
+            config, data.take_first(raw_test, config.num_test_compare), predictions, True, base_predictions))
     run.close()
 
 
-def merge(config, adapter_dir: str, out_dir: str) -> None:
-    """Reload the base model unquantized, fold the adapter into its weights, save the full model."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = modeling.load_pretrained(AutoModelForCausalLM, modeling.adapter_base(adapter_dir), config, quantize=False)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    modeling.load_tokenizer(adapter_dir).save_pretrained(out_dir)
-    rundir.save_config(config, os.path.join(out_dir, "ftkit_config.yaml"))  # --predict reads its options there too
-    logger.info("merged model written to %s", out_dir)
+def summary_rows(config, ds, predictions: list[str], references: bool, base: list[str] | None = None) -> list[dict]:
+    """Rows of predictions: the data's id (if any), dialogue, summary, the base model's, the reference."""
+    return rundir.rows_of({"id": ds["id"] if "id" in ds.column_names else None, "dialogue": ds[config.dialogue_column],
+                           "prediction": predictions, "base_prediction": base,
+                           "reference": ds[config.summary_column] if references else None})
 
 
 # --- Prediction with a trained adapter ------------------------------------------------------------
@@ -346,37 +324,27 @@ def merge(config, adapter_dir: str, out_dir: str) -> None:
 
 def predict(config):
     """Summarize new dialogues with ``--adapter`` (loading the base as the training run did) or a whole model."""
+    import datasets
     from transformers import AutoModelForCausalLM
 
     config = checkpoint.with_saved_run(SummarizeConfig, config, "adapter", ("adapter_config.json", "config.json"))
-    references, ids = None, None
     if config.input_file:  # with the run's summary_column, the summaries are scored against it
-        inputs = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
-        columns = {"dialogue_column": config.dialogue_column, **(
-            {"summary_column": config.summary_column} if data.has_values(inputs, config.summary_column) else {})}
-        data.require_columns(inputs, columns, config.input_file, tuple(columns))
-        dialogues = inputs[config.dialogue_column]
-        references = inputs[config.summary_column] if "summary_column" in columns else None
-        ids = inputs["id"] if "id" in inputs.column_names else None  # (DialogSum's), to join the rows back
+        ds, scored = rundir.predict_input(config, {"dialogue_column": config.dialogue_column}, "summary_column",
+                                          ("dialogue_column", "summary_column"))
     else:
-        dialogues = [config.text]
+        ds, scored = datasets.Dataset.from_dict({config.dialogue_column: [config.text]}), False
     config.report_to = "none"
     acc = distributed.accelerator(config)
     tokenizer = modeling.load_tokenizer(config.adapter)
     model = modeling.load_trained(AutoModelForCausalLM, config.adapter, config, acc).to(acc.device)
-    summaries = summarize(acc, model, tokenizer, config, dialogues)
+    summaries = summarize(acc, model, tokenizer, config, ds[config.dialogue_column])
     if not acc.is_main_process:
         return
-    rows = [{**({"id": ids[i]} if ids else {}), "dialogue": d, "prediction": s}
-            for i, (d, s) in enumerate(zip(dialogues, summaries))]  # the keys of the run's predictions_test.jsonl
-    scores = None
-    if references is not None:
-        for row, reference in zip(rows, references):
-            row["reference"] = reference
-        scores = "  ".join(f"{k} {v:.2f}" for k, v in metrics.rouge(summaries, references).items())
-        scores += f"  ({len(summaries)} dialogues)"
-    rundir.write_or_print(config.prediction_file, rows, summaries, "summaries", scores)
+    scores = metrics.rouge(summaries, ds[config.summary_column]) if scored else {}
+    rundir.write_or_print(config.prediction_file, summary_rows(config, ds, summaries, scored), summaries, "summaries",
+                          "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({len(summaries)} dialogues)"
+                          if scored else None)
 
 
 if __name__ == "__main__":
-    cfg.run(SummarizeConfig, main, predict)
+    cli.run(SummarizeConfig, main, predict)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import (autobatch, checkpoint, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
+from ftkit import (autobatch, checkpoint, cli, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
                    preflight, rundir)
 from ftkit.config import ConfigError, opt
 
@@ -71,16 +71,9 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
     prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
 
     def check(self):
-        if self.predict:
-            if not self.model:
-                raise ConfigError("model: --predict needs --model DIR (a trained output_dir/final)")
-            if not (self.input_file or (self.question and self.context)):
-                raise ConfigError("input_file: --predict needs --question and --context, or --input_file FILE")
+        if not cfg.check_script(self, "model", bool(self.question and self.context), "--question and --context,",
+                                EVAL_METRICS):
             return
-        cfg.check_common(self)
-        if self.metric_for_best_model not in EVAL_METRICS:
-            raise ConfigError(f"metric_for_best_model: {self.metric_for_best_model!r} is not one of "
-                              f"{', '.join(EVAL_METRICS)}")
         if self.val_split and self.validation_file:
             raise ConfigError("val_split: splits train_file; remove it or validation_file")
 
@@ -304,11 +297,9 @@ def main(config):
 
 
 def prediction_rows(ds, predictions, per_example=None) -> list[dict]:
-    rows = [{"id": ds[i]["id"], "question": ds[i]["question"], "prediction": prediction, "answers": ds[i]["answers"]}
-            for i, prediction in enumerate(predictions)]
-    for row, (em, f1) in zip(rows, per_example or []):
-        row["em"], row["f1"] = em, f1
-    return rows
+    em, f1 = zip(*per_example) if per_example else (None, None)
+    return rundir.rows_of({"id": ds["id"], "question": ds["question"], "prediction": predictions,
+                           "answers": ds["answers"], "em": em, "f1": f1})
 
 
 # --- Prediction with a trained model --------------------------------------------------------------
@@ -320,8 +311,7 @@ def predict(config):
 
     config = checkpoint.with_saved_run(QAConfig, config, "model", "config.json")  # + its run's options
     if config.input_file:
-        raw = data.load_local_file(config.input_file, "input_file", config.column_names, config.file_format)
-        scored = data.has_values(raw, config.answer_column)  # answers are optional when predicting
+        raw, scored = rundir.predict_input(config, {}, "answer_column")  # answers are optional when predicting
         if config.answer_column not in raw.column_names:
             raw = raw.add_column(config.answer_column, [None] * len(raw))
         ds = standardize(config, raw, "input")
@@ -343,4 +333,4 @@ def predict(config):
 
 
 if __name__ == "__main__":
-    cfg.run(QAConfig, main, predict)
+    cli.run(QAConfig, main, predict)

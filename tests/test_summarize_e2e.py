@@ -48,7 +48,7 @@ def test_run_writes_config_metrics_checkpoints_and_final_adapter(memorised):
     assert [r["step"] for r in log if "test/rougeL" in r] == [60]  # the S001 table's, once
     samples = read_jsonl(memorised / "eval_samples.jsonl")  # each evaluation's summaries beside its ROUGE
     assert [r["step"] for r in samples] == [30, 30, 60, 60]
-    assert [list(r) for r in samples[:1]] == [["step", "dialogue", "reference", "prediction"]]
+    assert [list(r) for r in samples[:1]] == [["step", "id", "dialogue", "prediction", "reference"]]
     validation = read_jsonl(os.path.join(ROOT, "data", "dialogsum_sample_validation.jsonl"))[:2]
     assert [(r["dialogue"], r["reference"]) for r in samples[:2]] == [(r["dialogue"], r["summary"]) for r in validation]
 
