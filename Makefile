@@ -27,8 +27,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		scripts/qlora_summarize.py --config $(RECIPE) --overwrite_output_dir true
+	$(BIN)/python scripts/qlora_summarize.py --config $(RECIPE) --overwrite_output_dir true
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -x -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadfile

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
+import shlex
 import signal
+import sys
 
 from ftkit import distributed
 from ftkit.config import EXIT_BAD_INPUT, ConfigError, RunError, apply_debug, fail, parse
@@ -21,6 +24,11 @@ def run(config_cls, train, predict) -> None:
         apply_debug(config)
     if not (config.predict or getattr(config, "preflight", False)):
         distributed.STOP.install()  # SIGUSR1/SIGTERM from now on: the run stops where all its processes can
+        distributed.STOP.killed_after_s = launcher_kills_after_s()
+        if distributed.STOP.killed_after_s:
+            sys.stderr.write(f"[ftkit] warning: one process under `accelerate launch` is killed by the launcher "
+                             f"{distributed.STOP.killed_after_s:g} s after a Ctrl-C or SIGTERM, before a checkpoint that "
+                             f"takes longer to save; `python {shlex.join(sys.argv)}` trains the same without that limit\n")
     try:
         predict(config) if config.predict else train(config)
     except distributed.Stopped:  # a stop signal during the base model's evaluation (the loop's own stops return)
@@ -44,3 +52,24 @@ def run(config_cls, train, predict) -> None:
                       f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
     # without the interpreter's teardown of native state (see there); 130 after a Ctrl-C that stopped training
     distributed.exit_finished(130 if distributed.STOP.signal_name == "SIGINT" else 0)
+
+
+def launcher_kills_after_s() -> float | None:
+    """Seconds after a Ctrl-C or SIGTERM at which this process's launcher kills it, where that is set by the launcher:
+    accelerate 1.16's ``accelerate launch`` of one process (no DeepSpeed, no several processes: its "simple
+    launcher") passes the signal on, then kills the process 5 s later (``_terminate_process_tree``; measured: a
+    5 s step stopped by Ctrl-C was killed 6.4 s after it, its checkpoint unsaved). None under ``python`` and under
+    torchrun (several processes, DeepSpeed, SLURM jobs), which waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (30) s."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:  # (set by the simple launcher)
+        return None
+    try:
+        import psutil  # (a dependency of accelerate)
+
+        parent = " ".join(psutil.Process(os.getppid()).cmdline()[:3])
+    except Exception:  # no such process, no permission: no launcher to speak of
+        return None
+    if not re.search(r"accelerate(\s+launch|-launch|\.commands\.launch)\b", parent):
+        return None
+    from accelerate.commands import launch
+
+    return 5.0 if hasattr(launch, "_terminate_process_tree") else None

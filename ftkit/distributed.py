@@ -316,6 +316,7 @@ class StopRequest:
         self.phase = "start-up"  # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled)
         self.installed = False
         self.ctrl_c_at = None
+        self.killed_after_s = None  # set by cli.run where the launcher kills the process that long after a signal
 
     def install(self) -> "StopRequest":
         if not self.installed:
@@ -338,6 +339,8 @@ class StopRequest:
                     "training": "stopping after this optimizer step or evaluation batch",
                     "over": "training has ended: its evaluation and export go on"}[self.phase]
             again = " (Ctrl-C again to quit at once, without saving)" if name == "SIGINT" else ""
+            if self.killed_after_s and name != "SIGUSR1":
+                again += f"; the launcher kills this process {self.killed_after_s:g} s after the signal"
             os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n".encode())
 
 

@@ -36,9 +36,10 @@ def test_make_demo_on_a_fresh_checkout_exits_0_with_the_rouge_table(tmp_path):
                           env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "--overwrite_output_dir true" in proc.stdout and "recipes/tiny/qlora_summarize.yaml" in proc.stdout
-    # a first run reads as its results: no launcher defaults listed, no checkpoint save in six lines, no library notices
-    noise = ("were not passed to `accelerate launch`", "Saving current state", "Using default tokenizer",
-             "is deprecated", "kernels-community")
+    # a first run reads as its results: no launcher defaults listed, no launcher's kill to warn of (one process runs
+    # as `python`), no checkpoint save in six lines, no library notices
+    noise = ("were not passed to `accelerate launch`", "[ftkit] warning", "Saving current state",
+             "Using default tokenizer", "is deprecated", "kernels-community")
     assert not [n for n in noise if n in proc.stderr], proc.stderr[-4000:]
     assert "saved checkpoint outputs/tiny_qlora_summarize/checkpoints/step_100" in proc.stderr
     table = re.search(r"ROUGE on 12 test dialogues, base vs fine-tuned:\nmetric +base +tuned +delta\n"
