@@ -201,8 +201,7 @@ class EvaluationArguments:
 
 # --- Parsing --------------------------------------------------------------------------------------
 
-_TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off"}
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
 def _base_type(tp):
@@ -357,13 +356,14 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
 
 
 def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: "):
-    """Report a user error as one line and exit."""
+    """Report a user error as one line (once, where several processes of a launch meet it) and exit."""
     from tqdm import tqdm  # (a dependency of transformers and datasets)
 
+    from ftkit.distributed import said_by_another_rank
     for bar in list(getattr(tqdm, "_instances", [])):  # or a progress bar would redraw itself after the error line
         bar.close()
-    sys.stderr.write(f"{prefix}{error}\n")  # one write: the same line from several ranks must not interleave
-    sys.stderr.flush()
+    if not said_by_another_rank(f"{prefix}{error}"):
+        sys.stderr.write(f"{prefix}{error}\n")  # one write (line-buffered): ranks' different lines do not interleave
     sys.exit(code)
 
 

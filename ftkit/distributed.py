@@ -382,3 +382,34 @@ def note_stopped(step: int) -> None:
     if os.environ.get("FTKIT_STOPPED_FILE"):
         with open(os.environ["FTKIT_STOPPED_FILE"], "w") as f:
             f.write(f"{step}\n")
+
+
+def said_by_another_rank(line: str) -> bool:
+    """Whether another process of this launch on this machine has already printed ``line``: the ranks of one launch
+    meet the same bad option (or the same Ctrl-C) at once, and the user should read it once, not once per process.
+    The first to say it makes a file named after the launcher and the line (``O_EXCL``: only one can) in the
+    temporary folder; those of launchers no longer alive are removed. One process (no LOCAL_RANK) always says it;
+    each node of a multi-node run says it once (its files, its view of them)."""
+    if "LOCAL_RANK" not in os.environ:
+        return False
+    import hashlib
+    import tempfile
+
+    import psutil  # (a dependency of accelerate)
+
+    folder = tempfile.gettempdir()
+    try:
+        launcher = psutil.Process(os.getppid())
+        mark = f"ftkit-said-{launcher.pid}-{launcher.create_time():.2f}-"
+        for name in os.listdir(folder):
+            if name.startswith("ftkit-said-") and not name.startswith(mark) and not psutil.pid_exists(
+                    int(name.split("-")[2])):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+        os.close(os.open(os.path.join(folder, mark + hashlib.sha1(line.encode()).hexdigest()[:16]),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return True
+    except (OSError, ValueError, psutil.Error):  # no launcher to ask, a folder not writable: say it
+        return False
+    return False
