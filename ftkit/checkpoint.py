@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from ftkit.config import ConfigError, RunError, build, load_yaml_recipe, to_dict
+from ftkit.config import ConfigError, RunError, build, load_yaml_recipe, not_found, to_dict
 
 logger = logging.getLogger("ftkit")
 
@@ -435,6 +435,9 @@ def with_saved_run(cls, config, key: str, marker: str | tuple):
     elif not exported(directory):
         found = list_checkpoints(directory)  # a run's output_dir with no final/ yet: its latest checkpoint
         ckpt = directory if os.path.isfile(os.path.join(directory, STATE_FILE)) else found[-1][1] if found else None
+        if ckpt is None and not os.path.isdir(directory):
+            raise ConfigError(f"{key}: {directory} is a file, not a trained output_dir/final") if os.path.exists(
+                directory) else not_found(f"{key}: no such directory", directory)
         if ckpt is None:
             raise ConfigError(f"{key}: {directory} holds no {' or '.join(markers)} (expected a trained output_dir/final)")
         what = ("a training checkpoint (trainable weights and optimizer state)," if ckpt == directory else

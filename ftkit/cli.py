@@ -1,5 +1,6 @@
-"""A script's entry point: parse the config, run the training (or ``--predict``), and end as a job should: one line
-and an exit code for a user error (2), a run error (1), a stop signal (0, after its checkpoint) or Ctrl-C (130).
+"""A script's entry point: parse the config (and what ``--debug`` changes), run the training (or ``--predict``), and end
+as a job should: one line and an exit code for a user error (2), a run error (1), a stop signal (0, after its
+checkpoint) or Ctrl-C (130); a warning where the launcher would cut a stop's checkpoint short.
 Not here: what the config holds and how it is checked (config.py), the signal handler itself (distributed.py)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 import sys
 
 from ftkit import distributed
-from ftkit.config import EXIT_BAD_INPUT, ConfigError, RunError, apply_debug, fail, parse
+from ftkit.config import EXIT_BAD_INPUT, ConfigError, RunError, fail, parse
 
 
 def run(config_cls, train, predict) -> None:
@@ -52,6 +53,22 @@ def run(config_cls, train, predict) -> None:
                       f"tokenizes the data first), raise ddp_timeout; if one died, its own log says why"), 1)
     # without the interpreter's teardown of native state (see there); 130 after a Ctrl-C that stopped training
     distributed.exit_finished(130 if distributed.STOP.signal_name == "SIGINT" else 0)
+
+
+def apply_debug(config) -> None:
+    """``--debug``: a few examples and steps, evaluation and a checkpoint inside the run, no trackers, anomaly checks."""
+    import torch
+
+    torch.autograd.set_detect_anomaly(True)
+    config.max_train_samples = min(config.max_train_samples or 16, 16)
+    config.max_eval_samples = min(config.max_eval_samples or 8, 8)
+    config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
+    config.eval_steps, config.save_steps, config.logging_steps, config.save_strategy, config.report_to = 2, 2, 1, "steps", "none"
+    if hasattr(config, "eval_strategy"):
+        config.eval_strategy = "steps"
+    for name in {"num_eval_generate", "num_test_compare"} & set(vars(config)):
+        setattr(config, name, min(getattr(config, name), 2))
+
 
 
 def launcher_kills_after_s() -> float | None:

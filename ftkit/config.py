@@ -282,7 +282,7 @@ def _yaml_value(name, text):
 
 def load_yaml_recipe(path: str) -> dict:
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise not_found("config file not found", path)
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeys)
@@ -353,6 +353,20 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         sys.exit(0)
     return config
+
+
+def not_found(what: str, path: str) -> ConfigError:
+    return ConfigError(f"{what}: {path}{relative_hint(path)}")
+
+
+def relative_hint(path: str) -> str:
+    """For a relative ``path`` that is not there: where it was looked for, and where it is if it is in this checkout
+    (a command run from another folder than the repository root, whose recipes name paths from there)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")))
+    if os.path.isabs(os.path.expanduser(path)):
+        return ""
+    there = f"; it is in {root}: run the command from there" if os.path.exists(os.path.join(root, path)) else ""
+    return f" (relative to the current directory, {os.getcwd()}{there})"
 
 
 def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: "):
@@ -479,21 +493,6 @@ def check_common(config) -> None:
         raise ConfigError(f"early_stopping_patience: needs evaluations during training, but eval_strategy is "
                           f"{config.eval_strategy!r}{' without eval_steps' if config.eval_strategy == 'steps' else ''}; "
                           f"set eval_steps, or eval_strategy: epoch")
-
-
-def apply_debug(config) -> None:
-    """``--debug``: a few examples and steps, evaluation and a checkpoint inside the run, no trackers, anomaly checks."""
-    import torch
-
-    torch.autograd.set_detect_anomaly(True)
-    config.max_train_samples = min(config.max_train_samples or 16, 16)
-    config.max_eval_samples = min(config.max_eval_samples or 8, 8)
-    config.max_steps = 4 if config.max_steps <= 0 else min(config.max_steps, 4)
-    config.eval_steps, config.save_steps, config.logging_steps, config.save_strategy, config.report_to = 2, 2, 1, "steps", "none"
-    if hasattr(config, "eval_strategy"):
-        config.eval_strategy = "steps"
-    for name in {"num_eval_generate", "num_test_compare"} & set(vars(config)):
-        setattr(config, name, min(getattr(config, name), 2))
 
 
 def to_dict(config) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ftkit.config import ConfigError
+from ftkit.config import ConfigError, not_found
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -25,7 +25,7 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv"
 
 def _check_local_file(path: str, key: str, file_format: str | None = None) -> str:
     if not os.path.isfile(path):
-        raise ConfigError(f"{key}: file not found: {path}")
+        raise not_found(f"{key}: file not found", path)
     if file_format:
         return "." + file_format
     ext = os.path.splitext(path)[1].lower()

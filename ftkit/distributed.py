@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ftkit.config import ConfigError
+from ftkit.config import ConfigError, not_found
 
 logger = logging.getLogger("ftkit")
 
@@ -274,7 +274,7 @@ def gather_by_index(acc, pairs: list[tuple[int, object]], n: int) -> list:
 def read_deepspeed_config(path: str, key: str) -> dict:
     """A DeepSpeed JSON config as a dict; a missing file or invalid JSON is one clear error."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{key}: DeepSpeed config not found: {path}")
+        raise not_found(f"{key}: DeepSpeed config not found", path)
 
     def unique(pairs):  # JSON, like Python's json, would keep a key's last value silently
         if len(keys := [k for k, _ in pairs]) != len(set(keys)):

@@ -15,7 +15,7 @@ import pathlib
 import torch
 
 from ftkit.compiling import compile_blocks
-from ftkit.config import ConfigError
+from ftkit.config import ConfigError, not_found, relative_hint
 
 logger = logging.getLogger("ftkit")
 
@@ -79,7 +79,7 @@ def build_tokenizer(files: list[str], vocab_size: int, out_dir: str, special_tok
                                         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     for path in files:
         if not os.path.isfile(path):
-            raise ConfigError(f"tokenizer_files: file not found: {path}")
+            raise not_found("tokenizer_files: file not found", path)
     stamp = _stamp(out_dir, "tokenizer", [sorted(special_tokens.items()), vocab_size] + [
         [p, os.path.getsize(p)] for p in files])
     if stamp is None:
@@ -124,7 +124,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 def _offline_hint(error: Exception, source: str | None = None) -> str:
     local = source is not None and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1)
     if local and not os.path.exists(os.path.expanduser(source)):  # a path, not a hub id (transformers: "Repo id must be")
-        return "no such directory"
+        return "no such directory" + relative_hint(source)
     text = str(error).splitlines()[0][:200]
     if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):
         return f"not in the local cache and the hub is unreachable: {text}"

@@ -277,3 +277,24 @@ def test_bf16_on_hardware_without_it_is_an_error(cuda, supported, message):
             distributed.check_bf16(True, cuda, supported)
     else:
         distributed.check_bf16(True, cuda, supported)
+
+
+def test_a_relative_path_that_is_not_there_says_where_it_was_looked_for_and_where_it_is(tmp_path):
+    # a command run from scripts/ (or anywhere but the repository root), whose recipes name paths from the root
+    scripts, out = os.path.join(ROOT, "scripts"), tmp_path / "out"
+    for args, what in [(["--config", "recipes/tiny/spam.yaml"], "config file not found: recipes/tiny/spam.yaml"),
+                       (["--config", SPAM], "train_file: file not found: data/spam_sample.tsv"),
+                       (["--config", SPAM, "--deepspeed", "ds_configs/zero2.json"],
+                        "deepspeed: DeepSpeed config not found: ds_configs/zero2.json")]:
+        proc = run_python("classify.py", args + ["--output_dir", str(out)], cwd=scripts)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            f"error: {what} (relative to the current directory, {scripts}; it is in {ROOT}: run the command from "
+            f"there)"), proc.stderr[-2000:]
+    assert not out.exists()
+    # a model folder that is nowhere, or a file
+    proc = run_python("classify.py", ["--predict", "--model", "outputs/nope/final", "--text", "hi"], cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: model: no such directory: outputs/nope/final (relative to the current directory, {tmp_path})")
+    proc = run_python("classify.py", ["--predict", "--model", SPAM, "--text", "hi"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: model: {SPAM} is a file, not a trained output_dir/final"), proc.stderr[-2000:]
