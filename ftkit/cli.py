@@ -5,6 +5,8 @@ Not here: what the config holds and how it is checked (config.py), the signal ha
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import faulthandler
 import os
 import re
@@ -13,14 +15,20 @@ import signal
 import sys
 
 from ftkit import distributed
-from ftkit.config import EXIT_BAD_INPUT, ConfigError, RunError, fail, parse
+from ftkit.config import EXIT_BAD_INPUT, ConfigError, RunError, fail, load_yaml_recipe, parse
 
 
 def run(config_cls, train, predict) -> None:
     """A script's entry point: parse, apply --debug, run ``train`` (or ``predict`` with --predict), exit 0; a
     ConfigError is one line and exit 2, a RunError one line and exit 1 (tracebacks with --debug)."""
     faulthandler.enable()  # a rank killed by a signal (a native library's SIGSEGV, SIGABRT) prints its Python stacks
-    config = parse(config_cls)
+    try:
+        config = parse(config_cls, exit_on_error=False)
+    except ConfigError as error:  # an unknown option in a recipe written for another script: that script's command
+        recipe = getattr(error, "where", "")
+        other = script_of_recipe(recipe) if os.path.isfile(recipe) else None
+        fail(f"{recipe} is a recipe for {os.path.basename(other)}, not {os.path.basename(sys.argv[0])}: python "
+             f"{os.path.relpath(other)} --config {recipe}" if other else error)
     if config.debug:
         apply_debug(config)
     if not (config.predict or getattr(config, "preflight", False)):
@@ -90,3 +98,25 @@ def launcher_kills_after_s() -> float | None:
     from accelerate.commands import launch
 
     return 5.0 if hasattr(launch, "_terminate_process_tree") else None
+
+
+def script_of_recipe(recipe: str) -> str | None:
+    """The script beside this one (scripts/*.py) whose options take every key of ``recipe``, read from the scripts'
+    source (their ``...Config`` class: the shared option groups it is made of, and its own fields)."""
+    from ftkit import config as shared
+
+    keys, here = set(load_yaml_recipe(recipe)), os.path.abspath(sys.argv[0])
+    for name in sorted(os.listdir(os.path.dirname(here))):
+        script = os.path.join(os.path.dirname(here), name)
+        if not name.endswith(".py") or script == here:
+            continue
+        with open(script, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
+            options = {a.target.id for a in node.body if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)}
+            for base in node.bases:  # cfg.ModelArguments, ...
+                group = getattr(shared, getattr(base, "attr", getattr(base, "id", "")), None)
+                options |= {f.name for f in dataclasses.fields(group)} if dataclasses.is_dataclass(group) else set()
+            if keys <= options:
+                return script
+    return None

@@ -309,7 +309,8 @@ def _known(cls, values: dict, where: str) -> dict:
 def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else " (see --help)"
-    return ConfigError(f"unknown option {name!r} in {where}{hint}")
+    (error := ConfigError(f"unknown option {name!r} in {where}{hint}")).where = where  # (cli.py: a recipe's script)
+    return error
 
 
 def help_text(cls, prog: str) -> str:

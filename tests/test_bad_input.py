@@ -34,6 +34,11 @@ CASES = {
                                         "unknown option 'learning_rat' in the command line (did you mean 'learning_rate'?)", True),
     "1b unknown key in the recipe": ("classify.py", lambda t: ["--config", recipe_with(t, SPAM, num_train_epoch=3)],
                                      "unknown option 'num_train_epoch' in", True),
+    "1c a recipe of another script": ("t5_qa.py", lambda t: ["--config", SPAM],
+                                      f"error: {SPAM} is a recipe for classify.py, not t5_qa.py: python "
+                                      f"scripts/classify.py --config {SPAM}", True),
+    "1c t5_qa.py's recipe given to classify.py": ("classify.py", lambda t: ["--config", QA],
+                                                          f"error: {QA} is a recipe for t5_qa.py, not classify.py", True),
     "2 wrong type": ("classify.py", lambda t: ["--config", SPAM, "--learning_rate", "fast"],
                      "learning_rate: expected a number, got 'fast'", True),
     "3 negative learning rate": ("classify.py", lambda t: ["--config", SPAM, "--learning_rate", "-1e-3"],
