@@ -388,9 +388,10 @@ def said_by_another_rank(line: str) -> bool:
     """Whether another process of this launch on this machine has already printed ``line``: the ranks of one launch
     meet the same bad option (or the same Ctrl-C) at once, and the user should read it once, not once per process.
     The first to say it makes a file named after the launcher and the line (``O_EXCL``: only one can) in the
-    temporary folder; those of launchers no longer alive are removed. One process (no LOCAL_RANK) always says it;
+    temporary folder; those of launchers no longer alive are removed. Only torchrun's ranks (accelerate launch of
+    several processes, DeepSpeed, SLURM jobs), whose launcher is their parent, one per launch (and per restart), ask;
     each node of a multi-node run says it once (its files, its view of them)."""
-    if "LOCAL_RANK" not in os.environ:
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
     import hashlib
     import tempfile
@@ -400,7 +401,8 @@ def said_by_another_rank(line: str) -> bool:
     folder = tempfile.gettempdir()
     try:
         launcher = psutil.Process(os.getppid())
-        mark = f"ftkit-said-{launcher.pid}-{launcher.create_time():.2f}-"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        mark = f"ftkit-said-{launcher.pid}-{launcher.create_time():.2f}-{restart}-"
         for name in os.listdir(folder):
             if name.startswith("ftkit-said-") and not name.startswith(mark) and not psutil.pid_exists(
                     int(name.split("-")[2])):
