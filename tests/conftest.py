@@ -58,7 +58,8 @@ def launch(script: str, args: list[str], num_processes: int = 1, timeout: int = 
     processes, a launcher config or ``launcher=True``: ``accelerate launch``. One process otherwise: ``python
     scripts/X.py``, which the README gives for one process too; the launcher's own start-up (it imports torch and
     transformers before it starts the script: 4 s of CPU here) is then not paid by every test. Each script's
-    end-to-end run and the SLURM jobs go through the launcher (the demo runs `python`, as the README does). ``fresh``: see ``run_python``."""
+    end-to-end run and the SLURM jobs go through the launcher (the demo runs ``python``, as the README does).
+    ``fresh``: see ``run_python``."""
     if launcher is None:
         launcher = num_processes > 1 or bool(launcher_config)
     if not launcher:
