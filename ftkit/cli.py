@@ -78,7 +78,6 @@ def apply_debug(config) -> None:
         setattr(config, name, min(getattr(config, name), 2))
 
 
-
 def launcher_kills_after_s() -> float | None:
     """Seconds after a Ctrl-C or SIGTERM at which this process's launcher kills it, where that is set by the launcher:
     accelerate 1.16's ``accelerate launch`` of one process (no DeepSpeed, no several processes: its "simple
@@ -110,8 +109,11 @@ def script_of_recipe(recipe: str) -> str | None:
         script = os.path.join(os.path.dirname(here), name)
         if not name.endswith(".py") or script == here:
             continue
-        with open(script, encoding="utf-8") as f:
-            tree = ast.parse(f.read())
+        try:
+            with open(script, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):  # not a script to compare with
+            continue
         for node in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
             options = {a.target.id for a in node.body if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)}
             for base in node.bases:  # cfg.ModelArguments, ...
