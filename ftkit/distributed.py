@@ -391,7 +391,7 @@ def said_by_another_rank(line: str) -> bool:
     temporary folder; those of launchers no longer alive are removed. Only torchrun's ranks (accelerate launch of
     several processes, DeepSpeed, SLURM jobs), whose launcher is their parent, one per launch (and per restart), ask;
     each node of a multi-node run says it once (its files, its view of them)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.getppid() == 1:  # (1: the launcher is gone)
         return False
     import hashlib
     import tempfile
