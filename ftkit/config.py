@@ -357,17 +357,17 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
 
 
 def not_found(what: str, path: str) -> ConfigError:
-    return ConfigError(f"{what}: {path}{relative_hint(path)}")
+    return ConfigError(f"{what}: {path}" + (f" ({hint})" if (hint := relative_hint(path)) else ""))
 
 
 def relative_hint(path: str) -> str:
     """For a relative ``path`` that is not there: where it was looked for, and where it is if it is in this checkout
-    (a command run from another folder than the repository root, whose recipes name paths from there)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")))
+    (a command run from another folder than the repository root, whose recipes name paths from there); "" if absolute."""
     if os.path.isabs(os.path.expanduser(path)):
         return ""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")))
     there = f"; it is in {root}: run the command from there" if os.path.exists(os.path.join(root, path)) else ""
-    return f" (relative to the current directory, {os.getcwd()}{there})"
+    return f"relative to the current directory, {os.getcwd()}{there}"
 
 
 def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: "):

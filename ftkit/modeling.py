@@ -124,7 +124,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 def _offline_hint(error: Exception, source: str | None = None) -> str:
     local = source is not None and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1)
     if local and not os.path.exists(os.path.expanduser(source)):  # a path, not a hub id (transformers: "Repo id must be")
-        return "no such directory" + relative_hint(source)
+        return ", ".join(filter(None, ["no such directory", relative_hint(source)]))
     text = str(error).splitlines()[0][:200]
     if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):
         return f"not in the local cache and the hub is unreachable: {text}"

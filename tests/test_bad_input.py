@@ -296,6 +296,11 @@ def test_a_relative_path_that_is_not_there_says_where_it_was_looked_for_and_wher
             f"error: {what} (relative to the current directory, {scripts}; it is in {ROOT}: run the command from "
             f"there)"), proc.stderr[-2000:]
     assert not out.exists()
+    proc = run_python("classify.py", ["--config", SPAM, "--model_config", "null", "--model_name_or_path", "./nope",
+                                      "--output_dir", str(out)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: model_name_or_path: cannot load './nope' (no such directory, relative to the current directory, "
+        f"{ROOT})"), proc.stderr[-2000:]
     # a model folder that is nowhere, or a file
     proc = run_python("classify.py", ["--predict", "--model", "outputs/nope/final", "--text", "hi"], cwd=str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
