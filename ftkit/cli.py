@@ -1,7 +1,7 @@
 """A script's entry point: parse the config (and what ``--debug`` changes), run the training (or ``--predict``), and end
 as a job should: one line and an exit code for a user error (2), a run error (1), a stop signal (0, after its
 checkpoint) or Ctrl-C (130); a warning where the launcher would cut a stop's checkpoint short.
-Not here: what the config holds and how it is checked (config.py), the signal handler itself (distributed.py)."""
+Not here: what the config holds and how it is checked (options.py, config.py), the signal handler itself (distributed.py)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def launcher_kills_after_s() -> float | None:
 def script_of_recipe(recipe: str) -> str | None:
     """The script beside this one (scripts/*.py) whose options take every key of ``recipe``, read from the scripts'
     source (their ``...Config`` class: the shared option groups it is made of, and its own fields)."""
-    from ftkit import config as shared
+    from ftkit import options as shared
 
     keys, here = set(load_yaml_recipe(recipe)), os.path.abspath(sys.argv[0])
     for name in sorted(os.listdir(os.path.dirname(here))):
@@ -116,7 +116,7 @@ def script_of_recipe(recipe: str) -> str | None:
             continue
         for node in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Config")):
             options = {a.target.id for a in node.body if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)}
-            for base in node.bases:  # cfg.ModelArguments, ...
+            for base in node.bases:  # options.ModelArguments, ...
                 group = getattr(shared, getattr(base, "attr", getattr(base, "id", "")), None)
                 options |= {f.name for f in dataclasses.fields(group)} if dataclasses.is_dataclass(group) else set()
             if keys <= options:

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 
-from ftkit import (autobatch, checkpoint, cli, config as cfg, data, distributed, loop, metrics, modeling, optim,
-                   preflight, rundir)
+from ftkit import (autobatch, checkpoint, cli, data, distributed, loop, metrics, modeling, optim,
+                   options, preflight, rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -38,8 +38,8 @@ EVAL_METRICS = ("loss", "accuracy", "f1")
 
 
 @dataclass
-class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg.EvaluationArguments,
-                     cfg.TrackingArguments, cfg.PreflightArguments):
+class ClassifyConfig(options.ModelArguments, options.DataArguments, options.TrainingArguments,
+                     options.EvaluationArguments, options.TrackingArguments, options.PreflightArguments):
     """Fine-tune a sequence classifier (BERT, GPT-2, ...) on single texts or text pairs."""
 
     text_column: str = opt("text", "Column holding the text (the first sentence of a pair).")
@@ -54,14 +54,15 @@ class ClassifyConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArgument
     trainable_modules: list[str] | None = opt(None, "Train only these modules (names, prefixes or globs); default: all.")
     eval_on_train: bool = opt(False, "Also report final metrics on the training split (S003 does).")
     predict: bool = opt(False, "Label --text or --input_file with a trained --model instead of training.")
-    model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
+    model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.", path=True)
     text: str | None = opt(None, "One text to label with --predict.")
     text_pair: str | None = opt(None, "Second sentence of the pair to label with --predict.")
-    input_file: str | None = opt(None, "Texts to label with --predict (text_column[, text_pair_column]; scored with label_column).")
-    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
+    input_file: str | None = opt(None, "Texts to label with --predict (text_column[, text_pair_column]); scored "
+                                          "if label_column is there.", path=True)
+    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).", path=True)
 
     def check(self):
-        if not cfg.check_script(self, "model", bool(self.text), "--text TEXT", EVAL_METRICS):
+        if not options.check_script(self, "model", bool(self.text), "--text TEXT", EVAL_METRICS):
             return
         if self.split_ratios is not None:
             data.check_split_ratios(self.split_ratios, self.validation_file)

@@ -25,16 +25,16 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from ftkit import (autobatch, checkpoint, cli, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
-                   preflight, rundir)
+from ftkit import (autobatch, checkpoint, cli, data, distributed, loop, losses, metrics, modeling, optim,
+                   options, preflight, rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
 
 
 @dataclass
-class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, cfg.TrainingArguments,
-                      cfg.EvaluationArguments, cfg.TrackingArguments, cfg.PreflightArguments):
+class SummarizeConfig(options.ModelArguments, options.LoraArguments, options.DataArguments, options.TrainingArguments,
+                      options.EvaluationArguments, options.TrackingArguments, options.PreflightArguments):
     """Fine-tune a causal LM (QLoRA by default) to summarize dialogues."""
 
     load_best_model_at_end: bool = opt(False, "Reload the best adapter by metric_for_best_model before the final "
@@ -61,14 +61,14 @@ class SummarizeConfig(cfg.ModelArguments, cfg.LoraArguments, cfg.DataArguments, 
     max_new_tokens: int = opt(100, "Generation limit for summaries.", min=1)
     predict: bool = opt(False, "Summarize --text or --input_file with a trained --adapter instead of training.")
     adapter: str | None = opt(None, "A trained adapter (or whole model: use_peft false, final_merged) for --predict: "
-                                    "output_dir/final, or the output_dir.")
-    input_file: str | None = opt(None, "Dialogues to summarize with --predict; ROUGE if summary_column is there.")
+                                    "output_dir/final, or the output_dir.", path=True)
+    input_file: str | None = opt(None, "Dialogues to summarize with --predict; ROUGE if summary_column is there.", path=True)
     text: str | None = opt(None, "One dialogue to summarize with --predict.")
-    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
+    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).", path=True)
 
     def check(self):
         scored = ["loss"] + (list(metrics.ROUGE_KEYS) if self.num_eval_generate else [])
-        cfg.check_script(self, "adapter", bool(self.text), "--text TEXT", scored,
+        options.check_script(self, "adapter", bool(self.text), "--text TEXT", scored,
                          "" if self.num_eval_generate else " (ROUGE needs num_eval_generate > 0)")
 
 

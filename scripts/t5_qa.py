@@ -31,8 +31,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 
-from ftkit import (autobatch, checkpoint, cli, config as cfg, data, distributed, loop, losses, metrics, modeling, optim,
-                   preflight, rundir)
+from ftkit import (autobatch, checkpoint, cli, data, distributed, loop, losses, metrics, modeling, optim,
+                   options, preflight, rundir)
 from ftkit.config import ConfigError, opt
 
 logger = logging.getLogger("ftkit")
@@ -40,8 +40,8 @@ EVAL_METRICS = ("loss", "exact_match", "f1")
 
 
 @dataclass
-class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg.EvaluationArguments,
-               cfg.TrackingArguments, cfg.PreflightArguments):
+class QAConfig(options.ModelArguments, options.DataArguments, options.TrainingArguments,
+               options.EvaluationArguments, options.TrackingArguments, options.PreflightArguments):
     """Fine-tune T5 (or any seq2seq LM) to answer questions about a context."""
 
     context_column: str = opt("context", "Column holding the context passage.")
@@ -64,14 +64,14 @@ class QAConfig(cfg.ModelArguments, cfg.DataArguments, cfg.TrainingArguments, cfg
     no_repeat_ngram_size: int = opt(2, "Forbid repeating n-grams in generated answers (S004: 2; 0 off).", min=0)
     early_stopping: bool = opt(True, "Stop beam search when every beam has finished (S004).")
     predict: bool = opt(False, "Answer --question/--context or --input_file with a trained --model.")
-    model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.")
+    model: str | None = opt(None, "A trained model for --predict: output_dir/final, or the output_dir.", path=True)
     context: str | None = opt(None, "Context passage for --predict.")
     question: str | None = opt(None, "Question for --predict.")
-    input_file: str | None = opt(None, "Questions (+ context) for --predict; EM/F1 if answer_column is there.")
-    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).")
+    input_file: str | None = opt(None, "Questions (+ context) for --predict; EM/F1 if answer_column is there.", path=True)
+    prediction_file: str | None = opt(None, "Write --predict results here as jsonl (default: print).", path=True)
 
     def check(self):
-        if not cfg.check_script(self, "model", bool(self.question and self.context), "--question and --context,",
+        if not options.check_script(self, "model", bool(self.question and self.context), "--question and --context,",
                                 EVAL_METRICS):
             return
         if self.val_split and self.validation_file:

@@ -147,6 +147,26 @@ def test_missing_recipe_file():
         parse("--config", "nope.yaml")
 
 
+def test_home_and_environment_variables_in_paths_are_expanded_as_a_shell_would(tmp_path, monkeypatch):
+    """A recipe is read by no shell: `output_dir: ~/runs/x` made a folder named '~' in the current directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FTKIT_TEST_DATA", str(tmp_path / "data"))
+    (tmp_path / "r.yaml").write_text("output_dir: ~/runs/x\ntrain_file: $FTKIT_TEST_DATA/train.jsonl\n"
+                                     "tokenizer_files: ['${FTKIT_TEST_DATA}/a.txt', ~/b.txt]\n"
+                                     "response_key: '### $HOME ~'\n")
+    c = parse("--config", TINY_SUMMARIZE, "--config=~/r.yaml", "--validation_file", "~/v.jsonl")  # bash leaves --x=~
+    assert c.output_dir == str(tmp_path / "runs" / "x") and c.validation_file == str(tmp_path / "v.jsonl")
+    assert c.train_file == str(tmp_path / "data" / "train.jsonl")
+    assert c.tokenizer_files == [str(tmp_path / "data" / "a.txt"), str(tmp_path / "b.txt")]
+    assert c.response_key == "### $HOME ~"  # text, not a path
+    assert parse("--config", TINY_SUMMARIZE, "--model_name_or_path", "microsoft/phi-2").model_name_or_path == "microsoft/phi-2"
+    monkeypatch.delenv("FTKIT_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError) as e:  # not a folder named '$FTKIT_TEST_UNSET'
+        parse("--config", TINY_SUMMARIZE, "--output_dir", "${FTKIT_TEST_UNSET}/run")
+    assert str(e.value) == ("output_dir: '${FTKIT_TEST_UNSET}/run' names the environment variable ${FTKIT_TEST_UNSET}, "
+                            "which is not set")
+
+
 def test_help_lists_every_option_with_default_and_meaning(capsys):
     with pytest.raises(SystemExit) as e:
         parse("--help")
