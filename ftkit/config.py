@@ -214,7 +214,10 @@ def not_found(what: str, path: str) -> ConfigError:
 
 def relative_hint(path: str) -> str:
     """For a relative ``path`` that is not there: where it was looked for, and where it is if it is in this checkout
-    (a command run from another folder than the repository root, whose recipes name paths from there); "" if absolute."""
+    (a command run from another folder than the repository root, whose recipes name paths from there); "" if absolute;
+    that it is a folder where a file was wanted."""
+    if os.path.isdir(path):
+        return "a folder, not a file"
     if os.path.isabs(path):
         return ""
     root = os.path.dirname(os.path.dirname(os.path.abspath(sys.argv[0] if sys.argv and sys.argv[0] else ".")))

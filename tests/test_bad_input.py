@@ -308,3 +308,9 @@ def test_a_relative_path_that_is_not_there_says_where_it_was_looked_for_and_wher
     proc = run_python("classify.py", ["--predict", "--model", SPAM, "--text", "hi"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: model: {SPAM} is a file, not a trained output_dir/final"), proc.stderr[-2000:]
+    # a folder where a file is wanted, from the repository root (it said "it is in ROOT: run the command from there")
+    for args, what in [(["--config", "recipes"], "config file not found: recipes"),
+                       (["--config", SPAM, "--train_file", "data"], "train_file: file not found: data")]:
+        proc = run_python("classify.py", args + ["--output_dir", str(out)])
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            f"error: {what} (a folder, not a file)"), proc.stderr[-2000:]
