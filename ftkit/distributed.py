@@ -56,10 +56,9 @@ def accelerator(config):
     cpu = cpu and not use_deepspeed
     trackers = [] if config.report_to == "none" or config.debug else (
         ["wandb", "tensorboard"] if config.report_to == "all" else [config.report_to])
-    if "wandb" in trackers:  # before any model is loaded
-        from ftkit.tracking import check_wandb_login
+    from ftkit.tracking import check_trackers
 
-        check_wandb_login()
+    check_trackers(trackers)  # before any model is loaded
     acc = Accelerator(
         cpu=cpu,
         mixed_precision="bf16" if config.bf16 else "no",

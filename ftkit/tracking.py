@@ -22,14 +22,20 @@ def without_secrets(values: dict) -> dict:
     return {k: without_secrets(v) if isinstance(v, dict) else v for k, v in values.items() if not SECRET.search(str(k))}
 
 
-def check_wandb_login() -> None:
-    """``report_to: wandb`` needs the client and, unless offline, credentials: say how to fix it."""
-    import importlib.util
+def check_trackers(trackers: list[str]) -> None:
+    """``report_to`` needs each tracker's package (accelerate would drop a missing one with a warning) and, for W&B
+    unless offline, credentials: say how to fix it."""
     import netrc
 
-    if importlib.util.find_spec("wandb") is None:
-        raise ConfigError("report_to: wandb is not installed (pip install 'ftkit[tracking]'), or use report_to: none")
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    for name, available in (("wandb", is_wandb_available), ("tensorboard", is_tensorboard_available)):
+        if name in trackers and not available():
+            other = next((t for t in trackers if t != name), "none")
+            raise ConfigError(f"report_to: {name} is not installed (pip install 'ftkit[tracking]'), or use "
+                              f"report_to: {other}")
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+    if "wandb" not in trackers or offline or os.environ.get("WANDB_API_KEY"):
         return
     try:
         if netrc.netrc().authenticators("api.wandb.ai"):

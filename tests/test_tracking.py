@@ -6,10 +6,12 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT, launch, read_jsonl, run_python, tensorboard_scalars
+from conftest import ROOT, launch, read_jsonl, run_python, script_env, tensorboard_scalars
 from ftkit import tracking
 
 SPAM = os.path.join(ROOT, "recipes", "tiny", "spam.yaml")
@@ -181,6 +183,21 @@ def test_flops_per_token_by_hand():
     assert tracking.flops_per_token(decoder, 1000, 9000, 128) == 6000 + 36000 + 196608
     t5 = T5Config(num_layers=3, num_decoder_layers=2, d_model=32)
     assert tracking.flops_per_token(t5, 10, 0, 10) == 60 + 12 * 5 * 32 * 10
+
+
+@pytest.mark.parametrize("hidden, report_to, message", [
+    ("tensorboard,tensorboardX", "tensorboard", "tensorboard is not installed (pip install 'ftkit[tracking]'), or use "
+                                                "report_to: none"),
+    ("wandb", "all", "wandb is not installed (pip install 'ftkit[tracking]'), or use report_to: tensorboard")])
+def test_a_tracker_that_is_not_installed_is_an_error_before_the_model(tmp_path, hidden, report_to, message):
+    """accelerate drops a tracker whose package is missing with a Python warning: the run trained without TensorBoard."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "hide_packages.py"), hidden,
+                           os.path.join(ROOT, "scripts", "classify.py"), "--config", SPAM, "--output_dir", str(out),
+                           "--report_to", report_to], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"error: report_to: {message}", proc.stderr
+    assert not os.path.exists(out / "checkpoints") and "trainable params" not in proc.stderr
 
 
 def test_mfu_is_reported_when_a_peak_is_given(tmp_path):
