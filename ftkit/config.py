@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import operator
 import os
 import re
@@ -159,15 +160,21 @@ def help_text(cls, prog: str) -> str:
              (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
              "Options (YAML recipe keys; a later --config overrides an earlier one, a command-line --OPTION VALUE "
              "overrides them all):"]
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        base, _ = _base_type(hints[f.name])
-        tname = str(base) if typing.get_origin(base) is list else getattr(base, "__name__", str(base))
-        extra = " {" + ", ".join(str(c) for c in f.metadata["choices"] if c is not None) + "}" if "choices" in f.metadata else ""
-        lines.append(f"  --{f.name} {tname.upper()}{'|auto' if f.metadata.get('auto') else ''}{extra}")
-        said = f.metadata.get("help", "")  # a help text that explains its default is not followed by another
-        lines.append(f"      {said}" + ("" if "(default:" in said else f" (default: {default!r})"))
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    for klass in cls.__mro__:  # the script's own options, then each group's (options.py) in the order it lists them
+        if own := [fields.pop(name) for name in inspect.get_annotations(klass) if name in fields]:
+            group = f"{prog}'s own" if klass is cls else klass.__name__.removesuffix("Arguments").replace("Lora", "LoRA")
+            lines += ["", f"{group} options:"]
+        for f in own:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            base, _ = _base_type(hints[f.name])
+            tname = str(base) if typing.get_origin(base) is list else getattr(base, "__name__", str(base))
+            tname = tname.replace("str", "path") if f.metadata.get("path") else tname
+            choices = [str(c) for c in f.metadata.get("choices", []) if c is not None]
+            extra = " {" + ", ".join(choices) + "}" if choices else ""
+            lines.append(f"  --{f.name} {tname.upper()}{'|auto' if f.metadata.get('auto') else ''}{extra}")
+            said = f.metadata.get("help", "")  # a help text that explains its default is not followed by another
+            lines.append(f"      {said}" + ("" if "(default:" in said else f" (default: {default!r})"))
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Recipes + command-line overrides, types, --help/--print_config, and every error path."""
 
 import os
+import sys
 
 import pytest
 import yaml
@@ -180,6 +181,12 @@ def test_help_lists_every_option_with_default_and_meaning(capsys):
     # by the field's value too
     assert "(default: output_dir's name)" in out and not [line for line in out.splitlines() if line.count("(default:") > 1]
     assert sum("(default:" in line for line in out.splitlines()) == out.count("\n  --")
+    # grouped: the script's own options first (they listed the preflight options first), then options.py's groups
+    headings = [line for line in out.splitlines() if line.endswith(" options:")]
+    assert headings == [f"{os.path.basename(sys.argv[0])}'s own options:"] + [
+        f"{group} options:" for group in ("Model", "LoRA", "Data", "Training", "Evaluation", "Tracking", "Preflight")]
+    assert out.index("--train_on_prompt") < out.index("--model_name_or_path") < out.index("--preflight ")
+    assert "  --output_dir PATH\n" in out and "  --tokenizer_files LIST[PATH]\n" in out and "  --seed INT\n" in out
 
 
 def test_print_config_prints_the_resolved_config_and_exits(capsys):
