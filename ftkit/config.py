@@ -155,16 +155,26 @@ def _unknown(name: str, valid: list[str], where: str) -> ConfigError:
     return error
 
 
+def option_groups(cls) -> list[tuple[str | None, list]]:
+    """(group, fields) of a config class: its own options (group None), then each group's of options.py in the order
+    the class lists them (the order of --help and of a saved config.yaml; dataclasses put the last group first)."""
+    fields, owner, groups = {f.name: f for f in dataclasses.fields(cls)}, {}, []
+    for klass in cls.__mro__:  # an option the class declares again (another default) stays in its group
+        owner.update(dict.fromkeys(inspect.get_annotations(klass), klass))
+    for klass in cls.__mro__:
+        if own := [fields[name] for name in inspect.get_annotations(klass) if owner[name] is klass and name in fields]:
+            groups.append((None if klass is cls else klass.__name__.removesuffix("Arguments").replace("Lora", "LoRA"), own))
+    return groups
+
+
 def help_text(cls, prog: str) -> str:
     lines = [f"usage: {prog} [--config RECIPE.yaml ...] [--OPTION VALUE ...] [--print_config] [--help]", "",
              (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
              "Options (YAML recipe keys; a later --config overrides an earlier one, a command-line --OPTION VALUE "
              "overrides them all):"]
-    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-    for klass in cls.__mro__:  # the script's own options, then each group's (options.py) in the order it lists them
-        if own := [fields.pop(name) for name in inspect.get_annotations(klass) if name in fields]:
-            group = f"{prog}'s own" if klass is cls else klass.__name__.removesuffix("Arguments").replace("Lora", "LoRA")
-            lines += ["", f"{group} options:"]
+    hints = typing.get_type_hints(cls)
+    for group, own in option_groups(cls):
+        lines += ["", f"{group} options:" if group else f"{prog}'s own options:"]
         for f in own:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             base, _ = _base_type(hints[f.name])
@@ -308,4 +318,5 @@ def validate(config) -> None:
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    values = dataclasses.asdict(config)
+    return {f.name: values[f.name] for _, own in option_groups(type(config)) for f in own}

@@ -1,5 +1,6 @@
 """Recipes + command-line overrides, types, --help/--print_config, and every error path."""
 
+import dataclasses
 import os
 import sys
 
@@ -195,6 +196,12 @@ def test_print_config_prints_the_resolved_config_and_exits(capsys):
     assert e.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["seed"] == 7 and printed["load_in_4bit"] is True
+    # in --help's order (as config.yaml): the script's own options, then the model's ... (preflight's came first)
+    keys = list(printed)
+    assert keys[0] == "dialogue_column" and keys.index("model_name_or_path") < keys.index("lora_r") < keys.index(
+        "train_file") < keys.index("output_dir") < keys.index("eval_strategy") < keys.index("report_to") < keys.index(
+        "preflight")
+    assert sorted(keys) == sorted(f.name for f in dataclasses.fields(qs.SummarizeConfig))
 
 
 def test_config_hash_ignores_reporting_options_only():
