@@ -3,8 +3,8 @@ Not here: the option groups (options.py); what a run does with its options; resu
 
 Every field has one name, one default and one help text (``metadata["help"]``, what ``--help`` prints);
 constraints (``choices``, ``min``, ``max``, ``min_exclusive``) are checked in :func:`validate`; a ``path`` option is
-expanded (:func:`expand_path`). A problem
-is a :class:`ConfigError`: one line, exit code 2, before any data or model is loaded."""
+expanded (:func:`expand_path`). A problem is a :class:`ConfigError`: one line, exit code 2, before any data or model
+is loaded."""
 
 from __future__ import annotations
 
