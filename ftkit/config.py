@@ -198,6 +198,9 @@ def parse(cls, argv: list[str] | None = None, *, exit_on_error: bool = True):
         if "-h" in argv or "--help" in argv:
             print(help_text(cls, prog))
             sys.exit(0)
+        if not argv:  # (else: "model_name_or_path: required")
+            raise ConfigError(f"no recipe: {prog} --config RECIPE.yaml [--option value ...] (recipes/*.yaml; --help "
+                              f"lists the options)")
         config_paths, print_config, overrides = _split_argv(argv, cls)
         # the recipes in the order given, a later one's keys replacing an earlier one's (whole values)
         values = {k: v for path in config_paths for k, v in _known(cls, load_yaml_recipe(path), path).items()}
@@ -262,7 +265,8 @@ def _split_argv(argv, cls):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r} (options are written --name value)")
+            raise ConfigError(f"unexpected argument {arg!r} (" + (f"a recipe is given as --config {arg})" if arg.endswith(
+                (".yaml", ".yml")) else "options are written --name value)"))
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
         has_value = bool(eq)

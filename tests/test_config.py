@@ -84,6 +84,18 @@ def test_bad_values_name_the_key(argv, message):
     assert message in str(e.value)
 
 
+def test_a_command_without_a_recipe_shows_how_to_give_one():
+    with pytest.raises(ConfigError) as e:  # it said "model_name_or_path: required (or model_config ...)"
+        cfg.parse(qs.SummarizeConfig, [], exit_on_error=False)
+    assert str(e.value) == (f"no recipe: {os.path.basename(sys.argv[0])} --config RECIPE.yaml [--option value ...] "
+                            f"(recipes/*.yaml; --help lists the options)")
+    with pytest.raises(ConfigError) as e:  # a recipe given as the script's argument, as some tools take it
+        parse(TINY_SUMMARIZE, "--max_steps", "3")
+    assert str(e.value) == f"unexpected argument {TINY_SUMMARIZE!r} (a recipe is given as --config {TINY_SUMMARIZE})"
+    with pytest.raises(ConfigError, match=r"^unexpected argument 'fast' \(options are written --name value\)$"):
+        parse("--config", TINY_SUMMARIZE, "--bf16", "true", "fast")
+
+
 def test_recipes_without_adapters_refuse_quantized_weights():
     for script, config_class, recipe in [("classify", "ClassifyConfig", TINY_SPAM), ("t5_qa", "QAConfig", TINY_QA)]:
         with pytest.raises(ConfigError, match=r"^load_in_8bit: quantized weights cannot be trained; this recipe trains "
