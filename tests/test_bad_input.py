@@ -39,6 +39,8 @@ CASES = {
                                       f"scripts/classify.py --config {SPAM}", True),
     "1c t5_qa.py's recipe given to classify.py": ("classify.py", lambda t: ["--config", QA],
                                                   f"error: {QA} is a recipe for t5_qa.py, not classify.py", True),
+    "1d a recipe without --config": ("classify.py", lambda t: [SPAM],
+                                     f"error: unexpected argument {SPAM!r} (a recipe is given as --config {SPAM})", True),
     "2 wrong type": ("classify.py", lambda t: ["--config", SPAM, "--learning_rate", "fast"],
                      "learning_rate: expected a number, got 'fast'", True),
     "3 negative learning rate": ("classify.py", lambda t: ["--config", SPAM, "--learning_rate", "-1e-3"],
