@@ -40,6 +40,7 @@ def accelerator(config):
     cpu = not torch.cuda.is_available()
     check_bf16(config.bf16, not cpu, (not cpu) and torch.cuda.is_bf16_supported())
     launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    launch_zero_stage(config)  # reads the launcher's DeepSpeed config: one line if it is not there (accelerate: a traceback)
     deepspeed_plugin = None
     if config.deepspeed and not launched_with_deepspeed:
         from accelerate.utils import DeepSpeedPlugin
@@ -114,7 +115,7 @@ def launch_zero_stage(config) -> int | None | str:
         if not path:
             stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
             return int(stage) if stage else "unknown"
-        where = "deepspeed_config_file"
+        where = "deepspeed_config_file (the accelerate config's)"
     elif config.deepspeed:
         path, where = config.deepspeed, "deepspeed"
     else:

@@ -3,11 +3,12 @@ traceback, nothing in output_dir destroyed; nothing built or loaded when the con
 
 import json
 import os
+import subprocess
 
 import pytest
 import yaml
 
-from conftest import ROOT, run_python
+from conftest import BIN, ROOT, free_port, run_python, script_env
 
 pytestmark = pytest.mark.slow
 TINY = os.path.join(ROOT, "recipes", "tiny")
@@ -310,6 +311,18 @@ def test_a_relative_path_that_is_not_there_says_where_it_was_looked_for_and_wher
     proc = run_python("classify.py", ["--predict", "--model", SPAM, "--text", "hi"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         f"error: model: {SPAM} is a file, not a trained output_dir/final"), proc.stderr[-2000:]
+    # the launcher's DeepSpeed config, named relative to the root by launch/accelerate/*.yaml: accelerate's traceback
+    # in every rank ("Expected a string path to an existing deepspeed config")
+    data = os.path.join(ROOT, "data", "spam_sample.tsv")
+    proc = subprocess.run([os.path.join(BIN, "accelerate"), "launch", "--config_file", os.path.join(
+        "..", "launch", "accelerate", "deepspeed_zero3.yaml"), "--num_processes", "2", "--main_process_port",
+        str(free_port()), "classify.py", "--config", SPAM, "--train_file", data, "--tokenizer_files", data,
+        "--output_dir", str(out)], cwd=scripts, env=script_env(), capture_output=True, text=True, timeout=300)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and said == [
+        f"error: deepspeed_config_file (the accelerate config's): DeepSpeed config not found: ds_configs/zero3.json "
+        f"(relative to the current directory, {scripts}; it is in {ROOT}: run the command from there)"], proc.stderr[-3000:]
+    assert "Expected a string path" not in proc.stderr and not out.exists()
     # a folder where a file is wanted, from the repository root (it said "it is in ROOT: run the command from there")
     for args, what in [(["--config", "recipes"], "config file not found: recipes"),
                        (["--config", SPAM, "--train_file", "data"], "train_file: file not found: data")]:
