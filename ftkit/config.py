@@ -265,8 +265,9 @@ def _split_argv(argv, cls):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r} (" + (f"a recipe is given as --config {arg})" if arg.endswith(
-                (".yaml", ".yml")) else "options are written --name value)"))
+            recipe = arg.endswith((".yaml", ".yml"))
+            hint = f"a recipe is given as --config {arg}" if recipe else "options are written --name value"
+            raise ConfigError(f"unexpected argument {arg!r} ({hint})")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
         has_value = bool(eq)
