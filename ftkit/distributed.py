@@ -341,7 +341,11 @@ class StopRequest:
             again = " (Ctrl-C again to quit at once, without saving)" if name == "SIGINT" else ""
             if self.killed_after_s and name != "SIGUSR1":
                 again += f"; the launcher kills this process {self.killed_after_s:g} s after the signal"
-            os.write(2, f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n".encode())
+            # accelerate's one-process launcher (killed_after_s set) copies this process's stderr through a pipe and
+            # drops a chunk it has read when its own copy of the signal arrives: the line was lost to 1 Ctrl-C in 12
+            # with both on one core. Its stdout is the terminal's, as for the "stopped by" line that follows.
+            out = 1 if self.killed_after_s else 2
+            os.write(out, f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n".encode())
 
 
 STOP = StopRequest()  # one per process: the handler may be installed long before the loop begins
