@@ -48,7 +48,8 @@ def run(config_cls, train, predict) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's copy must not cut this short
         training = not (config.predict or getattr(config, "preflight", False))
         fail("interrupted by Ctrl-C" + (": stopped at once, nothing saved since the latest checkpoint in output_dir "
-                                        "(the same command goes on from there)" if training else ""), 130, "[ftkit] ")
+                                        "(the same command goes on from there)" if training else ""), 130, "[ftkit] ",
+             sys.stdout if distributed.STOP.killed_after_s else None)  # (see StopRequest._handler)
     except (ConfigError, RunError) as error:
         if config.debug:
             raise

@@ -245,15 +245,17 @@ def relative_hint(path: str) -> str:
     return f"relative to the current directory, {os.getcwd()}{there}"
 
 
-def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: "):
-    """Report a user error as one line (once, where several processes of a launch meet it) and exit."""
+def fail(error, code: int = EXIT_BAD_INPUT, prefix: str = "error: ", stream=None):
+    """Report a user error as one line (once, where several processes of a launch meet it) on ``stream`` (stderr)
+    and exit."""
     from tqdm import tqdm  # (a dependency of transformers and datasets)
 
     from ftkit.distributed import said_by_another_rank
     for bar in list(getattr(tqdm, "_instances", [])):  # or a progress bar would redraw itself after the error line
         bar.close()
     if not said_by_another_rank(f"{prefix}{error}"):
-        sys.stderr.write(f"{prefix}{error}\n")  # one write (line-buffered): ranks' different lines do not interleave
+        (stream or sys.stderr).write(f"{prefix}{error}\n")  # one write (line-buffered): ranks' lines do not interleave
+        (stream or sys.stderr).flush()
     sys.exit(code)
 
 

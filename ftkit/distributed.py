@@ -313,7 +313,8 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name = None
-        self.phase = "start-up"  # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled)
+        # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled); "quitting" from a Ctrl-C on
+        self.phase = "start-up"
         self.installed = False
         self.ctrl_c_at = None
         self.killed_after_s = None  # set by cli.run where the launcher kills the process that long after a signal
@@ -326,12 +327,15 @@ class StopRequest:
         return self
 
     def _handler(self, signum, frame) -> None:
+        if self.phase == "quitting":  # on a Ctrl-C: the launcher passing it on (accelerate's sends SIGTERM) says nothing
+            return
         name = signal.Signals(signum).name
         if name == "SIGINT":
             if self.ctrl_c_at is not None and time.monotonic() - self.ctrl_c_at <= self.SAME_CTRL_C_S:
                 return  # the launcher's copy of the Ctrl-C this process has just had
             self.ctrl_c_at = time.monotonic()
             if self.phase != "training" or self.signal_name is not None:
+                self.phase = "quitting"
                 raise KeyboardInterrupt
         if self.signal_name is None:
             self.signal_name = name

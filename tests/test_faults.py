@@ -306,6 +306,33 @@ def test_ctrl_c_to_one_launched_process_saves_its_step_and_names_the_launchers_k
         assert proc.returncode == 130, stderr[-3000:]
 
 
+def test_ctrl_c_while_one_launched_process_loads_quits_in_one_line_on_stdout(tmp_path):
+    # the launcher passes the Ctrl-C on as a SIGTERM, which said "SIGTERM received, training will stop before its
+    # first optimizer step" after the process had quit; the quit's line is on stdout, as the line at a stop signal
+    from accelerate.commands import launch as accelerate_launch
+
+    if not hasattr(accelerate_launch, "_terminate_process_tree"):
+        pytest.skip("this accelerate's launcher of one process neither pipes stderr nor passes a Ctrl-C on")
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "scripts", "classify.py"), *RUN,
+           "--output_dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stderr = ""
+    while "[ftkit] warning: one process under `accelerate launch`" not in stderr:  # (then it loads the data)
+        line = proc.stderr.readline()
+        assert line, stderr[-3000:]
+        stderr += line
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=120)
+    stderr += rest
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stdout.strip().splitlines()[-1] == (
+        "[ftkit] interrupted by Ctrl-C: stopped at once, nothing saved since the latest checkpoint in output_dir (the "
+        "same command goes on from there)"), stdout[-3000:]
+    assert "received" not in stdout + stderr and "Traceback" not in stderr, stdout[-3000:] + stderr[-3000:]
+
+
 def test_a_rank_waiting_past_ddp_timeout_stops_with_one_line_naming_it(tmp_path):
     # rank 0 paused (SIGSTOP) mid-run, as if busy: rank 1 waits at the next step's all-reduce for ddp_timeout. A short
     # timeout keeps the test short, but rank 1 also waits at set-up while rank 0 builds the tiny model (1-2 s on an idle
