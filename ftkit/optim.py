@@ -4,11 +4,14 @@ Not here: the optimizer step itself (the scripts) or its cadence (loop.py)."""
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import warnings
 
 import torch
 
 NO_DECAY = ("bias", "norm", "ln_", "layernorm", "layer_norm")
+logger = logging.getLogger("ftkit")
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -47,7 +50,19 @@ def build_optimizer(model, config) -> torch.optim.Optimizer:
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[config.optim]
+    if config.optim.startswith("paged_") and _run_device() == "cpu":
+        # bitsandbytes says so in a UserWarning at the first step, amid the progress bar: said once, here, instead
+        warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU", UserWarning)
+        logger.info(f"optim {config.optim}: paging moves optimizer state out of GPU memory; on CPU, bitsandbytes keeps "
+                    f"it unpaged ({config.optim[len('paged_'):]}, the same updates)")
     return cls(groups, lr=lr, betas=betas, eps=eps)
+
+
+def _run_device() -> str:
+    """The device this process trains on (the accelerator's, made before the optimizer; "cpu" without one)."""
+    from accelerate.state import AcceleratorState, is_initialized
+
+    return AcceleratorState().device.type if is_initialized() else "cpu"
 
 
 def build(model, config, total_steps: int):

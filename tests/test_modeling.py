@@ -1,6 +1,8 @@
 """Model building, LoRA target checks, optimizers and the token-summed loss."""
 
+import logging
 import os
+import warnings
 
 import pytest
 import torch
@@ -48,17 +50,22 @@ def test_loss_sum_matches_mean_cross_entropy_times_tokens():
 
 @pytest.mark.parametrize("name", ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit",
                                   "paged_adamw_32bit", "sgd"])
-def test_every_optimizer_steps_only_trainable_parameters(name):
+def test_every_optimizer_steps_only_trainable_parameters(name, caplog):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
     model[0].requires_grad_(False)
     config = tiny_config(optim=name, learning_rate=1e-2, weight_decay=0.1)
-    opt = optim.build_optimizer(model, config)
-    assert sum(len(g["params"]) for g in opt.param_groups) == 4  # LayerNorm (2) + last Linear (2)
-    assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}  # no decay on bias / norm
-    frozen, before = model[0].weight.clone(), model[2].weight.clone()
-    model(torch.randn(4, 8)).sum().backward()
-    opt.step()
+    with warnings.catch_warnings(record=True) as warned, caplog.at_level(logging.INFO, logger="ftkit"):
+        warnings.simplefilter("always")
+        opt = optim.build_optimizer(model, config)
+        assert sum(len(g["params"]) for g in opt.param_groups) == 4  # LayerNorm (2) + last Linear (2)
+        assert {g["weight_decay"] for g in opt.param_groups} == {0.1, 0.0}  # no decay on bias / norm
+        frozen, before = model[0].weight.clone(), model[2].weight.clone()
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
     assert torch.equal(model[0].weight, frozen) and not torch.equal(model[2].weight, before)
+    # a paged optimizer on CPU: one line before training, not bitsandbytes' UserWarning amid the progress bar
+    assert [str(w.message) for w in warned if "aged" in str(w.message)] == []
+    assert ("on CPU, bitsandbytes keeps it unpaged" in caplog.text) == name.startswith("paged_"), caplog.text
 
 
 def test_fused_adamw_follows_the_loop_adamw():
