@@ -50,7 +50,7 @@ def build_optimizer(model, config) -> torch.optim.Optimizer:
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[config.optim]
-    if config.optim.startswith("paged_") and _run_device() == "cpu":
+    if config.optim.startswith("paged_") and _run_device(groups) == "cpu":
         # bitsandbytes says so in a UserWarning at the first step, amid the progress bar: said once, here, instead
         warnings.filterwarnings("ignore", "Paged optimizers are not supported on CPU", UserWarning)
         logger.info(f"optim {config.optim}: paging moves optimizer state out of GPU memory; on CPU, bitsandbytes keeps "
@@ -58,11 +58,12 @@ def build_optimizer(model, config) -> torch.optim.Optimizer:
     return cls(groups, lr=lr, betas=betas, eps=eps)
 
 
-def _run_device() -> str:
-    """The device this process trains on (the accelerator's, made before the optimizer; "cpu" without one)."""
+def _run_device(groups) -> str:
+    """The device this process trains on: the accelerator's (made before the optimizer, which comes before the model
+    is moved there), else that of the parameters (benchmarks, tests)."""
     from accelerate.state import AcceleratorState, is_initialized
 
-    return AcceleratorState().device.type if is_initialized() else "cpu"
+    return AcceleratorState().device.type if is_initialized() else groups[0]["params"][0].device.type
 
 
 def build(model, config, total_steps: int):
