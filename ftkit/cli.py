@@ -31,14 +31,15 @@ def run(config_cls, train, predict) -> None:
              f"{os.path.relpath(other)} --config {recipe}" if other else error)
     if config.debug:
         apply_debug(config)
-    if not (config.predict or getattr(config, "preflight", False)):
-        distributed.STOP.install()  # SIGUSR1/SIGTERM from now on: the run stops where all its processes can
-        distributed.STOP.killed_after_s = launcher_kills_after_s()
-        if distributed.STOP.killed_after_s:
-            sys.stderr.write(f"[ftkit] warning: one process under `accelerate launch` is killed by the launcher "
-                             f"{distributed.STOP.killed_after_s:g} s after a Ctrl-C or SIGTERM, before a checkpoint that "
-                             f"takes longer to save; `python {shlex.join(sys.argv)}` trains the same without that limit\n")
     try:
+        if not (config.predict or getattr(config, "preflight", False)):
+            distributed.STOP.install()  # SIGUSR1/SIGTERM from now on: the run stops where all its processes can
+            distributed.STOP.killed_after_s = launcher_kills_after_s()
+            if distributed.STOP.killed_after_s:
+                sys.stderr.write(f"[ftkit] warning: one process under `accelerate launch` is killed by the launcher "
+                                 f"{distributed.STOP.killed_after_s:g} s after a Ctrl-C or SIGTERM, before a checkpoint "
+                                 f"that takes longer to save; `python {shlex.join(sys.argv)}` trains the same without "
+                                 f"that limit\n")
         predict(config) if config.predict else train(config)
     except distributed.Stopped:  # a stop signal during the base model's evaluation (the loop's own stops return)
         distributed.stopped_before_training()
