@@ -44,6 +44,7 @@ def run(config_cls, train, predict) -> None:
     except distributed.Stopped:  # a stop signal during the base model's evaluation (the loop's own stops return)
         distributed.stopped_before_training()
     except KeyboardInterrupt:  # Ctrl-C outside training, or a second one (the first stops training as SIGTERM does)
+        distributed.STOP.phase = "quit"
         if config.debug:
             raise
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher's copy must not cut this short

@@ -313,7 +313,8 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name = None
-        # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled); "quitting" from a Ctrl-C on
+        # then "training" (loop.LoopState), then "over" (LoopState.stop_if_signalled); at a Ctrl-C that quits at once,
+        # "quitting" (KeyboardInterrupt raised), then "quit" (cli.run has it)
         self.phase = "start-up"
         self.installed = False
         self.ctrl_c_at = None
@@ -327,8 +328,10 @@ class StopRequest:
         return self
 
     def _handler(self, signum, frame) -> None:
-        if self.phase == "quitting":  # on a Ctrl-C: the launcher passing it on (accelerate's sends SIGTERM) says nothing
+        if self.phase == "quit":  # cli.run says so and exits: the launcher passing the Ctrl-C on (as SIGTERM) is silent
             return
+        if self.phase == "quitting":  # a Ctrl-C's KeyboardInterrupt not yet in cli.run, which C code may have swallowed
+            raise KeyboardInterrupt
         name = signal.Signals(signum).name
         if name == "SIGINT":
             if self.ctrl_c_at is not None and time.monotonic() - self.ctrl_c_at <= self.SAME_CTRL_C_S:
@@ -352,6 +355,14 @@ class StopRequest:
             os.write(out, f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n".encode())
 
 
+    def quit_if_interrupted(self) -> None:
+        """Raise again the KeyboardInterrupt of a Ctrl-C that has not reached cli.run: C code that clears errors
+        swallows it (seen: Cython's set-up of numpy.random, imported as the data is read, and the run trained on).
+        Called before training and between the base model's evaluation batches."""
+        if self.phase == "quitting":
+            raise KeyboardInterrupt
+
+
 STOP = StopRequest()  # one per process: the handler may be installed long before the loop begins
 
 
@@ -367,6 +378,7 @@ def signalled(acc) -> bool:
 def stop_point(acc) -> None:
     """Between evaluation batches, every process as often: raise :class:`Stopped` if a stop signal reached any
     process while training can still stop. Nothing without the handler (--predict, --preflight)."""
+    STOP.quit_if_interrupted()
     if STOP.installed and STOP.phase != "over" and signalled(acc):
         raise Stopped(STOP.signal_name or "a signal on another rank")
 

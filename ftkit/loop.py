@@ -108,6 +108,7 @@ class LoopState:
         pending, self.loss_units = state.get("loss_since_log", [0.0, 0])
         self.loss_sum = torch.tensor(pending if acc.is_main_process else 0.0, device=acc.device)
         self.stop = distributed.STOP.install()  # SIGUSR1 (SLURM preemption) / SIGTERM: save and exit cleanly
+        self.stop.quit_if_interrupted()
         self.stop.phase, self.first_step, self.stopped = "training", state["global_step"], False
         self.progress = tqdm(total=total_steps, initial=state["global_step"], disable=not acc.is_local_main_process)
         self.grad_norm, self.new_best, self.bad_in_a_row = None, False, 0
