@@ -330,16 +330,14 @@ class StopRequest:
     def _handler(self, signum, frame) -> None:
         if self.phase == "quit":  # cli.run says so and exits: the launcher passing the Ctrl-C on (as SIGTERM) is silent
             return
-        if self.phase == "quitting":  # a Ctrl-C's KeyboardInterrupt not yet in cli.run, which C code may have swallowed
-            raise KeyboardInterrupt
         name = signal.Signals(signum).name
         if name == "SIGINT":
             if self.ctrl_c_at is not None and time.monotonic() - self.ctrl_c_at <= self.SAME_CTRL_C_S:
                 return  # the launcher's copy of the Ctrl-C this process has just had
             self.ctrl_c_at = time.monotonic()
-            if self.phase != "training" or self.signal_name is not None:
-                self.phase = "quitting"
-                raise KeyboardInterrupt
+        if self.phase == "quitting" or name == "SIGINT" and (self.phase != "training" or self.signal_name is not None):
+            self.phase = "quitting"  # (again: a KeyboardInterrupt not yet in cli.run, which C code may have swallowed)
+            raise KeyboardInterrupt
         if self.signal_name is None:
             self.signal_name = name
             then = {"start-up": "training will stop before its first optimizer step",
