@@ -51,7 +51,7 @@ def run(config_cls, train, predict) -> None:
         training = not (config.predict or getattr(config, "preflight", False))
         fail("interrupted by Ctrl-C" + (": stopped at once, nothing saved since the latest checkpoint in output_dir "
                                         "(the same command goes on from there)" if training else ""), 130, "[ftkit] ",
-             sys.stdout if distributed.STOP.killed_after_s else None)  # (see StopRequest._handler)
+             sys.stdout if distributed.STOP.notice_fd == 1 else None)
     except (ConfigError, RunError) as error:
         if config.debug:
             raise

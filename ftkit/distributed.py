@@ -346,12 +346,16 @@ class StopRequest:
             again = " (Ctrl-C again to quit at once, without saving)" if name == "SIGINT" else ""
             if self.killed_after_s and name != "SIGUSR1":
                 again += f"; the launcher kills this process {self.killed_after_s:g} s after the signal"
-            # accelerate's one-process launcher (killed_after_s set) copies this process's stderr through a pipe and
-            # drops a chunk it has read when its own copy of the signal arrives: the line was lost to 1 Ctrl-C in 12
-            # with both on one core. Its stdout is the terminal's, as for the "stopped by" line that follows.
-            out = 1 if self.killed_after_s else 2
-            os.write(out, f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n".encode())
+            line = f"[ftkit] rank {os.environ.get('RANK', '0')}: {name} received, {then}{again}\n"
+            os.write(self.notice_fd, line.encode())  # (not sys.stderr: a handler may run amid one of its writes)
 
+    @property
+    def notice_fd(self) -> int:
+        """Where the lines at a signal go: stderr (2), but stdout (1) under accelerate's one-process launcher
+        (killed_after_s set), which copies stderr through a pipe and drops a chunk it has read when its own copy of
+        the signal arrives (a line lost to 1 Ctrl-C in 12, both on one core); its stdout is the terminal's, as the
+        "stopped by" line's."""
+        return 1 if self.killed_after_s else 2
 
     def quit_if_interrupted(self) -> None:
         """Raise again the KeyboardInterrupt of a Ctrl-C that has not reached cli.run: C code that clears errors
