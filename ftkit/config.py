@@ -232,6 +232,21 @@ def not_found(what: str, path: str) -> ConfigError:
     return ConfigError(f"{what}: {path}" + (f" ({hint})" if (hint := relative_hint(path)) else ""))
 
 
+def check_writable(path: str, what: str, variable: str) -> None:
+    """A folder a library will write into (a cache; made here if missing, as the library would): where it cannot be
+    written (a read-only or full home on a compute node), one line naming it and the variable that moves it, before
+    the library fails with a traceback halfway through the run (W&B: at the first evaluation's table)."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be written ({e.strerror or e}): set {variable} to a folder you can "
+                          f"write") from None
+
+
 def relative_hint(path: str) -> str:
     """For a relative ``path`` that is not there: where it was looked for, and where it is if it is in this checkout
     (a command run from another folder than the repository root, whose recipes name paths from there); "" if absolute;

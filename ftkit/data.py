@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ftkit.config import ConfigError, not_found
+from ftkit.config import ConfigError, check_writable, not_found
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -138,6 +138,7 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
         kwargs["column_names"] = list(column_names)
     if rows:  # {"data": [{...}, ...]}: the rows under "data"
         kwargs["field"] = "data"
+    check_datasets_cache()
     try:
         ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files={"data": path}, split="data", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
@@ -145,6 +146,13 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
     if len(ds) == 0:
         raise ConfigError(f"{path}: holds no examples")
     return ds
+
+
+def check_datasets_cache() -> None:
+    """``datasets.load_dataset`` writes each file it reads, as Arrow, into its cache (under the home folder)."""
+    import datasets
+
+    check_writable(datasets.config.HF_DATASETS_CACHE, "the datasets cache", "HF_DATASETS_CACHE (or HF_HOME)")
 
 
 def load_splits(config, splits=("train", "validation", "test")) -> dict:
@@ -159,6 +167,7 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
         return out
     import datasets
 
+    check_datasets_cache()
     try:
         dd = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
     except Exception as e:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ftkit.config import ConfigError, not_found
+from ftkit.config import ConfigError, check_writable, not_found
 
 logger = logging.getLogger("ftkit")
 
@@ -54,6 +54,11 @@ def accelerator(config):
     if cpu and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or use_deepspeed):
         # `cpu=True` would make accelerate fall back to plain MULTI_CPU and silently drop DeepSpeed
         PartialState(cpu=not use_deepspeed, backend="gloo", timeout=timeout)
+    if cpu and use_deepspeed:  # DeepSpeed compiles its shared-memory communication op for CPU processes (once)
+        from torch.utils.cpp_extension import get_default_build_root
+
+        check_writable(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(),
+                       "deepspeed: DeepSpeed's op build folder", "TORCH_EXTENSIONS_DIR")
     cpu = cpu and not use_deepspeed
     trackers = [] if config.report_to == "none" or config.debug else (
         ["wandb", "tensorboard"] if config.report_to == "all" else [config.report_to])

@@ -12,7 +12,7 @@ import time
 import torch
 
 from ftkit import distributed
-from ftkit.config import ConfigError, RunError, to_dict
+from ftkit.config import ConfigError, RunError, check_writable, to_dict
 
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 
@@ -34,6 +34,10 @@ def check_trackers(trackers: list[str]) -> None:
             other = next((t for t in trackers if t != name), "none")
             raise ConfigError(f"report_to: {name} is not installed (pip install 'ftkit[tracking]'), or use "
                               f"report_to: {other}")
+    if "wandb" in trackers:  # its tables are staged there (kept until `wandb sync` when offline)
+        from wandb.env import get_data_dir
+
+        check_writable(get_data_dir(), "report_to: wandb: W&B's data folder", "WANDB_DATA_DIR")
     offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
     if "wandb" not in trackers or offline or os.environ.get("WANDB_API_KEY"):
         return

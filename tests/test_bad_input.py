@@ -160,7 +160,23 @@ CASES = {
         "--predict", "--model", _trained_classifier(), "--input_file", str(t / "out" / "keep.txt"), "--prediction_file",
         str(t / "out" / ".." / "out" / "keep.txt")],
         "prediction_file: {t}/out/../out/keep.txt is the input_file; writing it would replace the input", True),
+    "27 datasets cache that cannot be written": ("classify.py", lambda t: ["--config", SPAM],
+                                                 "the datasets cache {t}/out/keep.txt/datasets cannot be written (Not a "
+                                                 "directory): set HF_DATASETS_CACHE (or HF_HOME) to a folder you can write",
+                                                 True),
+    "27 W&B data folder that cannot be written": ("t5_qa.py", lambda t: ["--config", QA, "--report_to", "all"],
+                                                  "report_to: wandb: W&B's data folder {t}/out/keep.txt/wandb cannot be "
+                                                  "written (Not a directory): set WANDB_DATA_DIR to a folder you can write",
+                                                  True),
+    "27 DeepSpeed op folder that cannot be written": ("classify.py", lambda t: [
+        "--config", SPAM, "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")],
+        "deepspeed: DeepSpeed's op build folder {t}/out/keep.txt/ops cannot be written (Not a directory): set "
+        "TORCH_EXTENSIONS_DIR to a folder you can write", True),
 }
+# the environment of a case (a home folder that cannot be written, on a compute node): where each library writes
+CASE_ENV = {"27 datasets cache that cannot be written": {"HF_DATASETS_CACHE": "{t}/out/keep.txt/datasets"},
+            "27 W&B data folder that cannot be written": {"WANDB_DATA_DIR": "{t}/out/keep.txt/wandb"},
+            "27 DeepSpeed op folder that cannot be written": {"TORCH_EXTENSIONS_DIR": "{t}/out/keep.txt/ops"}}
 
 
 def _half_checkpoint(tmp):
@@ -202,6 +218,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(case, tmp_path, monkeypatch):
     if "--predict" not in args:
         args += ["--output_dir", str(out)]
     env_fix = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path)} if "wandb" in case else {}
+    env_fix.update({k: v.replace("{t}", str(tmp_path)) for k, v in CASE_ENV.get(case, {}).items()})
     proc = run_python(script, args, env=env_fix)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     last = proc.stderr.strip().splitlines()[-1]
