@@ -164,6 +164,12 @@ def load_config(source: str, config, **kwargs):
         if "trust_remote_code" in str(e):
             raise ConfigError(f"trust_remote_code: {source!r} needs its own code from the hub; set "
                               f"trust_remote_code: true if you trust it") from None
+        adapter = os.path.join(os.path.expanduser(source), "adapter_config.json")
+        if os.path.isfile(adapter):  # a run's final/ named as the model to fine-tune
+            base = json.load(open(adapter)).get("base_model_name_or_path")
+            raise ConfigError(f"model_name_or_path: {source} holds a LoRA adapter, not a model (its base: {base}); to "
+                              f"train on from it, run its training command again with --merge_adapter true and name "
+                              f"the final_merged/ it writes") from None
         raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e, source)})") from None
 
 

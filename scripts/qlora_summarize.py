@@ -236,6 +236,7 @@ def main(config):
     train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, train_ds, tokenizer.pad_token_id)
     eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
 
+    rundir.lock(config, acc.is_main_process)  # output_dir made (a hub model builds no base_model/ there), one run in it
     base_file = os.path.join(config.output_dir, "base_eval.json")
     if os.path.isfile(base_file) and not config.overwrite_output_dir:  # a resume: scored before training began
         base_scores = json.load(open(base_file))

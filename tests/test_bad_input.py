@@ -172,11 +172,22 @@ CASES = {
         "--config", SPAM, "--deepspeed", os.path.join(ROOT, "ds_configs", "zero2.json")],
         "deepspeed: DeepSpeed's op build folder {t}/out/keep.txt/ops cannot be written (Not a directory): set "
         "TORCH_EXTENSIONS_DIR to a folder you can write", True),
+    "28 a LoRA adapter as the model to fine-tune": ("qlora_summarize.py", lambda t: [
+        "--config", SUMMARIZE, "--model_config", "null", "--model_name_or_path", _adapter_folder(t)],
+        "model_name_or_path: {t}/adapter holds a LoRA adapter, not a model (its base: microsoft/phi-2); to train on from "
+        "it, run its training command again with --merge_adapter true and name the final_merged/ it writes", True),
 }
 # the environment of a case (a home folder that cannot be written, on a compute node): where each library writes
 CASE_ENV = {"27 datasets cache that cannot be written": {"HF_DATASETS_CACHE": "{t}/out/keep.txt/datasets"},
             "27 W&B data folder that cannot be written": {"WANDB_DATA_DIR": "{t}/out/keep.txt/wandb"},
             "27 DeepSpeed op folder that cannot be written": {"TORCH_EXTENSIONS_DIR": "{t}/out/keep.txt/ops"}}
+
+
+def _adapter_folder(tmp):  # what peft writes for an adapter (a run's final/): no config.json
+    os.makedirs(tmp / "adapter")
+    write(tmp / "adapter" / "adapter_config.json", json.dumps({"base_model_name_or_path": "microsoft/phi-2",
+                                                                "peft_type": "LORA", "r": 8}))
+    return str(tmp / "adapter")
 
 
 def _half_checkpoint(tmp):

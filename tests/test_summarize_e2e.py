@@ -131,6 +131,20 @@ def test_predict_takes_the_merged_model_and_it_summarizes_as_base_plus_adapter(m
     assert outputs[0].stdout == outputs[1].stdout and outputs[0].stdout.strip()
 
 
+def test_a_model_from_a_folder_trains_into_an_output_dir_not_made_yet(memorised, tmp_path):
+    # as a hub model: nothing is built into output_dir before the base model's scores are written there (they were
+    # written into a folder that did not exist yet: FileNotFoundError after the base model's evaluation)
+    out = tmp_path / "outputs" / "from_merged"
+    proc = run_python("qlora_summarize.py", [
+        "--config", TINY_SUMMARIZE, "--model_name_or_path", str(memorised / "final_merged"), "--model_config", "null",
+        "--output_dir", str(out), "--max_steps", "2", "--num_test_compare", "2", "--num_eval_generate", "0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not os.path.exists(out / "base_model")
+    base = json.load(open(out / "base_eval.json"))
+    assert {k: base[k] for k in ("rouge1", "rougeL")} == {k: json.load(open(out / "metrics.json"))["base"][k]
+                                                          for k in ("rouge1", "rougeL")}
+
+
 def test_a_moved_run_folder_predicts_with_its_own_base_model(memorised, tmp_path):
     # a model built from model_config is saved as the run's base_model/, and the adapter names that folder's path
     # then; the run moved (here: its final/ and base_model/ copied, and the path they were at gone), --predict finds
