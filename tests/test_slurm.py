@@ -44,12 +44,14 @@ def slurm(tmp_path_factory):
     subprocess.run(["bash", CLUSTER, "stop", str(state)], capture_output=True, timeout=60)
 
 
-def sbatch(slurm, launcher: str, options: list[str], script_args: list[str], extra_env=None) -> str:
+def sbatch(slurm, launcher: str, options: list[str], script_args: list[str], extra_env=None, cwd=ROOT) -> str:
+    """Submit from the repository root (the launcher's relative path), or from ``cwd`` (its absolute path)."""
     env, state = slurm
     env = {**env, **(extra_env or {})}
     cmd = ["sbatch", "--parsable", *SMALL, f"--output={state}/%j.out", *options,
-           os.path.join("launch", "slurm", launcher), *script_args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+           os.path.join("launch", "slurm", launcher) if cwd == ROOT else os.path.join(ROOT, "launch", "slurm", launcher),
+           *script_args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -130,11 +132,14 @@ def test_two_nodes_give_the_result_of_two_processes_on_one_node(slurm, tmp_path)
     args = ["scripts/classify.py", "--config", SPAM, "--max_steps", "10", "--logging_steps", "1",
             "--per_device_train_batch_size", "4"]
     two_nodes = sbatch(slurm, "multi_node.sbatch", ["--nodes=2"], args + ["--output_dir", str(tmp_path / "multi")])
+    elsewhere = tmp_path / "submitted_here"  # not the repository root: the job still runs there (scripts/...)
+    elsewhere.mkdir()
     one_node = sbatch(slurm, "single_node.sbatch", [], args + ["--output_dir", str(tmp_path / "single")],
-                      extra_env={"NPROC_PER_NODE": "2"})
+                      extra_env={"NPROC_PER_NODE": "2"}, cwd=elsewhere)
     for job in (two_nodes, one_node):
         assert wait_for(slurm, job)["JobState"] == "COMPLETED", job_log(slurm, job)[-3000:]
     assert "2 node(s) node[1-2]" in job_log(slurm, two_nodes)
+    assert f"submitted from {elsewhere}; runs in the repository root, {ROOT}" in job_log(slurm, one_node)
     # world size 2 in both: every rank saved its RNG state
     for run in ("multi", "single"):
         ranks = [f for f in os.listdir(tmp_path / run / "checkpoints" / "step_10") if f.startswith("rng_state_")]

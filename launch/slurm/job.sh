@@ -22,7 +22,8 @@ if [ $# -lt 1 ]; then
     echo "usage: sbatch [options] launch/slurm/<file>.sbatch scripts/<recipe>.py --config RECIPE.yaml [--option value ...]" >&2
     exit 2
 fi
-cd "${SLURM_SUBMIT_DIR:?submit with sbatch from the repository root}"
+submitted_from=${SLURM_SUBMIT_DIR:?submit with sbatch}
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."  # the repository root, where recipes name their paths from
 if [ -f "${VENV:-.venv}/bin/activate" ]; then source "${VENV:-.venv}/bin/activate"; fi
 mkdir -p logs
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -57,6 +58,9 @@ on_preemption() {
     resender=$!
 }
 trap on_preemption USR1
+if [ "$PWD" != "$(cd "$submitted_from" && pwd)" ]; then
+    echo "[ftkit] submitted from $submitted_from; runs in the repository root, $PWD, where relative paths are read from"
+fi
 echo "[ftkit] $(date +%T) job $SLURM_JOB_ID, start $(( ${SLURM_RESTART_COUNT:-0} + 1 )), $SLURM_JOB_NUM_NODES node(s) $SLURM_JOB_NODELIST, main $MASTER_ADDR:$MASTER_PORT, $ACCELERATE_CONFIG: $*"
 
 srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c '
