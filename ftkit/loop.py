@@ -120,6 +120,11 @@ class LoopState:
     def step(self) -> int:
         return self.state["global_step"]
 
+    @property
+    def results(self) -> dict:
+        """The trainer state for metrics.json: without the loss a resume carries over to its first log event."""
+        return {k: v for k, v in self.state.items() if k != "loss_since_log"}
+
     def windows(self, train_dl, sampler, evaluate) -> Iterator[list]:
         """The optimizer-step windows of micro-batches until ``total_steps``, epoch after epoch, starting at a resumed
         checkpoint's position; first, the evaluation a stop signal interrupted there (:meth:`evaluate`)."""

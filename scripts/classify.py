@@ -279,7 +279,7 @@ def main(config):
     if run.stop_if_signalled():  # a signal came during the last step: it is saved, and all this is the next run's
         return
     run.finish(run.final_evaluation(validate))
-    report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.state}
+    report = {"label_names": names, "metric_for_best_model": config.metric_for_best_model, **run.results}
     shown = [n for n in ("train", "validation", "test") if n in eval_dls and (n != "train" or config.eval_on_train)]
     for name in shown:
         report[name], preds, probs = evaluate(acc, model, eval_dls[name], len(names))

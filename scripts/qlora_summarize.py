@@ -306,7 +306,7 @@ def main(config):
         print(f"\nROUGE on {min(len(raw_test), config.num_test_compare)} test dialogues, base vs fine-tuned:\n{table}")
         result = {"eval_loss": final_eval["eval/loss"], "base": base_scores, "tuned": tuned,
                   "delta": {k: tuned[k] - base_scores[k] for k in tuned},
-                  "num_test_examples": min(len(raw_test), config.num_test_compare), **run.state}
+                  "num_test_examples": min(len(raw_test), config.num_test_compare), **run.results}
         json.dump(result, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         rundir.write_jsonl(os.path.join(config.output_dir, "predictions_test.jsonl"), summary_rows(
             config, data.take_first(raw_test, config.num_test_compare), predictions, True, base_predictions))

@@ -289,7 +289,7 @@ def main(config):
         print(f"\n{eval_name}: exact match {scores['exact_match']:.2f}  F1 {scores['f1']:.2f}  "
               f"({scores['examples']} questions)  validation loss {final_loss:.4f}")
         per_example = scores.pop("per_example")
-        report = {"split": eval_name, **scores, "eval_loss": final_loss, **run.state}
+        report = {"split": eval_name, **scores, "eval_loss": final_loss, **run.results}
         json.dump(report, open(os.path.join(config.output_dir, "metrics.json"), "w"), indent=2)
         rundir.write_jsonl(os.path.join(config.output_dir, "predictions.jsonl"),
                            prediction_rows(splits[eval_name], predictions, per_example))

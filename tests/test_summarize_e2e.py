@@ -34,6 +34,7 @@ def test_run_writes_config_metrics_checkpoints_and_final_adapter(memorised):
     assert os.path.isfile(memorised / "config.yaml")
     result = json.load(open(memorised / "metrics.json"))
     assert result["global_step"] == 60 and result["num_test_examples"] == 8
+    assert "loss_since_log" not in result  # the loop's own carry-over, not a result
     assert set(result["tuned"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     final = memorised / "final"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "ftkit_config.yaml"):
