@@ -2,7 +2,8 @@
 data.load_splits, run offline on folders laid out as the hub's parquet datasets are (a README naming each config's
 split files), built here from the sample data with the hub datasets' columns and features: GLUE MRPC's ClassLabel
 and hidden test labels (-1), IMDB's unlabelled split, SQuAD's answers as {text, answer_start}, DialogSum's ids. Each
-real recipe runs with its own data options, its model swapped for its tiny twin's."""
+real recipe runs with its own data options, its model swapped for its tiny twin's; then again with that model read
+from the folder the first run built, as a hub model is read (nothing built into its output_dir)."""
 
 import csv
 import json
@@ -134,3 +135,12 @@ def test_a_real_recipe_reads_its_hub_dataset(name, tmp_path):
     else:  # DialogSum's ids carried to the predictions
         assert result["num_test_examples"] == 4 and result["global_step"] == 4
         assert [r["id"] for r in read_jsonl(out / "predictions_test.jsonl")] == [f"test_{i}" for i in range(4)]
+
+    # the model as a hub model: a folder of weights and tokenizer, into an output_dir not made yet (the summarizer
+    # wrote its base model's scores there before it existed)
+    hub_out = tmp_path / "outputs" / name
+    proc = run_python(script, ["--config", os.path.join(ROOT, "recipes", f"{name}.yaml"), "--config",
+                               str(tmp_path / "overlay.yaml"), "--model_config", "null", "--model_name_or_path",
+                               str(out / "base_model"), "--output_dir", str(hub_out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(hub_out / "metrics.json") and not os.path.exists(hub_out / "base_model")
