@@ -51,7 +51,8 @@ class LoraArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = opt(None, "Hub dataset id (used when no local files are given).")
+    dataset_name: str | None = opt(None, "Hub dataset id, or a folder laid out as one (used when no local files are "
+                                         "given).", path=True)
     dataset_config_name: str | None = opt(None, "Hub dataset configuration name.")
     train_file: str | None = opt(None, "Local training file (.json/.jsonl/.csv/.tsv/.parquet).", path=True)
     validation_file: str | None = opt(None, "Local validation file.", path=True)

@@ -174,6 +174,9 @@ def test_home_and_environment_variables_in_paths_are_expanded_as_a_shell_would(t
     assert c.tokenizer_files == [str(tmp_path / "data" / "a.txt"), str(tmp_path / "b.txt")]
     assert c.response_key == "### $HOME ~"  # text, not a path
     assert parse("--config", TINY_SUMMARIZE, "--model_name_or_path", "microsoft/phi-2").model_name_or_path == "microsoft/phi-2"
+    hub = parse("--config", TINY_SUMMARIZE, "--dataset_name=~/dialogsum", "--train_file", "none")  # a folder in hub layout
+    assert hub.dataset_name == str(tmp_path / "dialogsum")
+    assert parse("--config", TINY_SUMMARIZE, "--dataset_name", "knkarthick/dialogsum").dataset_name == "knkarthick/dialogsum"
     monkeypatch.delenv("FTKIT_TEST_UNSET", raising=False)
     with pytest.raises(ConfigError) as e:  # not a folder named '$FTKIT_TEST_UNSET'
         parse("--config", TINY_SUMMARIZE, "--output_dir", "${FTKIT_TEST_UNSET}/run")
