@@ -228,6 +228,11 @@ def expand_path(name: str, value):
     return expanded
 
 
+def path_like(source: str) -> bool:
+    """A model or dataset name that is a folder, not a hub id ("owner/name")."""
+    return os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1
+
+
 def not_found(what: str, path: str) -> ConfigError:
     return ConfigError(f"{what}: {path}" + (f" ({hint})" if (hint := relative_hint(path)) else ""))
 

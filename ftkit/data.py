@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ftkit.config import ConfigError, check_writable, not_found
+from ftkit.config import ConfigError, check_writable, not_found, path_like
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -167,14 +167,16 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
         return out
     import datasets
 
+    local = path_like(config.dataset_name)
+    if local and not os.path.isdir(config.dataset_name):
+        raise not_found("dataset_name: no such directory", config.dataset_name)
     check_datasets_cache()
     try:
         dd = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
     except Exception as e:
-        raise ConfigError(
-            f"dataset_name: cannot load {config.dataset_name!r} (not cached and the hub is unreachable?): "
-            f"{str(e).splitlines()[0][:200]}"
-        ) from None
+        raise ConfigError(f"dataset_name: cannot load {config.dataset_name!r}"
+                          f"{'' if local else ' (not cached and the hub is unreachable?)'}: "
+                          f"{str(e).splitlines()[0][:200]}") from None
     names = {"train": config.train_split, "validation": config.validation_split, "test": config.test_split}
     for split in splits:
         if names[split] is not None and names[split] in dd:

@@ -15,7 +15,7 @@ import pathlib
 import torch
 
 from ftkit.compiling import compile_blocks
-from ftkit.config import ConfigError, not_found, relative_hint
+from ftkit.config import ConfigError, not_found, path_like, relative_hint
 
 logger = logging.getLogger("ftkit")
 
@@ -122,8 +122,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 
 
 def _offline_hint(error: Exception, source: str | None = None) -> str:
-    local = source is not None and (os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1)
-    if local and not os.path.exists(os.path.expanduser(source)):  # a path, not a hub id (transformers: "Repo id must be")
+    if source is not None and path_like(source) and not os.path.exists(os.path.expanduser(source)):  # a path, not a hub id (transformers: "Repo id must be")
         return ", ".join(filter(None, ["no such directory", relative_hint(source)]))
     text = str(error).splitlines()[0][:200]
     if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):

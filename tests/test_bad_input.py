@@ -176,6 +176,9 @@ CASES = {
         "--config", SUMMARIZE, "--model_config", "null", "--model_name_or_path", _adapter_folder(t)],
         "model_name_or_path: {t}/adapter holds a LoRA adapter, not a model (its base: microsoft/phi-2); to train on from "
         "it, run its training command again with --merge_adapter true and name the final_merged/ it writes", True),
+    "29 dataset_name a folder that is not there": ("qlora_summarize.py", lambda t: [
+        "--config", SUMMARIZE, "--train_file", "none", "--dataset_name", str(t / "dialogsum")],
+        "dataset_name: no such directory: {t}/dialogsum", True),
 }
 # the environment of a case (a home folder that cannot be written, on a compute node): where each library writes
 CASE_ENV = {"27 datasets cache that cannot be written": {"HF_DATASETS_CACHE": "{t}/out/keep.txt/datasets"},
