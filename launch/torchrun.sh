@@ -11,7 +11,8 @@
 # --accelerate_config FILE (launch/accelerate/multi_gpu.yaml; e.g. deepspeed_zero3.yaml).
 # Everything from the script on is passed through. Rendezvous is c10d at master_addr:master_port.
 set -euo pipefail
-nnodes=1 node_rank=0 master_addr=localhost master_port=29500 nproc_per_node="" config=launch/accelerate/multi_gpu.yaml
+nnodes=1 node_rank=0 master_addr=localhost master_port=29500 nproc_per_node=""
+config="$(dirname "$0")/accelerate/multi_gpu.yaml"  # beside this script, from whatever folder it is run
 while [ $# -gt 0 ]; do
     case "$1" in
         --nnodes) nnodes=$2; shift 2 ;;
