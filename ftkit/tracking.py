@@ -23,8 +23,8 @@ def without_secrets(values: dict) -> dict:
 
 
 def check_trackers(trackers: list[str]) -> None:
-    """``report_to`` needs each tracker's package (accelerate would drop a missing one with a warning) and, for W&B
-    unless offline, credentials: say how to fix it."""
+    """``report_to`` needs each tracker's package (accelerate would drop a missing one with a warning) and, for W&B,
+    a data folder it can write and, unless offline, credentials and a server whose name resolves: say how to fix it."""
     import netrc
 
     from accelerate.utils import is_tensorboard_available, is_wandb_available
@@ -39,15 +39,62 @@ def check_trackers(trackers: list[str]) -> None:
 
         check_writable(get_data_dir(), "report_to: wandb: W&B's data folder", "WANDB_DATA_DIR")
     offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
-    if "wandb" not in trackers or offline or os.environ.get("WANDB_API_KEY"):
+    if "wandb" not in trackers or offline:
         return
+    credentials = bool(os.environ.get("WANDB_API_KEY"))
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
-            return
+        credentials = credentials or bool(netrc.netrc().authenticators("api.wandb.ai"))
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         pass
-    raise ConfigError("report_to: wandb has no credentials: run `wandb login` or set WANDB_API_KEY, "
-                      "or log locally with WANDB_MODE=offline")
+    if not credentials:
+        raise ConfigError("report_to: wandb has no credentials: run `wandb login` or set WANDB_API_KEY, "
+                          "or log locally with WANDB_MODE=offline")
+    if unreachable := wandb_server_unresolved():
+        raise ConfigError(f"report_to: wandb: {unreachable}: {OFFLINE_ADVICE}")
+
+
+OFFLINE_ADVICE = ("on a machine without internet, log offline with WANDB_MODE=offline (then `wandb sync "
+                  "output_dir/wandb/offline-run-*` from one with internet), or use report_to: tensorboard")
+
+
+def wandb_server_unresolved() -> str | None:
+    """Why W&B's server cannot be reached, where that is certain before anything is loaded: its name does not
+    resolve (a compute node without internet; W&B would try for 90 s once the model is loaded, then fail with a
+    traceback). None otherwise: with a proxy, where the lookup gives no answer within 10 s, or where W&B's settings
+    cannot be read, W&B tries itself (and a failure then is one line too, see :func:`start`)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if any(v for k, v in os.environ.items() if k.upper().endswith("_PROXY") and k.upper() != "NO_PROXY"):
+        return None
+    try:  # W&B's server: WANDB_BASE_URL, else the settings file `wandb login --host` writes, else its default
+        from wandb.sdk.wandb_settings import Settings
+
+        settings = Settings()
+        folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+        settings.settings_system = os.path.join(os.path.expanduser(folder), "settings")
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        url = settings.base_url
+        host = urlparse(url).hostname
+    except Exception:  # another W&B version's settings: no opinion
+        return None
+    found = []
+
+    def lookup():
+        try:
+            socket.getaddrinfo(host, urlparse(url).port or 443)
+            found.append(None)
+        except socket.gaierror as e:
+            found.append(f"W&B's server {url} cannot be found ({e.strerror})")
+        except OSError:
+            found.append(None)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(10)
+    return found[0] if found and host else None
 
 
 def start(accelerator, config, state: dict) -> "MetricsLog":
@@ -67,7 +114,13 @@ def start(accelerator, config, state: dict) -> "MetricsLog":
         init_kwargs["tensorboard"] = {"purge_step": state["global_step"] + 1}
     safe = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
             for k, v in without_secrets(to_dict(config)).items()}
-    accelerator.init_trackers(config.project_name, config=safe, init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(config.project_name, config=safe, init_kwargs=init_kwargs)
+    except Exception as e:  # W&B unreachable (a firewall), its init_timeout passed: one line, not W&B's traceback
+        if not type(e).__module__.startswith("wandb"):
+            raise
+        raise RunError(f"report_to: wandb: the W&B run did not start ({str(e).strip().splitlines()[0][:200]}): "
+                       f"{OFFLINE_ADVICE}") from None
     return log
 
 

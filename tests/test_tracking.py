@@ -200,6 +200,28 @@ def test_a_tracker_that_is_not_installed_is_an_error_before_the_model(tmp_path, 
     assert not os.path.exists(out / "checkpoints") and "trainable params" not in proc.stderr
 
 
+ONLINE = {"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40}  # credentials in the form W&B checks
+
+
+@pytest.mark.parametrize("server, before_the_model", [
+    ("https://wandb.invalid", True),  # a name no resolver knows (RFC 2606): a compute node without internet
+    ("http://127.0.0.1:{port}", False)])  # found, but nothing answers (a firewall): W&B tries, then gives up
+def test_a_wandb_server_out_of_reach_is_one_line_with_the_offline_advice(tmp_path, server, before_the_model):
+    """W&B online from a node without internet tried for 90 s once the model was loaded, then a traceback."""
+    from conftest import free_port
+
+    out = tmp_path / "run"
+    env = {**ONLINE, "WANDB_BASE_URL": server.format(port=free_port()), "WANDB_INIT_TIMEOUT": "5"}
+    proc = run_python("classify.py", ["--config", SPAM, "--output_dir", str(out), "--report_to", "wandb"], env=env)
+    said = ("W&B's server https://wandb.invalid cannot be found (" if before_the_model else "the W&B run did not start (")
+    line = next((line for line in proc.stderr.splitlines() if line.startswith("error: ")), "")
+    assert proc.returncode == (2 if before_the_model else 1) and line.startswith(f"error: report_to: wandb: {said}"), \
+        proc.stderr[-3000:]
+    assert line.endswith("log offline with WANDB_MODE=offline (then `wandb sync output_dir/wandb/offline-run-*` from "
+                         "one with internet), or use report_to: tensorboard") and "Traceback" not in proc.stderr
+    assert ("trainable params" in proc.stderr) != before_the_model and not os.path.exists(out / "checkpoints")
+
+
 def test_mfu_is_reported_when_a_peak_is_given(tmp_path):
     out = tmp_path / "run"
     launch("classify.py", ["--config", SPAM, "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
