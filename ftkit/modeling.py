@@ -122,7 +122,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 
 
 def _offline_hint(error: Exception, source: str | None = None) -> str:
-    if source is not None and path_like(source) and not os.path.exists(os.path.expanduser(source)):  # a path, not a hub id (transformers: "Repo id must be")
+    # a path, not a hub id (transformers: "Repo id must be")
+    if source is not None and path_like(source) and not os.path.exists(os.path.expanduser(source)):
         return ", ".join(filter(None, ["no such directory", relative_hint(source)]))
     text = str(error).splitlines()[0][:200]
     if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):

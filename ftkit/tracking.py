@@ -25,8 +25,6 @@ def without_secrets(values: dict) -> dict:
 def check_trackers(trackers: list[str]) -> None:
     """``report_to`` needs each tracker's package (accelerate would drop a missing one with a warning) and, for W&B,
     a data folder it can write and, unless offline, credentials and a server whose name resolves: say how to fix it."""
-    import netrc
-
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     for name, available in (("wandb", is_wandb_available), ("tensorboard", is_tensorboard_available)):
@@ -41,15 +39,12 @@ def check_trackers(trackers: list[str]) -> None:
     offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
     if "wandb" not in trackers or offline:
         return
-    credentials = bool(os.environ.get("WANDB_API_KEY"))
-    try:
-        credentials = credentials or bool(netrc.netrc().authenticators("api.wandb.ai"))
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        pass
-    if not credentials:
+    server, key = wandb_server()
+    environment = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+    if not (environment or key or _netrc_has(server)):
         raise ConfigError("report_to: wandb has no credentials: run `wandb login` or set WANDB_API_KEY, "
                           "or log locally with WANDB_MODE=offline")
-    if unreachable := wandb_server_unresolved():
+    if unreachable := _unresolved(server):
         raise ConfigError(f"report_to: wandb: {unreachable}: {OFFLINE_ADVICE}")
 
 
@@ -57,18 +52,11 @@ OFFLINE_ADVICE = ("on a machine without internet, log offline with WANDB_MODE=of
                   "output_dir/wandb/offline-run-*` from one with internet), or use report_to: tensorboard")
 
 
-def wandb_server_unresolved() -> str | None:
-    """Why W&B's server cannot be reached, where that is certain before anything is loaded: its name does not
-    resolve (a compute node without internet; W&B would try for 90 s once the model is loaded, then fail with a
-    traceback). None otherwise: with a proxy, where the lookup gives no answer within 10 s, or where W&B's settings
-    cannot be read, W&B tries itself (and a failure then is one line too, see :func:`start`)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    if any(v for k, v in os.environ.items() if k.upper().endswith("_PROXY") and k.upper() != "NO_PROXY"):
-        return None
-    try:  # W&B's server: WANDB_BASE_URL, else the settings file `wandb login --host` writes, else its default
+def wandb_server() -> tuple[str | None, str | None]:
+    """W&B's server URL and any API key in its settings, read as W&B reads them: WANDB_BASE_URL, else the settings file
+    that `wandb login --host` writes, else W&B's default (api.wandb.ai once, another host in later versions). (None,
+    None) where another W&B version's settings cannot be read this way."""
+    try:
         from wandb.sdk.wandb_settings import Settings
 
         settings = Settings()
@@ -76,25 +64,51 @@ def wandb_server_unresolved() -> str | None:
         settings.settings_system = os.path.join(os.path.expanduser(folder), "settings")
         settings.update_from_system_settings()
         settings.update_from_env_vars(dict(os.environ))
-        url = settings.base_url
-        host = urlparse(url).hostname
-    except Exception:  # another W&B version's settings: no opinion
+        return settings.base_url, settings.api_key
+    except Exception:
+        return None, None
+
+
+def _netrc_has(server: str | None) -> bool:
+    """An API key for ``server`` in the netrc file where `wandb login` writes it (NETRC, else ~/.netrc); any W&B host's
+    where the server is not known."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    path = os.path.expanduser(os.environ.get("NETRC") or os.path.join("~", ".netrc"))
+    try:
+        hosts = netrc.netrc(path).hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return urlsplit(server).netloc in hosts if server else any("wandb" in h or "coreweave" in h for h in hosts)
+
+
+def _unresolved(server: str | None) -> str | None:
+    """Why W&B's ``server`` cannot be reached, where that is certain before anything is loaded: its name does not
+    resolve (a compute node without internet; W&B would try for 90 s once the model is loaded, then fail with a
+    traceback). None otherwise: with a proxy, where the lookup gives no answer within 10 s, or where the server is
+    not known, W&B tries itself (and a failure then is one line too, see :func:`start`)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    host = urlsplit(server).hostname if server else None
+    if not host or any(v for k, v in os.environ.items() if k.upper().endswith("_PROXY") and k.upper() != "NO_PROXY"):
         return None
     found = []
 
     def lookup():
         try:
-            socket.getaddrinfo(host, urlparse(url).port or 443)
-            found.append(None)
+            socket.getaddrinfo(host, urlsplit(server).port or 443)
         except socket.gaierror as e:
-            found.append(f"W&B's server {url} cannot be found ({e.strerror})")
+            found.append(f"W&B's server {server} cannot be found ({e.strerror})")
         except OSError:
-            found.append(None)
+            pass
 
     thread = threading.Thread(target=lookup, daemon=True)
     thread.start()
     thread.join(10)
-    return found[0] if found and host else None
+    return found[0] if found else None
 
 
 def start(accelerator, config, state: dict) -> "MetricsLog":

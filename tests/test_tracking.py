@@ -222,6 +222,21 @@ def test_a_wandb_server_out_of_reach_is_one_line_with_the_offline_advice(tmp_pat
     assert ("trainable params" in proc.stderr) != before_the_model and not os.path.exists(out / "checkpoints")
 
 
+def test_the_credentials_wandb_login_writes_are_found_for_the_server_in_use(tmp_path):
+    """W&B's default server moved from api.wandb.ai: a user who had just run `wandb login` was told to run it."""
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "online", "WANDB_API_KEY": "", "NETRC": "",
+           "WANDB_BASE_URL": "https://wandb.invalid"}  # the server `wandb login --host` would name; it never resolves
+    args = ["--config", SPAM, "--output_dir", str(tmp_path / "run"), "--report_to", "wandb"]
+    before = run_python("classify.py", args, env=env)
+    assert before.returncode == 2 and "error: report_to: wandb has no credentials" in before.stderr, before.stderr[-2000:]
+    login = subprocess.run([os.path.join(os.path.dirname(sys.executable), "wandb"), "login", "--no-verify", "0" * 40],
+                           env={**script_env(), **env}, capture_output=True, text=True, timeout=120)
+    assert "machine wandb.invalid" in (tmp_path / ".netrc").read_text(), login.stdout + login.stderr
+    after = run_python("classify.py", args, env=env)  # past the credentials, to the next check: the server's name
+    assert after.returncode == 2 and "error: report_to: wandb: W&B's server https://wandb.invalid cannot be found" \
+        in after.stderr, after.stderr[-2000:]
+
+
 def test_mfu_is_reported_when_a_peak_is_given(tmp_path):
     out = tmp_path / "run"
     launch("classify.py", ["--config", SPAM, "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "2",
