@@ -252,6 +252,13 @@ def check_writable(path: str, what: str, variable: str) -> None:
                           f"write") from None
 
 
+def check_datasets_cache() -> None:
+    """``datasets.load_dataset`` writes each file it reads, as Arrow, into its cache (under the home folder)."""
+    import datasets
+
+    check_writable(datasets.config.HF_DATASETS_CACHE, "the datasets cache", "HF_DATASETS_CACHE (or HF_HOME)")
+
+
 def relative_hint(path: str) -> str:
     """For a relative ``path`` that is not there: where it was looked for, and where it is if it is in this checkout
     (a command run from another folder than the repository root, whose recipes name paths from there); "" if absolute;

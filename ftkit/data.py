@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from ftkit.config import ConfigError, check_writable, not_found, path_like
+from ftkit.config import ConfigError, check_datasets_cache, not_found, path_like
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
@@ -148,16 +148,8 @@ def load_local_file(path: str, key: str = "train_file", column_names: list | Non
     return ds
 
 
-def check_datasets_cache() -> None:
-    """``datasets.load_dataset`` writes each file it reads, as Arrow, into its cache (under the home folder)."""
-    import datasets
-
-    check_writable(datasets.config.HF_DATASETS_CACHE, "the datasets cache", "HF_DATASETS_CACHE (or HF_HOME)")
-
-
 def load_splits(config, splits=("train", "validation", "test")) -> dict:
-    """Return ``{"train": Dataset, "validation": Dataset, "test": Dataset}`` for the splits available. Local files win
-    over a hub dataset. Hub loading needs network access (or a warm cache)."""
+    """``{split: Dataset}`` for the splits available: from local files, else the hub dataset (network or a warm cache)."""
     files = {"train": config.train_file, "validation": config.validation_file, "test": config.test_file}
     out = {}
     if config.train_file:
@@ -167,15 +159,14 @@ def load_splits(config, splits=("train", "validation", "test")) -> dict:
         return out
     import datasets
 
-    local = path_like(config.dataset_name)
-    if local and not os.path.isdir(config.dataset_name):
+    hub = "" if path_like(config.dataset_name) else " (not cached and the hub is unreachable?)"
+    if not hub and not os.path.isdir(config.dataset_name):  # a folder in a hub dataset's layout
         raise not_found("dataset_name: no such directory", config.dataset_name)
     check_datasets_cache()
     try:
         dd = datasets.load_dataset(config.dataset_name, config.dataset_config_name)
     except Exception as e:
-        raise ConfigError(f"dataset_name: cannot load {config.dataset_name!r}"
-                          f"{'' if local else ' (not cached and the hub is unreachable?)'}: "
+        raise ConfigError(f"dataset_name: cannot load {config.dataset_name!r}{hub}: "
                           f"{str(e).splitlines()[0][:200]}") from None
     names = {"train": config.train_split, "validation": config.validation_split, "test": config.test_split}
     for split in splits:

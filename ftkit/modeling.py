@@ -122,9 +122,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
 
 
 def _offline_hint(error: Exception, source: str | None = None) -> str:
-    # a path, not a hub id (transformers: "Repo id must be")
-    if source is not None and path_like(source) and not os.path.exists(os.path.expanduser(source)):
+    if source is not None and path_like(source) and not os.path.exists(os.path.expanduser(source)):  # not a hub id
         return ", ".join(filter(None, ["no such directory", relative_hint(source)]))
+    if source is not None and (base := adapter_base(os.path.expanduser(source))):  # a run's final/ as the model
+        return (f"a LoRA adapter, not a model, over {base}: to train on from it, run its training command again with "
+                f"--merge_adapter true and name the final_merged/ it writes")
     text = str(error).splitlines()[0][:200]
     if any(s in text.lower() for s in ("connect", "offline", "resolve", "couldn't", "not cached", "cannot find")):
         return f"not in the local cache and the hub is unreachable: {text}"
@@ -164,12 +166,6 @@ def load_config(source: str, config, **kwargs):
         if "trust_remote_code" in str(e):
             raise ConfigError(f"trust_remote_code: {source!r} needs its own code from the hub; set "
                               f"trust_remote_code: true if you trust it") from None
-        adapter = os.path.join(os.path.expanduser(source), "adapter_config.json")
-        if os.path.isfile(adapter):  # a run's final/ named as the model to fine-tune
-            base = json.load(open(adapter)).get("base_model_name_or_path")
-            raise ConfigError(f"model_name_or_path: {source} holds a LoRA adapter, not a model (its base: {base}); to "
-                              f"train on from it, run its training command again with --merge_adapter true and name "
-                              f"the final_merged/ it writes") from None
         raise ConfigError(f"model_name_or_path: cannot load {source!r} ({_offline_hint(e, source)})") from None
 
 

@@ -235,7 +235,6 @@ def main(config):
     autobatch.confirm_batch_size(acc, model, config, estimate)  # auto: a real step at the longest batch
     train_dl, sampler, windows_per_epoch, total_steps = loop.plan(acc, config, train_ds, tokenizer.pad_token_id)
     eval_dl = data.eval_loader(eval_ds, tokenizer.pad_token_id, config)
-
     rundir.lock(config, acc.is_main_process)  # output_dir made (a hub model builds no base_model/ there), one run in it
     base_file = os.path.join(config.output_dir, "base_eval.json")
     if os.path.isfile(base_file) and not config.overwrite_output_dir:  # a resume: scored before training began

@@ -174,8 +174,8 @@ CASES = {
         "TORCH_EXTENSIONS_DIR to a folder you can write", True),
     "28 a LoRA adapter as the model to fine-tune": ("qlora_summarize.py", lambda t: [
         "--config", SUMMARIZE, "--model_config", "null", "--model_name_or_path", _adapter_folder(t)],
-        "model_name_or_path: {t}/adapter holds a LoRA adapter, not a model (its base: microsoft/phi-2); to train on from "
-        "it, run its training command again with --merge_adapter true and name the final_merged/ it writes", True),
+        "model_name_or_path: cannot load '{t}/adapter' (a LoRA adapter, not a model, over microsoft/phi-2: to train on "
+        "from it, run its training command again with --merge_adapter true and name the final_merged/ it writes)", True),
     "29 dataset_name a folder that is not there": ("qlora_summarize.py", lambda t: [
         "--config", SUMMARIZE, "--train_file", "none", "--dataset_name", str(t / "dialogsum")],
         "dataset_name: no such directory: {t}/dialogsum", True),
